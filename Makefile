@@ -1,0 +1,40 @@
+# ditforge: `make demo` (train the tiny DiT on built-in digits, sample, measure) and `make test`.
+# Each target creates .venv on first use; PYTHON and TORCH_SPEC may be overridden, e.g.
+#   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+RUN ?= runs/digits
+DEMO_CFG ?= 4.0
+
+.PHONY: install install-test demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(BIN)/ditforge train --run-dir $(RUN)
+	$(BIN)/ditforge sample $(RUN) --cfg $(DEMO_CFG) --steps 100 --out $(RUN)/demo_grid.png
+	$(BIN)/ditforge eval $(RUN) --cfg $(DEMO_CFG) --json $(RUN)/demo_eval.json
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

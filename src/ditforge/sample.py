@@ -1,0 +1,160 @@
+"""Checkpoint -> samples -> pictures.
+
+`load_for_sampling` accepts a run folder (its latest checkpoint), a checkpoint folder, or an
+official DiT checkpoint (a flat state dict `.pt` as published with the paper, given its model
+name); `generate` draws class-conditional samples with classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditforge.diffusion import create_diffusion, ddim_sample, ddpm_sample, guided_denoiser
+from ditforge.errors import CheckpointError, UserError
+from ditforge.models import DiT, create_model
+from ditforge.train.checkpoint import latest_checkpoint, load_weights, read_state, read_tensors
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass
+class SamplingModel:
+    model: DiT
+    class_names: list[str]
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    source: str = ""
+    step: int | None = None
+    autoencoder: dict[str, Any] = field(default_factory=lambda: {"kind": "identity"})
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder -> its latest checkpoint folder; a checkpoint folder or file -> itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a run folder, a checkpoint folder or a .pt file")
+    if path.is_dir() and not (path / "state.json").exists():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"run folder {str(path)!r} has no checkpoints (expected {str(path)}/checkpoints/step-*/)")
+        return latest
+    return path
+
+
+def model_args_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Input size, channels, classes and learn_sigma implied by an official checkpoint's shapes."""
+    try:
+        hidden, in_channels, p, _ = state["x_embedder.proj.weight"].shape
+        tokens = state["pos_embed"].shape[1]
+        rows = state["y_embedder.embedding_table.weight"].shape[0]
+        out = state["final_layer.linear.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"not a DiT state dict: key {e} is missing") from None
+    side = round(tokens**0.5)
+    return dict(
+        input_size=side * p,
+        in_channels=in_channels,
+        num_classes=rows - 1,  # the last row is the null class of classifier-free guidance
+        learn_sigma=out == p * p * 2 * in_channels,
+    )
+
+
+def _load_official(path: Path, model_name: str | None) -> SamplingModel:
+    if model_name is None:
+        raise UserError(f"{str(path)!r} is a plain weights file; name its model with --model (e.g. --model DiT-XL/2)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise CheckpointError(f"cannot read {str(path)!r} as a weights-only PyTorch file: {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
+        state = state["ema"]  # training checkpoints of the original code: {"model", "ema", "opt", ...}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} does not hold a state dict")
+    args = model_args_from_state_dict(state)
+    model = create_model(model_name, class_dropout_prob=0.1, **args)
+    load_weights(model, state, str(path))
+    names = [str(i) for i in range(args["num_classes"])]
+    autoencoder = {"kind": "sd-vae", "scale": 0.18215} if args["in_channels"] == 4 else {"kind": "identity"}
+    return SamplingModel(model, names, source=str(path), autoencoder=autoencoder)
+
+
+def load_for_sampling(path: str | Path, model_name: str | None = None, use_ema: bool = True) -> SamplingModel:
+    path = resolve_checkpoint(path)
+    if path.is_file():
+        return _load_official(path, model_name)
+    state = read_state(path)
+    try:
+        args = state["model_args"]
+        cfg = state["config"]
+        model = create_model(**args)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable state.json ({e})") from None
+    if model_name is not None and model_name != args["name"]:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {args['name']}, not the requested {model_name}; drop --model or name {args['name']}")
+    weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
+    load_weights(model, read_tensors(weights), str(weights))
+    return SamplingModel(
+        model,
+        state["data"]["class_names"],
+        cfg["diffusion"]["noise_schedule"],
+        cfg["diffusion"]["diffusion_steps"],
+        source=str(path),
+        step=state["step"],
+        autoencoder=state.get("autoencoder", {"kind": "identity"}),
+    )
+
+
+def check_classes(classes: list[int], num_classes: int) -> None:
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise UserError(f"class id {bad[0]} is out of range; this model knows classes 0..{num_classes - 1}")
+
+
+@torch.no_grad()
+def generate(
+    model: DiT,
+    classes: list[int],
+    per_class: int,
+    cfg_scale: float = 4.0,
+    steps: int = 250,
+    sampler: str = "ddpm",
+    seed: int = 0,
+    noise_schedule: str = "linear",
+    diffusion_steps: int = 1000,
+    legacy_three_channel: bool = False,
+    batch_size: int = 500,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples (N, C, H, W) in data space and their labels (N,), N = len(classes) * per_class,
+    grouped by class in the order given. Deterministic for a seed and batch size."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if not 0 < steps <= diffusion_steps:
+        raise UserError(f"steps must be between 1 and {diffusion_steps}, got {steps}")
+    if per_class <= 0:
+        raise UserError(f"per-class must be a positive number of samples, got {per_class}")
+    if cfg_scale < 0:
+        raise UserError(f"cfg must be >= 0 (1 = no guidance), got {cfg_scale}")
+    check_classes(classes, model.num_classes)
+    device = next(model.parameters()).device
+    model.eval()
+    diffusion = create_diffusion(str(steps), noise_schedule, model.learn_sigma, diffusion_steps)
+    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)  # (N,)
+    shape = (labels.numel(), model.in_channels, model.input_size, model.input_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # (N, C, H, W), device-independent
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    out = []
+    for start in range(0, labels.numel(), batch_size):
+        y = labels[start : start + batch_size].to(device)
+        denoise = guided_denoiser(model, y, cfg_scale, model.num_classes, model.in_channels, legacy_three_channel)
+        z = noise[start : start + batch_size].to(device)
+        if sampler == "ddpm":
+            x = ddpm_sample(diffusion, denoise, z, generator=gen, progress=progress)
+        else:
+            x = ddim_sample(diffusion, denoise, z, generator=gen, progress=progress)
+        out.append(x.float().cpu())
+    return torch.cat(out), labels

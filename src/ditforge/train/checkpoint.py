@@ -1,0 +1,200 @@
+"""Checkpoints: one folder per step, written atomically, loaded without pickle.
+
+Layout of `RUN/checkpoints/step-0001200/`:
+
+    model.safetensors       unwrapped weights (no `module.` / `_orig_mod.` prefixes)
+    ema.safetensors         EMA weights (what sampling uses by default)
+    optimizer.safetensors   optimizer tensors, keyed "<param index>.<name>"
+    rng.safetensors         torch CPU (and CUDA) generator states
+    state.json              step, data position, optimizer hyper-parameters, the resolved
+                            config, the model's constructor arguments, the autoencoder
+
+A save writes everything into `.step-0001200.tmp`, flushes it to disk, then renames the folder:
+a kill at any moment leaves either the complete new checkpoint or none, and "latest" is the
+highest complete step by name (never by file size or time). Old folders beyond `keep_last`
+are removed only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ditforge.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+# -- optimizer state <-> flat tensors + JSON ------------------------------------------------
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda.{i}"] = s
+    return states
+
+
+def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted(k for k in states if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- save / load ---------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """Write the checkpoint of `step` atomically; return its folder."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a save that was killed
+    tmp.mkdir()
+
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    save_file(_rng_state(), tmp / "rng.safetensors")
+    state = dict(meta, step=step, optimizer=opt_meta)
+    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    for name in FILES:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+    if final.exists():  # the same step saved again (e.g. the final save after a resume at it)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} has no state.json; it is not a ditforge checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt ({e}); delete the folder to fall back to an older one") from None
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, with a clear error when it is missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt ({e}); delete its folder to fall back to an older one") from None
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True), with an error naming what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{k} has shape {tuple(state[k].shape)} but the model expects {tuple(own[k].shape)}")
+        raise CheckpointError(f"weights in {source!r} do not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_training_state(
+    ckpt_dir: str | Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore model, EMA, optimizer and RNG states in place; return state.json's contents."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_state(ckpt_dir)
+    load_weights(model, read_tensors(ckpt_dir / "model.safetensors"), str(ckpt_dir / "model.safetensors"))
+    load_weights(ema, read_tensors(ckpt_dir / "ema.safetensors"), str(ckpt_dir / "ema.safetensors"))
+    device = next(model.parameters()).device
+    opt_tensors = {k: v.to(device) if not k.endswith(".step") else v for k, v in read_tensors(ckpt_dir / "optimizer.safetensors").items()}
+    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+    _set_rng_state(read_tensors(ckpt_dir / "rng.safetensors"))
+    return state

@@ -1,0 +1,225 @@
+"""The training loop: data -> diffusion loss -> AdamW -> EMA -> logs, previews, checkpoints.
+
+`train(cfg)` starts a run in `cfg.run_dir`, or resumes it from its latest checkpoint when the
+folder already holds one (rerunning the same command continues the run). Everything that
+decides the next step is restored: weights, EMA, optimizer moments and step, the data position
+and the RNG state, so a resumed run ends with the same weights as an uninterrupted one.
+
+Host syncs (`.item()`) happen only at log and checkpoint steps: the step itself queues work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditforge import __version__
+from ditforge.config import TrainConfig
+from ditforge.data.loader import InfiniteLoader
+from ditforge.data.sources import ImageSet, load_data
+from ditforge.diffusion import create_diffusion
+from ditforge.errors import NonFiniteLossError, UserError
+from ditforge.models import DiT, count_parameters, create_model
+from ditforge.pictures import make_grid, save_png_atomic
+from ditforge.sample import generate
+from ditforge.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from ditforge.train.device import autocast, enable_tf32, pick_device, resolve_precision
+from ditforge.train.ema import EMA, ema_decay_at
+
+log = logging.getLogger("ditforge.train")
+
+# Fields that may differ when a run is resumed: they change how it reports, not what it learns.
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps", "sample_cfg"}
+PREVIEW_CLASSES = 10
+PREVIEW_PER_CLASS = 8
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    last_loss: float
+    checkpoint: Path | None
+    preview: Path | None
+
+
+def build_model(cfg: TrainConfig, data: ImageSet) -> tuple[DiT, dict[str, Any]]:
+    """The DiT for this data: input size and channels follow from the data, never from a flag."""
+    c, h, w = data.shape
+    args = dict(
+        name=cfg.model.name,
+        input_size=h,
+        in_channels=c,
+        num_classes=data.num_classes,
+        learn_sigma=cfg.model.learn_sigma,
+        class_dropout_prob=cfg.model.class_dropout_prob,
+    )
+    try:
+        return create_model(**args), args
+    except ValueError as e:
+        raise UserError(f"model {cfg.model.name} does not fit data of shape {c}x{h}x{w}: {e}") from None
+
+
+def _check_same_run(cfg: TrainConfig, run_dir: Path) -> None:
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return
+    saved = TrainConfig.load(saved_path).to_dict()
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != saved.get(k) and k != "run_dir"]
+    if diff:
+        details = "; ".join(f"{k}: {saved.get(k)!r} in the folder, {now[k]!r} now" for k in diff)
+        raise UserError(
+            f"run folder {str(run_dir)!r} holds a different run ({details}); "
+            "rerun with the same settings to resume, or pass a new --run-dir"
+        )
+
+
+def preview_classes(num_classes: int) -> list[int]:
+    if num_classes <= PREVIEW_CLASSES:
+        return list(range(num_classes))
+    return [round(i * (num_classes - 1) / (PREVIEW_CLASSES - 1)) for i in range(PREVIEW_CLASSES)]
+
+
+def save_preview(model: DiT, cfg: TrainConfig, data: ImageSet, path: Path) -> Path:
+    classes = preview_classes(data.num_classes)
+    x, _ = generate(
+        model,
+        classes,
+        PREVIEW_PER_CLASS,
+        cfg_scale=cfg.sample_cfg,
+        steps=int(cfg.sample_steps),
+        seed=cfg.seed,
+        noise_schedule=cfg.diffusion.noise_schedule,
+        diffusion_steps=cfg.diffusion.diffusion_steps,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_png_atomic(make_grid(x, [data.class_names[c] for c in classes], PREVIEW_PER_CLASS), path)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    device = pick_device()
+    precision = resolve_precision(cfg.precision, device)
+    enable_tf32()
+    run_dir = Path(cfg.run_dir)
+    _check_same_run(cfg, run_dir)
+
+    data = load_data(cfg.data, "train", cfg.image_size)
+    if data.skipped:
+        log.warning("skipped %d unreadable image(s), e.g. %s (%s)", len(data.skipped), *data.skipped[0])
+
+    torch.manual_seed(cfg.seed)
+    model, model_args = build_model(cfg, data)
+    model.to(device).train()
+    ema = EMA(model)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+        fused=device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    diffusion = create_diffusion("", cfg.diffusion.noise_schedule, cfg.model.learn_sigma, cfg.diffusion.diffusion_steps)
+    meta = dict(
+        ditforge_version=__version__,
+        config=cfg.to_dict(),
+        model_args=model_args,
+        data=dict(name=data.name, class_names=data.class_names, shape=list(data.shape), count=len(data)),
+        autoencoder={"kind": "identity"},
+    )
+
+    step, position = 0, 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        state = load_training_state(ckpt, model, ema.module, opt)
+        step, position = state["step"], state["position"]
+        log.info("resumed from %s (step %d, %d images seen)", ckpt, step, position)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log.info(
+            "new run in %s: %s, %s parameters, %d %s images %s, %s on %s",
+            run_dir, cfg.model.name, f"{count_parameters(model):,}", len(data), data.name,
+            "x".join(map(str, data.shape)), precision, device,
+        )
+    cfg.save(run_dir / "config.json")
+    loader = InfiniteLoader(data.images, data.labels, cfg.global_batch, cfg.seed, cfg.hflip, position)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def checkpoint_now() -> Path:
+        return save_checkpoint(run_dir, step, model, ema.module, opt, dict(meta, position=loader.position), cfg.keep_last)
+
+    running = torch.zeros((), device=device)  # sum of losses since the last log line
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since the last check finite?
+    since, t_last, last_loss, saved = 0, time.perf_counter(), float("nan"), ckpt
+
+    def check_finite(at: int) -> None:
+        if not bool(finite):
+            msg = f"the loss became NaN or Inf before step {at}; stopped. "
+            msg += f"The last good checkpoint is {saved}." if saved else "No checkpoint had been written."
+            raise NonFiniteLossError(msg + " Try a lower --lr, --grad-clip 1.0, or --precision bf16 instead of fp16.")
+
+    try:
+        while step < cfg.steps:
+            x, y = loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, C, H, W), (B,)
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)  # (B,)
+            with autocast(precision, device):
+                losses = diffusion.training_losses(model, x, t, y)
+            loss = losses["loss"].mean()  # mean over the batch of per-sample terms
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            ema.update(model, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
+            step += 1
+            since += 1
+            running += loss.detach()
+            finite &= torch.isfinite(loss.detach())
+            if bar is not None:
+                bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                check_finite(step)
+                now = time.perf_counter()
+                last_loss = (running / since).item()
+                steps_per_s = since / (now - t_last)
+                imgs_per_s = steps_per_s * cfg.global_batch
+                log.info(
+                    "step %d/%d | loss %.4f | %.2f steps/s | %.0f images/s",
+                    step, cfg.steps, last_loss, steps_per_s, imgs_per_s,
+                )
+                writer.add_scalar("train/loss", last_loss, step)
+                writer.add_scalar("train/steps_per_s", steps_per_s, step)
+                writer.add_scalar("train/images_per_s", imgs_per_s, step)
+                running.zero_()
+                since, t_last = 0, time.perf_counter()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                check_finite(step)
+                saved = checkpoint_now()
+            if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
+                save_preview(ema.module, cfg, data, run_dir / "samples" / f"step-{step:07d}.png")
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+
+    preview = save_preview(ema.module, cfg, data, run_dir / "samples" / f"step-{step:07d}.png")
+    return TrainResult(run_dir, step, last_loss, saved, preview)

@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The smallest real run of the CLI: the registry's tiny DiT on the built-in digits.
+TINY_TRAIN = ["--model", "DiT-Ti/4", "--batch-size", "16", "--log-every", "5", "--no-progress"]
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m ditforge ARGS` as a user would; return the finished process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ditforge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, OMP_NUM_THREADS="2"),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ditforge {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A short real training run shared by the sampling and evaluation tests."""
+    run = tmp_path_factory.mktemp("runs") / "digits"
+    run_cli("train", "--run-dir", str(run), "--steps", "30", "--ckpt-every", "15", *TINY_TRAIN)
+    return run

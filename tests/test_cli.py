@@ -1,0 +1,171 @@
+"""End-to-end runs of the real `ditforge` commands, as a user types them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import TINY_TRAIN, run_cli
+
+
+def _user_error(proc, *needles):
+    """Exit 2, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_help_documents_every_option_with_default():
+    top = run_cli("--help").stdout
+    assert "train" in top and "sample" in top and "eval" in top
+    for cmd in ("train", "sample", "eval"):
+        text = run_cli(cmd, "--help").stdout
+        options = [l.split()[0] for l in text.splitlines() if l.strip().startswith("--") and l.strip() != "--help"]
+        assert options, text
+    train_help = " ".join(run_cli("train", "--help").stdout.split())  # undo argparse's line wrapping
+    assert "(default: DiT-Ti/2)" in train_help and "(default: 0.001)" in train_help
+    sample_help = " ".join(run_cli("sample", "--help").stdout.split())
+    assert "(default: 4.0)" in sample_help and "(default: 250)" in sample_help
+
+
+def test_train_writes_checkpoint_logs_and_preview(trained_run):
+    ckpts = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
+    assert ckpts == ["step-0000015", "step-0000030"]
+    state = json.loads((trained_run / "checkpoints" / "step-0000030" / "state.json").read_text())
+    assert state["step"] == 30 and state["position"] == 30 * 16
+    assert state["config"]["model"]["name"] == "DiT-Ti/4"
+    assert state["data"]["class_names"] == [str(i) for i in range(10)]
+    assert json.loads((trained_run / "config.json").read_text()) == state["config"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (trained_run / "tensorboard").iterdir())
+    assert (trained_run / "samples" / "step-0000030.png").is_file()
+
+
+def test_train_log_line_has_loss_and_throughput(tmp_path):
+    out = run_cli("train", "--run-dir", str(tmp_path / "r"), "--steps", "5", *TINY_TRAIN).stdout
+    line = next(l for l in out.splitlines() if "step 5/5" in l)
+    assert "loss" in line and "steps/s" in line and "images/s" in line
+
+
+def test_sample_grid_is_deterministic_and_labelled(trained_run, tmp_path):
+    args = ["sample", str(trained_run), "--classes", "3", "5", "7", "--per-class", "4", "--steps", "10"]
+    run_cli(*args, "--seed", "0", "--out", str(tmp_path / "a.png"))
+    run_cli(*args, "--seed", "0", "--out", str(tmp_path / "b.png"), "--sampler", "ddpm")
+    run_cli(*args, "--seed", "1", "--out", str(tmp_path / "c.png"))
+    run_cli(*args, "--sampler", "ddim", "--cfg", "1.0", "--out", str(tmp_path / "d.png"))
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "abc")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    rows_a = (a.shape[0] - 2) // (8 * 6 + 2)  # 8 px digits zoomed 6x plus padding
+    assert rows_a == 3
+    assert (tmp_path / "d.png").is_file()
+
+
+def test_eval_reports_accuracy_and_frechet_distance(trained_run, tmp_path):
+    out = run_cli("eval", str(trained_run), "--per-class", "5", "--steps", "5", "--json", str(tmp_path / "e.json")).stdout
+    assert "class accuracy" in out and "Frechet distance" in out and "cfg 1.5" in out
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert 0.0 <= report["class_accuracy"] <= 1.0
+    assert report["heldout_accuracy"] > 0.95  # the judge itself is good
+    assert report["fd_real"] < report["fd_generated"]  # 30 steps of training are not enough
+
+
+def test_official_flat_state_dict_samples_with_model_name(trained_run, tmp_path):
+    ema = load_file(str(trained_run / "checkpoints" / "step-0000030" / "ema.safetensors"))
+    torch.save(ema, tmp_path / "official.pt")
+    out = tmp_path / "o.png"
+    run_cli("sample", str(tmp_path / "official.pt"), "--model", "DiT-Ti/4", "--steps", "5", "--per-class", "2", "--out", str(out))
+    assert out.is_file()
+    _user_error(run_cli("sample", str(tmp_path / "official.pt"), "--out", str(out), check=False), "--model")
+    _user_error(
+        run_cli("sample", str(tmp_path / "official.pt"), "--model", "DiT-Ti/2", "--out", str(out), check=False),
+        "do not fit the model",
+    )
+
+
+def test_bad_inputs_are_one_line_errors(trained_run, tmp_path):
+    out = str(tmp_path / "x.png")
+    _user_error(run_cli("train", "--model", "DiT-Q/3", "--run-dir", str(tmp_path / "q"), check=False), "DiT-Q/3", "DiT-XL/2")
+    _user_error(run_cli("train", "--steps", "0", "--run-dir", str(tmp_path / "q"), check=False), "steps", "0")
+    _user_error(run_cli("train", "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "q"), check=False), "none")
+    _user_error(run_cli("sample", str(trained_run), "--classes", "3", "12", "--out", out, check=False), "12", "0..9")
+    _user_error(run_cli("sample", str(trained_run), "--steps", "0", "--out", out, check=False), "steps", "0")
+    _user_error(run_cli("sample", str(tmp_path / "missing"), "--out", out, check=False), "missing", "does not exist")
+    _user_error(run_cli("sample", str(trained_run), "--model", "DiT-S/2", "--out", out, check=False), "DiT-Ti/4", "DiT-S/2")
+    _user_error(run_cli("sample", str(trained_run), "--out", "/nonexistent-dir/x.png", check=False), "/nonexistent-dir")
+    _user_error(run_cli("sample", str(tmp_path), "--out", out, check=False), "no checkpoints")
+    # a run folder is resumed only with the same settings
+    _user_error(run_cli("train", "--run-dir", str(trained_run), "--model", "DiT-Ti/2", "--no-progress", check=False), "model", "--run-dir")
+    assert not os.path.exists(out)
+
+
+def test_corrupt_checkpoint_is_reported(trained_run, tmp_path):
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(trained_run / "checkpoints" / "step-0000030"), str(broken)], check=True)
+    (broken / "ema.safetensors").write_bytes(b"\x00" * 10)
+    _user_error(run_cli("sample", str(broken), "--out", str(tmp_path / "x.png"), check=False), "ema.safetensors", "corrupt")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    run = tmp_path / "nan"
+    proc = run_cli("train", "--run-dir", str(run), "--steps", "60", "--ckpt-every", "2", "--lr", "1e30", *TINY_TRAIN, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "NaN or Inf" in proc.stderr and "Traceback" not in proc.stderr
+    kept = sorted((run / "checkpoints").iterdir()) if (run / "checkpoints").exists() else []
+    for ckpt in kept:  # every checkpoint on disk holds finite weights
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values())
+
+
+def test_image_folder_end_to_end(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls, base in (("dark", 40), ("light", 200)):
+        for i in range(6):
+            arr = np.clip(base + rng.integers(-20, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+            (tmp_path / "imgs" / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "light" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    run = tmp_path / "run"
+    proc = run_cli("train", "--data", str(tmp_path / "imgs"), "--image-size", "8", "--run-dir", str(run), "--steps", "3", *TINY_TRAIN)
+    assert "skipped 1 unreadable image" in proc.stdout + proc.stderr
+    run_cli("sample", str(run), "--steps", "3", "--per-class", "2", "--out", str(tmp_path / "g.png"))
+    assert Image.open(tmp_path / "g.png").mode == "RGB"
+
+
+def _tensors(ckpt):
+    return {f: load_file(str(ckpt / f)) for f in ("model.safetensors", "ema.safetensors", "optimizer.safetensors")}
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path):
+    args = ["--steps", "24", "--ckpt-every", "6", "--keep-last", "0", *TINY_TRAIN]
+    run_cli("train", "--run-dir", str(tmp_path / "straight"), *args)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ditforge", "train", "--run-dir", str(killed), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="2"),
+    )
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-0000012").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "step-0000024").exists()
+
+    resumed = run_cli("train", "--run-dir", str(killed), *args).stdout
+    assert "resumed from" in resumed
+    a, b = _tensors(tmp_path / "straight" / "checkpoints" / "step-0000024"), _tensors(killed / "checkpoints" / "step-0000024")
+    for f in a:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), (f, k)

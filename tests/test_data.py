@@ -1,0 +1,100 @@
+"""Data sources (built-in digits, image folders) and the resumable loader."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ditforge.data.loader import InfiniteLoader
+from ditforge.data.sources import center_crop_arr, load_data, load_image_folder, to_uint8
+
+
+def test_digits_split_is_stratified_disjoint_and_scaled():
+    train, held = load_data("digits", "train"), load_data("digits", "heldout")
+    full = load_data("digits", "all")
+    assert len(train) + len(held) == len(full) == 1797
+    assert train.shape == (1, 8, 8) and train.num_classes == 10
+    assert train.images.min() == -1.0 and train.images.max() == 1.0
+    # every class is in both splits, about 20% held out
+    for c in range(10):
+        n_train, n_held = int((train.labels == c).sum()), int((held.labels == c).sum())
+        assert abs(n_held / (n_train + n_held) - 0.2) < 0.02
+    # disjoint: no held-out image equals a training image at the same index set
+    assert len(held) == 359 and torch.equal(load_data("digits", "heldout").images, held.images)
+
+
+def _write(path, size=(8, 8), mode="RGB", color=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color if mode == "L" else (color, 0, 255 - color)).save(path)
+
+
+def test_image_folder_classes_rgb_and_skipped_files(tmp_path):
+    _write(tmp_path / "cat" / "a.png")
+    _write(tmp_path / "cat" / "nested" / "b.jpg")
+    _write(tmp_path / "dog" / "c.png", color=0)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "dog" / "notes.txt").write_text("ignored")
+    data = load_image_folder(tmp_path)
+    assert data.class_names == ["cat", "dog"]
+    assert data.labels.tolist() == [0, 0, 1]
+    assert data.shape == (3, 8, 8)
+    assert len(data.skipped) == 1 and data.skipped[0][0].endswith("broken.png")
+    # pixel mapping: 0 -> -1, 255 -> 1, and back through the ADM evaluator's mapping
+    assert data.images[2, 0].max() == -1.0 and data.images[2, 2].min() == 1.0
+    assert to_uint8(data.images[2])[:, 0, 0].tolist() == [0, 0, 255]
+
+
+def test_greyscale_folder_has_one_channel(tmp_path):
+    _write(tmp_path / "a" / "x.png", mode="L")
+    _write(tmp_path / "b" / "y.png", mode="L")
+    assert load_image_folder(tmp_path).shape == (1, 8, 8)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="no class sub-folders with images"):
+        load_image_folder(tmp_path)
+    _write(tmp_path / "a" / "x.png", size=(8, 8))
+    _write(tmp_path / "b" / "y.png", size=(16, 12))
+    with pytest.raises(ValueError, match=r"16x12.*--image-size"):
+        load_image_folder(tmp_path)
+    data = load_image_folder(tmp_path, image_size=8)  # centre crop fixes it
+    assert data.shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="neither a built-in set"):
+        load_data(str(tmp_path / "nope"))
+    only_bad = tmp_path / "only_bad"
+    (only_bad / "k").mkdir(parents=True)
+    (only_bad / "k" / "bad.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="none of its 1 image files could be read"):
+        load_image_folder(only_bad)
+
+
+def test_center_crop_matches_adm_rule():
+    # 40x20 (w x h) to 8: halve once (20x10 -> short side 10 < 16), bicubic to short side 8, centre crop
+    img = Image.fromarray(np.arange(20 * 40 * 3, dtype=np.uint8).reshape(20, 40, 3) % 251)
+    out = center_crop_arr(img, 8)
+    assert out.shape == (8, 8, 3)
+    ref = img.resize((20, 10), Image.BOX).resize((16, 8), Image.BICUBIC)
+    assert np.array_equal(out, np.asarray(ref)[:, 4:12])
+
+
+def test_loader_epochs_are_permutations_and_resume_exactly():
+    images = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1)
+    labels = torch.arange(10)
+    a = InfiniteLoader(images, labels, batch_size=4, seed=3)
+    batches = [a.next_batch()[1] for _ in range(5)]  # 20 images = 2 epochs
+    seen = torch.cat(batches)
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert seen[:10].tolist() != seen[10:].tolist()  # a new order each epoch
+    b = InfiniteLoader(images, labels, batch_size=4, seed=3, position=8)  # resumed after 2 batches
+    assert torch.equal(torch.cat([b.next_batch()[1] for _ in range(3)]), seen[8:])
+    assert not torch.equal(torch.cat([InfiniteLoader(images, labels, 4, seed=4).next_batch()[1] for _ in range(1)]), batches[0])
+
+
+def test_loader_flips_are_per_visit_and_deterministic():
+    images = torch.arange(4, dtype=torch.float32).view(1, 1, 1, 4).repeat(64, 1, 1, 1)
+    loader = InfiniteLoader(images, torch.zeros(64, dtype=torch.long), batch_size=64, seed=0, hflip=True)
+    x, _ = loader.next_batch()
+    flipped = (x[:, 0, 0, 0] == 3).float().mean()
+    assert 0.25 < flipped < 0.75
+    x2, _ = InfiniteLoader(images, torch.zeros(64, dtype=torch.long), 64, seed=0, hflip=True).next_batch()
+    assert torch.equal(x, x2)
