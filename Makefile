@@ -31,7 +31,7 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/ditforge train --run-dir $(RUN)
 	$(BIN)/ditforge sample $(RUN) --cfg $(DEMO_CFG) --steps 100 --out $(RUN)/demo_grid.png
-	$(BIN)/ditforge eval $(RUN) --cfg $(DEMO_CFG) --json $(RUN)/demo_eval.json
+	$(BIN)/ditforge eval $(RUN) --cfg $(DEMO_CFG) --steps 50 --json $(RUN)/demo_eval.json
 
 test: install-test
 	$(BIN)/python -m pytest -q

@@ -105,7 +105,7 @@ def _add_eval(sub) -> None:
     p.add_argument("checkpoint", help="run folder (latest checkpoint) or checkpoint folder")
     p.add_argument("--per-class", type=int, default=50, help="generated samples per class")
     p.add_argument("--cfg", type=float, default=EVAL_CFG, help="guidance scale (the paper's FID setting is 1.5; pictures use 4.0)")
-    p.add_argument("--steps", type=int, default=100, help="sampling steps")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--raw-weights", action="store_true", help="evaluate the raw weights instead of the EMA")

@@ -98,7 +98,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    steps: int = 1200
+    steps: int = 800
     global_batch: int = 128
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)); off = the paper's flat decay

@@ -140,6 +140,8 @@ def generate(
     if cfg_scale < 0:
         raise UserError(f"cfg must be >= 0 (1 = no guidance), got {cfg_scale}")
     check_classes(classes, model.num_classes)
+    if cfg_scale != 1.0 and not model.y_embedder.has_null_class:
+        raise UserError(f"cfg {cfg_scale:g} needs a model trained with label dropout (it has no null class); use --cfg 1")
     device = next(model.parameters()).device
     model.eval()
     diffusion = create_diffusion(str(steps), noise_schedule, model.learn_sigma, diffusion_steps)
