@@ -32,6 +32,7 @@ demo: install
 	$(BIN)/ditforge train --run-dir $(RUN)
 	$(BIN)/ditforge sample $(RUN) --cfg $(DEMO_CFG) --steps 100 --out $(RUN)/demo_grid.png
 	$(BIN)/ditforge eval $(RUN) --cfg $(DEMO_CFG) --steps 50 --json $(RUN)/demo_eval.json
+	@echo "pictures: $(RUN)/demo_grid.png (one row per class); training previews: $(RUN)/samples/"
 
 test: install-test
 	$(BIN)/python -m pytest -q
