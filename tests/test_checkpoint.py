@@ -10,10 +10,11 @@ from ditforge.models import create_model
 from ditforge.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
-    load_training_state,
     load_weights,
+    read_training_state,
     save_checkpoint,
 )
+from ditforge.train.distributed import full_model_state, full_optimizer_state, load_full_state
 from ditforge.train.ema import EMA, ema_decay_at
 
 
@@ -23,6 +24,18 @@ def _setup(seed=0):
     ema = EMA(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return model, ema, opt
+
+
+def _save(tmp_path, step, model, ema, opt, meta, keep_last=0):
+    states = full_model_state(model), full_model_state(ema.module), full_optimizer_state(model, opt)
+    return save_checkpoint(tmp_path, step, *states, meta, keep_last=keep_last)
+
+
+def _load(ckpt, model, ema, opt):
+    model_sd, ema_sd, opt_sd, state = read_training_state(ckpt)
+    load_full_state(model, model_sd, opt, opt_sd)
+    load_full_state(ema.module, ema_sd)
+    return state
 
 
 def _one_step(model, opt):
@@ -38,11 +51,11 @@ def test_round_trip_restores_everything(tmp_path):
     _one_step(model, opt)
     ema.update(model, 0.5)
     torch.manual_seed(123)
-    ckpt = save_checkpoint(tmp_path, 1, model, ema.module, opt, {"position": 16, "config": {"a": 1}})
+    ckpt = _save(tmp_path, 1, model, ema, opt, {"position": 16, "config": {"a": 1}})
     expected_rand = torch.rand(3)
 
     model2, ema2, opt2 = _setup(seed=1)
-    state = load_training_state(ckpt, model2, ema2.module, opt2)
+    state = _load(ckpt, model2, ema2, opt2)
     assert state["step"] == 1 and state["position"] == 16 and state["config"] == {"a": 1}
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
@@ -62,27 +75,27 @@ def test_round_trip_restores_everything(tmp_path):
 def test_latest_is_highest_complete_step_and_keep_last(tmp_path):
     model, ema, opt = _setup()
     for step in (5, 10, 100, 20):
-        save_checkpoint(tmp_path, step, model, ema.module, opt, {"position": 0}, keep_last=0)
+        _save(tmp_path, step, model, ema, opt, {"position": 0}, keep_last=0)
     # a save killed half-way leaves only a hidden temporary folder: never "latest"
     (tmp_path / "checkpoints" / ".step-0000200.tmp").mkdir()
     assert latest_checkpoint(tmp_path).name == "step-0000100"
-    save_checkpoint(tmp_path, 200, model, ema.module, opt, {"position": 0}, keep_last=2)
+    _save(tmp_path, 200, model, ema, opt, {"position": 0}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000100", "step-0000200"]
     assert not (tmp_path / "checkpoints" / ".step-0000200.tmp").exists()
 
 
 def test_corrupt_or_missing_files_give_clear_errors(tmp_path):
     model, ema, opt = _setup()
-    ckpt = save_checkpoint(tmp_path, 1, model, ema.module, opt, {"position": 0})
+    ckpt = _save(tmp_path, 1, model, ema, opt, {"position": 0})
     (ckpt / "model.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="model.safetensors.*corrupt"):
-        load_training_state(ckpt, *_setup()[:1], ema.module, opt)
+        read_training_state(ckpt)
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
-        load_training_state(ckpt, model, ema.module, opt)
+        read_training_state(ckpt)
     (ckpt / "state.json").write_text("{broken")
     with pytest.raises(CheckpointError, match="state.json.*corrupt"):
-        load_training_state(ckpt, model, ema.module, opt)
+        read_training_state(ckpt)
 
 
 def test_load_weights_names_the_mismatch():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ditforge.data.loader import InfiniteLoader
+from ditforge.data.loader import InfiniteLoader, TensorSource
 from ditforge.data.sources import center_crop_arr, load_data, load_image_folder, to_uint8
 
 
@@ -77,24 +77,44 @@ def test_center_crop_matches_adm_rule():
     assert np.array_equal(out, np.asarray(ref)[:, 4:12])
 
 
+def _loader(images, labels, batch, seed=0, **kw):
+    return InfiniteLoader(TensorSource(images, labels), batch, seed, **kw)
+
+
 def test_loader_epochs_are_permutations_and_resume_exactly():
     images = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1)
     labels = torch.arange(10)
-    a = InfiniteLoader(images, labels, batch_size=4, seed=3)
-    batches = [a.next_batch()[1] for _ in range(5)]  # 20 images = 2 epochs
+    a = _loader(images, labels, 4, seed=3)
+    batches = [a.next_step()[0][1] for _ in range(5)]  # 20 images = 2 epochs
     seen = torch.cat(batches)
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
     assert seen[:10].tolist() != seen[10:].tolist()  # a new order each epoch
-    b = InfiniteLoader(images, labels, batch_size=4, seed=3, position=8)  # resumed after 2 batches
-    assert torch.equal(torch.cat([b.next_batch()[1] for _ in range(3)]), seen[8:])
-    assert not torch.equal(torch.cat([InfiniteLoader(images, labels, 4, seed=4).next_batch()[1] for _ in range(1)]), batches[0])
+    b = _loader(images, labels, 4, seed=3, position=8)  # resumed after 2 batches
+    assert torch.equal(torch.cat([b.next_step()[0][1] for _ in range(3)]), seen[8:])
+    assert not torch.equal(_loader(images, labels, 4, seed=4).next_step()[0][1], batches[0])
+
+
+def test_loader_splits_global_batch_over_ranks_and_accumulation():
+    images = torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1)
+    labels = torch.arange(50)
+    whole = torch.cat([_loader(images, labels, 8).next_step()[0][1], _loader(images, labels, 8, position=8).next_step()[0][1]])
+    for world, accum in ((2, 1), (2, 2), (1, 4), (4, 2)):
+        parts = {}
+        for rank in range(world):
+            loader = _loader(images, labels, 8, rank=rank, world_size=world, grad_accum=accum)
+            for step in range(2):
+                for off, (_, y) in zip(loader.offsets(), loader.next_step()):
+                    parts[step * 8 + off] = y
+        assert torch.equal(torch.cat([parts[k] for k in sorted(parts)]), whole), (world, accum)
+    with pytest.raises(ValueError, match="multiple of world size"):
+        _loader(images, labels, 6, world_size=4)
 
 
 def test_loader_flips_are_per_visit_and_deterministic():
     images = torch.arange(4, dtype=torch.float32).view(1, 1, 1, 4).repeat(64, 1, 1, 1)
-    loader = InfiniteLoader(images, torch.zeros(64, dtype=torch.long), batch_size=64, seed=0, hflip=True)
-    x, _ = loader.next_batch()
+    labels = torch.zeros(64, dtype=torch.long)
+    x, _ = _loader(images, labels, 64, hflip=True).next_step()[0]
     flipped = (x[:, 0, 0, 0] == 3).float().mean()
     assert 0.25 < flipped < 0.75
-    x2, _ = InfiniteLoader(images, torch.zeros(64, dtype=torch.long), 64, seed=0, hflip=True).next_batch()
-    assert torch.equal(x, x2)
+    assert torch.equal(x, _loader(images, labels, 64, hflip=True).next_step()[0][0])
+    assert (_loader(images, labels, 64, hflip=False).next_step()[0][0][:, 0, 0, 0] == 0).all()

@@ -71,6 +71,10 @@ def _add_train(sub) -> None:
     p.add_argument("--class-dropout", type=float, help=f"label dropout probability for guidance (default: {d('model.class_dropout_prob')})")
     p.add_argument("--noise-schedule", choices=["linear", "cosine"], help=f"beta schedule (default: {d('diffusion.noise_schedule')})")
     p.add_argument("--diffusion-steps", type=int, help=f"diffusion steps T (default: {d('diffusion.diffusion_steps')})")
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step and process (default: {d('grad_accum')})")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help=f"under torchrun: DDP, or FSDP2 sharding for models too big for one device (default: {d('parallel')})")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help=f"torch.compile the model (default: {d('compile')})")
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, help=f"recompute block activations in backward: less memory, slower (default: {d('grad_checkpoint')})")
     p.add_argument("--precision", choices=PRECISIONS, help=f"autocast precision; auto = bf16 on GPU, fp32 on CPU (default: {d('precision')})")
     p.add_argument("--seed", type=int, help=f"seed of weights, data order, noise (default: {d('seed')})")
     p.add_argument("--log-every", type=int, help=f"log line and TensorBoard every N steps (default: {d('log_every')})")
@@ -136,6 +140,7 @@ _OVERRIDES = {
     "ema_decay": "ema_decay", "ema_warmup": "ema_warmup", "learn_sigma": "model.learn_sigma",
     "class_dropout": "model.class_dropout_prob", "noise_schedule": "diffusion.noise_schedule",
     "diffusion_steps": "diffusion.diffusion_steps", "precision": "precision", "seed": "seed",
+    "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "grad_checkpoint": "grad_checkpoint",
     "log_every": "log_every", "ckpt_every": "ckpt_every", "keep_last": "keep_last",
     "sample_every": "sample_every", "sample_cfg": "sample_cfg",
 }
@@ -173,6 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     result = train(cfg, progress=not args.no_progress)
+    if not result.is_main:
+        return 0
     print(f"trained {cfg.model.name} to step {result.step}; checkpoint: {result.checkpoint}")
     print(f"samples of every class (cfg {cfg.sample_cfg:g}): {result.preview}")
     return 0

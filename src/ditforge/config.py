@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp")
 NOISE_SCHEDULES = ("linear", "cosine")
 
 
@@ -103,6 +104,10 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)); off = the paper's flat decay
     precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
+    grad_accum: int = 1  # micro-batches per optimizer step and process
+    parallel: str = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard) for models too big for one device
+    compile: bool = False  # torch.compile the model
+    grad_checkpoint: bool = False  # recompute block activations in backward (less memory, ~30% slower)
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 200
@@ -122,7 +127,7 @@ class TrainConfig:
             raise ValueError("data must name a built-in data set (e.g. 'digits') or an image folder")
         if self.image_size is not None:
             _positive_int("image_size", self.image_size)
-        for name in ("steps", "global_batch", "log_every", "ckpt_every"):
+        for name in ("steps", "global_batch", "log_every", "ckpt_every", "grad_accum"):
             _positive_int(name, getattr(self, name))
         for name in ("keep_last", "sample_every", "seed"):
             _non_negative_int(name, getattr(self, name))
@@ -130,6 +135,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r} (the paper uses 0.9999)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"unknown parallel strategy {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
         if self.sample_cfg < 0:
             raise ValueError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
 

@@ -20,35 +20,58 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> tuple[torch.Tensor, torc
     return order, flip
 
 
-class InfiniteLoader:
-    """Yields (images, labels) batches forever from in-memory tensors.
+class TensorSource:
+    """An in-memory labelled set (pixel space): `get_batch` gathers and flips."""
 
-    `position` counts images delivered since the start of training; set it (from a
-    checkpoint) to resume. Batches run across epoch boundaries without dropping images.
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):  # (N, C, H, W), (N,)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def get_batch(self, idx: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[idx]  # (B, C, H, W)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, self.labels[idx]
+
+
+class InfiniteLoader:
+    """Global batches forever, split over ranks and accumulation steps.
+
+    `position` counts images delivered (over all ranks) since the start of training. Step s
+    covers positions [s G, (s + 1) G) of the endless sequence of epochs; its G images are cut
+    into world_size x grad_accum micro-batches of b, and micro-batch m of rank r is the slice
+    at offset (m * world_size + r) * b. Any world size and accumulation therefore sees the same
+    global batch, so a 2-process run matches a 1-process run with the same global batch.
     """
 
     def __init__(
         self,
-        images: torch.Tensor,  # (N, C, H, W)
-        labels: torch.Tensor,  # (N,)
-        batch_size: int,
+        source,  # len() and get_batch(idx, flip) -> (x, y)
+        global_batch: int,
         seed: int = 0,
         hflip: bool = False,
         position: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        grad_accum: int = 1,
     ):
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-        if images.shape[0] == 0:
+        if len(source) == 0:
             raise ValueError("the data set is empty")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.images, self.labels = images, labels
-        self.batch_size, self.seed, self.hflip = batch_size, seed, hflip
-        self.position = position
+        if global_batch <= 0 or global_batch % (world_size * grad_accum):
+            raise ValueError(
+                f"global batch {global_batch} must be a positive multiple of world size x accumulation "
+                f"({world_size} x {grad_accum})"
+            )
+        self.source, self.global_batch, self.seed, self.hflip = source, global_batch, seed, hflip
+        self.position, self.rank, self.world_size, self.grad_accum = position, rank, world_size, grad_accum
+        self.micro_batch = global_batch // (world_size * grad_accum)
         self._epoch_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.source)
 
     def _epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
@@ -67,16 +90,19 @@ class InfiniteLoader:
             idx.append(order[offset : offset + take])
             flips.append(flip[offset : offset + take])
             pos += take
-        return torch.cat(idx), torch.cat(flips)
+        flip = torch.cat(flips) if self.hflip else torch.zeros(count, dtype=torch.bool)
+        return torch.cat(idx), flip
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, flip = self.indices(self.position, self.batch_size)
-        self.position += self.batch_size
-        x = self.images[idx]  # (B, C, H, W)
-        if self.hflip:
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, self.labels[idx]
+    def offsets(self) -> list[int]:
+        """Offsets, within a global batch, of this rank's micro-batches."""
+        b = self.micro_batch
+        return [(m * self.world_size + self.rank) * b for m in range(self.grad_accum)]
 
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches (x, y) of the next global batch; advances `position`."""
+        out = []
+        for off in self.offsets():
+            idx, flip = self.indices(self.position + off, self.micro_batch)
+            out.append(self.source.get_batch(idx, flip))
+        self.position += self.global_batch
+        return out

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 __all__ = [
     "DiT",
@@ -365,6 +366,7 @@ class DiT(nn.Module):
             raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob!r}")
 
         self.learn_sigma = bool(learn_sigma)
+        self.grad_checkpointing = False  # training memory option: recompute block activations in backward
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.input_size = input_size
@@ -464,7 +466,11 @@ class DiT(nn.Module):
         y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t + y  # (N, D)
         for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
+            if self.grad_checkpointing and self.training:
+                # keep only block inputs; recompute the block's activations in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)  # (N, T, D)
+            else:
+                x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C')
         x = self.unpatchify(x)  # (N, C', H, W)
         return x  # (N, C', H, W)

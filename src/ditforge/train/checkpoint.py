@@ -4,7 +4,7 @@ Layout of `RUN/checkpoints/step-0001200/`:
 
     model.safetensors       unwrapped weights (no `module.` / `_orig_mod.` prefixes)
     ema.safetensors         EMA weights (what sampling uses by default)
-    optimizer.safetensors   optimizer tensors, keyed "<param index>.<name>"
+    optimizer.safetensors   optimizer tensors, keyed "<parameter name>/<state name>"
     rng.safetensors         torch CPU (and CUDA) generator states
     state.json              step, data position, optimizer hyper-parameters, the resolved
                             config, the model's constructor arguments, the autoencoder
@@ -64,17 +64,17 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     for idx, per_param in state["state"].items():
         for name, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{idx}/{name}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{idx}.{name}"] = value
+                scalars[f"{idx}/{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[Any, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        idx, name = key.rsplit("/", 1)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -107,9 +107,9 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: torch.nn.Module,
-    ema: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    ema_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int = 0,
 ) -> Path:
@@ -122,9 +122,9 @@ def save_checkpoint(
         shutil.rmtree(tmp)  # left by a save that was killed
     tmp.mkdir()
 
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+    save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file(_rng_state(), tmp / "rng.safetensors")
     state = dict(meta, step=step, optimizer=opt_meta)
@@ -168,10 +168,16 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True), with an error naming what does not fit."""
-    own = model.state_dict()
+    check_weights(model, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming the first keys or shapes of `state` that do not fit `model`."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    wrong = [k for k in own if k in state and own[k] != tuple(state[k].shape)]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -180,21 +186,17 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
             parts.append(f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
         if wrong:
             k = wrong[0]
-            parts.append(f"{k} has shape {tuple(state[k].shape)} but the model expects {tuple(own[k].shape)}")
+            parts.append(f"{k} has shape {tuple(state[k].shape)} but the model expects {own[k]}")
         raise CheckpointError(f"weights in {source!r} do not fit the model: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
 
 
-def load_training_state(
-    ckpt_dir: str | Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Restore model, EMA, optimizer and RNG states in place; return state.json's contents."""
+def read_training_state(ckpt_dir: str | Path) -> tuple[dict, dict, dict, dict[str, Any]]:
+    """(model weights, EMA weights, optimizer state, state.json) of a checkpoint folder, on CPU.
+    The RNG states are restored here too."""
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
-    load_weights(model, read_tensors(ckpt_dir / "model.safetensors"), str(ckpt_dir / "model.safetensors"))
-    load_weights(ema, read_tensors(ckpt_dir / "ema.safetensors"), str(ckpt_dir / "ema.safetensors"))
-    device = next(model.parameters()).device
-    opt_tensors = {k: v.to(device) if not k.endswith(".step") else v for k, v in read_tensors(ckpt_dir / "optimizer.safetensors").items()}
-    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+    model = read_tensors(ckpt_dir / "model.safetensors")
+    ema = read_tensors(ckpt_dir / "ema.safetensors")
+    optimizer = _unflatten_optimizer(read_tensors(ckpt_dir / "optimizer.safetensors"), state["optimizer"])
     _set_rng_state(read_tensors(ckpt_dir / "rng.safetensors"))
-    return state
+    return model, ema, optimizer, state

@@ -23,13 +23,15 @@ class EMA:
 
     def __init__(self, model: nn.Module):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self._shadow = [p for p in self.module.parameters()]
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:
+        """Parameters pair up by order; under FSDP both modules are sharded alike, so each rank
+        updates its own shard."""
+        shadow = [p.detach() for p in self.module.parameters()]
         params = [p.detach() for p in model.parameters()]
         # lerp(ema, p, 1 - decay) = ema + (1 - decay) (p - ema), one fused op per tensor list
-        torch._foreach_lerp_(self._shadow, params, 1.0 - decay)
+        torch._foreach_lerp_(shadow, params, 1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

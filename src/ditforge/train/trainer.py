@@ -11,7 +11,6 @@ Host syncs (`.item()`) happen only at log and checkpoint steps: the step itself 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,21 +20,25 @@ import torch
 
 from ditforge import __version__
 from ditforge.config import TrainConfig
-from ditforge.data.loader import InfiniteLoader
+from ditforge.data.loader import InfiniteLoader, TensorSource
 from ditforge.data.sources import ImageSet, load_data
 from ditforge.diffusion import create_diffusion
 from ditforge.errors import NonFiniteLossError, UserError
 from ditforge.models import DiT, count_parameters, create_model
 from ditforge.pictures import make_grid, save_png_atomic
 from ditforge.sample import generate
-from ditforge.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from ditforge.train import distributed
+from ditforge.train.checkpoint import check_weights, latest_checkpoint, read_training_state, save_checkpoint
 from ditforge.train.device import autocast, enable_tf32, pick_device, resolve_precision
 from ditforge.train.ema import EMA, ema_decay_at
 
 log = logging.getLogger("ditforge.train")
 
 # Fields that may differ when a run is resumed: they change how it reports, not what it learns.
-RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps", "sample_cfg"}
+RESUMABLE_CHANGES = {
+    "steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps", "sample_cfg",
+    "grad_accum", "parallel", "compile", "grad_checkpoint",  # same math, other speed or memory
+}
 PREVIEW_CLASSES = 10
 PREVIEW_PER_CLASS = 8
 
@@ -47,6 +50,7 @@ class TrainResult:
     last_loss: float
     checkpoint: Path | None
     preview: Path | None
+    is_main: bool = True  # rank 0 (the process that writes and reports)
 
 
 def build_model(cfg: TrainConfig, data: ImageSet) -> tuple[DiT, dict[str, Any]]:
@@ -103,30 +107,57 @@ def save_preview(model: DiT, cfg: TrainConfig, data: ImageSet, path: Path) -> Pa
     return save_png_atomic(make_grid(x, [data.class_names[c] for c in classes], PREVIEW_PER_CLASS), path)
 
 
+def step_randomness(cfg: TrainConfig, step: int, shape: tuple[int, ...], num_timesteps: int, device: torch.device):
+    """Timesteps (G,), noise (G, C, H, W) and label-drop flags (G,) of a whole global batch, drawn
+    from a generator seeded by (seed, step): every rank draws the same and takes its slice, so
+    the world size does not change the run, and a resumed run needs no RNG state."""
+    g = torch.Generator(device=device).manual_seed(cfg.seed * 2**32 + step)
+    n = cfg.global_batch
+    t = torch.randint(0, num_timesteps, (n,), generator=g, device=device)  # (G,)
+    noise = torch.randn((n, *shape), generator=g, device=device)  # (G, C, H, W)
+    drop = torch.rand(n, generator=g, device=device) < cfg.model.class_dropout_prob  # (G,)
+    return t, noise, drop
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    device = pick_device()
+    d = distributed.init(pick_device())
+    try:
+        return _train(cfg, d, progress)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult:
+    device = d.device
     precision = resolve_precision(cfg.precision, device)
     enable_tf32()
     run_dir = Path(cfg.run_dir)
     _check_same_run(cfg, run_dir)
+    distributed.split_batch(cfg.global_batch, d, cfg.grad_accum)  # fail early on an uneven split
+    fsdp = d.enabled and cfg.parallel == "fsdp"
 
     data = load_data(cfg.data, "train", cfg.image_size)
-    if data.skipped:
+    if data.skipped and d.is_main:
         log.warning("skipped %d unreadable image(s), e.g. %s (%s)", len(data.skipped), *data.skipped[0])
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, data)
+    model.grad_checkpointing = cfg.grad_checkpoint
     model.to(device).train()
     ema = EMA(model)
+    wrapped = distributed.wrap(model, d, cfg.parallel)
+    if fsdp:
+        distributed.wrap(ema.module, d, "fsdp")  # shard the EMA alike: each rank averages its own shard
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
         weight_decay=cfg.optim.weight_decay,
-        fused=device.type == "cuda",
+        fused=device.type == "cuda" or None,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     diffusion = create_diffusion("", cfg.diffusion.noise_schedule, cfg.model.learn_sigma, cfg.diffusion.diffusion_steps)
+    step_model = torch.compile(wrapped) if cfg.compile else wrapped
     meta = dict(
         ditforge_version=__version__,
         config=cfg.to_dict(),
@@ -138,51 +169,95 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     step, position = 0, 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        state = load_training_state(ckpt, model, ema.module, opt)
+        model_sd, ema_sd, opt_sd, state = read_training_state(ckpt)
+        if not fsdp:
+            check_weights(model, model_sd, str(ckpt / "model.safetensors"))
+        distributed.load_full_state(model, model_sd, opt, opt_sd)
+        distributed.load_full_state(ema.module, ema_sd)
         step, position = state["step"], state["position"]
-        log.info("resumed from %s (step %d, %d images seen)", ckpt, step, position)
+        if d.is_main:
+            log.info("resumed from %s (step %d, %d images seen)", ckpt, step, position)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log.info(
-            "new run in %s: %s, %s parameters, %d %s images %s, %s on %s",
-            run_dir, cfg.model.name, f"{count_parameters(model):,}", len(data), data.name,
-            "x".join(map(str, data.shape)), precision, device,
-        )
-    cfg.save(run_dir / "config.json")
-    loader = InfiniteLoader(data.images, data.labels, cfg.global_batch, cfg.seed, cfg.hflip, position)
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log.info(
+                "new run in %s: %s, %s parameters, %d %s images %s, %s on %s x %d",
+                run_dir, cfg.model.name, f"{count_parameters(model):,}", len(data), data.name,
+                "x".join(map(str, data.shape)), precision, device.type, d.world_size,
+            )
+    if d.is_main:
+        cfg.save(run_dir / "config.json")
+    loader = InfiniteLoader(
+        TensorSource(data.images, data.labels), cfg.global_batch, cfg.seed, cfg.hflip, position,
+        d.rank, d.world_size, cfg.grad_accum,
+    )
+    micro = loader.micro_batch
+    use_drop = cfg.model.class_dropout_prob > 0
 
-    from torch.utils.tensorboard import SummaryWriter
+    writer = bar = None
+    if d.is_main:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
-    bar = None
-    if progress:
-        from tqdm import tqdm
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
-    def checkpoint_now() -> Path:
-        return save_checkpoint(run_dir, step, model, ema.module, opt, dict(meta, position=loader.position), cfg.keep_last)
+    def checkpoint_now() -> Path | None:
+        states = (
+            distributed.full_model_state(model),
+            distributed.full_model_state(ema.module),
+            distributed.full_optimizer_state(model, opt),
+        )  # collectives under FSDP: every rank takes part
+        path = None
+        if d.is_main:
+            path = save_checkpoint(run_dir, step, *states, dict(meta, position=loader.position), cfg.keep_last)
+        distributed.barrier(d)
+        return path
 
-    running = torch.zeros((), device=device)  # sum of losses since the last log line
+    def preview(path: Path) -> Path | None:
+        sampler_model = ema.module
+        if fsdp:
+            full = distributed.full_model_state(ema.module)
+            if not d.is_main:
+                return None
+            sampler_model = create_model(**model_args).to(device)
+            sampler_model.load_state_dict(full)
+        if not d.is_main:
+            return None
+        return save_preview(sampler_model, cfg, data, path)
+
+    running = torch.zeros((), device=device)  # sum of step losses since the last log line
     finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since the last check finite?
     since, t_last, last_loss, saved = 0, time.perf_counter(), float("nan"), ckpt
 
     def check_finite(at: int) -> None:
-        if not bool(finite):
+        if not distributed.all_true(finite, d):
             msg = f"the loss became NaN or Inf before step {at}; stopped. "
             msg += f"The last good checkpoint is {saved}." if saved else "No checkpoint had been written."
             raise NonFiniteLossError(msg + " Try a lower --lr, --grad-clip 1.0, or --precision bf16 instead of fp16.")
 
     try:
         while step < cfg.steps:
-            x, y = loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, C, H, W), (B,)
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)  # (B,)
-            with autocast(precision, device):
-                losses = diffusion.training_losses(model, x, t, y)
-            loss = losses["loss"].mean()  # mean over the batch of per-sample terms
+            t_all, noise_all, drop_all = step_randomness(cfg, step, data.shape, diffusion.num_timesteps, device)
+            batches = loader.next_step()
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            for i, ((x, y), off) in enumerate(zip(batches, loader.offsets())):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (b, C, H, W), (b,)
+                sl = slice(off, off + micro)
+                drop = drop_all[sl] if use_drop else None
+
+                def forward(x_t, t, labels, drop=drop):
+                    return step_model(x_t, t, labels, force_drop_ids=drop)
+
+                last_micro = i == len(batches) - 1
+                with distributed.no_sync(wrapped, d, not last_micro), autocast(precision, device):
+                    losses = diffusion.training_losses(forward, x, t_all[sl], y, noise=noise_all[sl])
+                    loss = losses["loss"].mean() / cfg.grad_accum  # this micro-batch's share of the step loss
+                scaler.scale(loss).backward()
+                running += loss.detach()
+                finite &= torch.isfinite(loss.detach())
             if cfg.optim.grad_clip > 0:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -191,35 +266,35 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             ema.update(model, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
             step += 1
             since += 1
-            running += loss.detach()
-            finite &= torch.isfinite(loss.detach())
             if bar is not None:
                 bar.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 check_finite(step)
+                last_loss = (distributed.all_reduce_mean(running, d) / since).item()
                 now = time.perf_counter()
-                last_loss = (running / since).item()
                 steps_per_s = since / (now - t_last)
                 imgs_per_s = steps_per_s * cfg.global_batch
-                log.info(
-                    "step %d/%d | loss %.4f | %.2f steps/s | %.0f images/s",
-                    step, cfg.steps, last_loss, steps_per_s, imgs_per_s,
-                )
-                writer.add_scalar("train/loss", last_loss, step)
-                writer.add_scalar("train/steps_per_s", steps_per_s, step)
-                writer.add_scalar("train/images_per_s", imgs_per_s, step)
+                if d.is_main:
+                    log.info(
+                        "step %d/%d | loss %.4f | %.2f steps/s | %.0f images/s",
+                        step, cfg.steps, last_loss, steps_per_s, imgs_per_s,
+                    )
+                    writer.add_scalar("train/loss", last_loss, step)
+                    writer.add_scalar("train/steps_per_s", steps_per_s, step)
+                    writer.add_scalar("train/images_per_s", imgs_per_s, step)
                 running.zero_()
                 since, t_last = 0, time.perf_counter()
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 check_finite(step)
-                saved = checkpoint_now()
+                saved = checkpoint_now() or saved
             if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
-                save_preview(ema.module, cfg, data, run_dir / "samples" / f"step-{step:07d}.png")
+                preview(run_dir / "samples" / f"step-{step:07d}.png")
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
 
-    preview = save_preview(ema.module, cfg, data, run_dir / "samples" / f"step-{step:07d}.png")
-    return TrainResult(run_dir, step, last_loss, saved, preview)
+    last_preview = preview(run_dir / "samples" / f"step-{step:07d}.png")
+    return TrainResult(run_dir, step, last_loss, saved, last_preview, d.is_main)

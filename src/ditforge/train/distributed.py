@@ -1,0 +1,173 @@
+"""torchrun environment, process group, DDP / FSDP2 wrapping and rank-0 helpers.
+
+The only module that reads the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE). One process
+without torchrun is world size 1 and needs no process group. The device of a process is
+`cuda:LOCAL_RANK` (never the global rank, which breaks on the second machine of a multi-node
+run); on CPU the gloo backend runs the same code, which is how the tests check it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ditforge.errors import UserError
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+
+
+def init(device: torch.device | None = None) -> Dist:
+    """Join the process group when launched by torchrun; pick this process's device."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if device is None:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return Dist(rank, local_rank, world, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Mean of `x` over ranks (in place on a copy)."""
+    if not d.enabled:
+        return x
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / d.world_size
+
+
+def all_true(flag: torch.Tensor, d: Dist) -> bool:
+    """True when `flag` (a bool scalar) is true on every rank: a host sync, for log steps only."""
+    if d.enabled:
+        f = flag.to(torch.int32)
+        dist.all_reduce(f, op=dist.ReduceOp.MIN)
+        return bool(f)
+    return bool(flag)
+
+
+def wrap(model: nn.Module, d: Dist, strategy: str = "ddp") -> nn.Module:
+    """DDP (default) or FSDP2 (`fully_shard` per DiT block, then the root). One process: unchanged."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown parallel strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    if not d.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, output_device=ids[0] if ids else None)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def split_batch(global_batch: int, d: Dist, grad_accum: int = 1) -> int:
+    """Per-rank micro-batch size; the global batch must split evenly over ranks and accumulation."""
+    parts = d.world_size * grad_accum
+    if global_batch % parts:
+        raise UserError(
+            f"global batch {global_batch} does not split evenly over {d.world_size} process(es) x "
+            f"{grad_accum} accumulation step(s); use a multiple of {parts}"
+        )
+    return global_batch // parts
+
+
+# -- state dicts that load on any world size ---------------------------------------------------
+# torch.distributed.checkpoint's state_dict API gives the same unwrapped, full tensors for a plain
+# module, DDP and FSDP2 (keys without `module.` / `_orig_mod.`), and the optimizer state keyed
+# by parameter name. A collective under FSDP: every rank calls it; rank 0 gets the tensors.
+
+
+def _options(load: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=not load)
+
+
+def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_options())
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=_options())
+
+
+def load_full_state(module: nn.Module, state: dict[str, torch.Tensor], optimizer=None, optimizer_state=None) -> None:
+    """Every rank passes the full tensors read from a checkpoint; sharded modules keep their shard."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(module, state, options=_options(load=True))
+    if optimizer is not None:
+        set_optimizer_state_dict(module, optimizer, optimizer_state, options=_options(load=True))
+
+
+def no_sync(module: nn.Module, d: Dist, skip: bool):
+    """Inside gradient accumulation: skip the gradient all-reduce of all but the last micro-batch."""
+    import contextlib
+
+    if not (skip and d.enabled):
+        return contextlib.nullcontext()
+    if hasattr(module, "no_sync"):  # DDP
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def _fsdp():
+            module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+
+        return _fsdp()
+    return contextlib.nullcontext()

@@ -1,0 +1,86 @@
+"""Data-parallel training under torchrun on CPU (gloo, 2 processes), against one process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import run_cli
+
+ARGS = ["--steps", "6", "--batch-size", "16", "--ckpt-every", "3", "--keep-last", "0", "--model", "DiT-Ti/4", "--log-every", "3", "--no-progress"]
+
+
+def torchrun(*args, nproc=2, check=True, popen=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "ditforge", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _weights(run, step=6, name="model"):
+    return load_file(str(run / "checkpoints" / f"step-{step:07d}" / f"{name}.safetensors"))
+
+
+def _assert_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run = tmp_path_factory.mktemp("single") / "run"
+    run_cli("train", "--run-dir", str(run), *ARGS)
+    return run
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, parallel):
+    run = tmp_path / parallel
+    out = torchrun("train", "--run-dir", str(run), "--parallel", parallel, *ARGS)
+    assert out.stdout.count("trained DiT-Ti/4") == 1  # only rank 0 reports
+    _assert_close(_weights(single), _weights(run))
+    _assert_close(_weights(single, name="ema"), _weights(run, name="ema"))
+    line = [l for l in out.stdout.splitlines() if "step 6/6" in l][0]
+    assert "loss" in line and "images/s" in line
+    # a checkpoint written by 2 processes resumes in 1 (unwrapped weights, named optimizer state)
+    more = run_cli("train", "--run-dir", str(run), *[a if a != "6" else "9" for a in ARGS])
+    assert "resumed from" in more.stdout
+
+
+def test_gradient_accumulation_matches(single, tmp_path):
+    run = tmp_path / "accum"
+    run_cli("train", "--run-dir", str(run), "--grad-accum", "4", *ARGS)
+    _assert_close(_weights(single), _weights(run))
+
+
+def test_uneven_global_batch_is_refused(tmp_path):
+    out = torchrun("train", "--run-dir", str(tmp_path / "r"), *ARGS[:2], "--batch-size", "15", "--no-progress", check=False)
+    assert out.returncode != 0
+    assert "global batch 15 does not split evenly over 2 process(es)" in out.stderr + out.stdout
+
+
+def test_killed_torchrun_resumes_to_the_same_weights(tmp_path):
+    args = [a if a != "6" else "30" for a in ARGS]
+    straight = tmp_path / "straight"
+    torchrun("train", "--run-dir", str(straight), *args)
+    killed = tmp_path / "killed"
+    proc = torchrun("train", "--run-dir", str(killed), *args, popen=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-0000003").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "step-0000030").exists()
+    assert "resumed from" in torchrun("train", "--run-dir", str(killed), *args).stdout
+    for name in ("model", "ema", "optimizer"):
+        _assert_close(_weights(straight, 30, name), _weights(killed, 30, name), atol=0.0)
