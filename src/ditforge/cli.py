@@ -3,6 +3,7 @@
     ditforge train  [--preset tiny] [--data digits|FOLDER] [--run-dir runs/digits] ...
     ditforge sample RUN_OR_CHECKPOINT [--classes 3 5 7] [--per-class 8] [--cfg 4.0] --out grid.png
     ditforge eval   RUN [--per-class 50] [--cfg 1.5] [--json report.json]
+    ditforge bench  [--model DiT-XL/2] [--input-size 32] [--batch 64] [--precision bf16]
 
 A user's mistake (bad value, missing file, checkpoint that does not fit) is one line on
 stderr and exit status 2; a diverged run is one line and status 1.
@@ -116,6 +117,25 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", help="also write the report to this JSON file (default: none)")
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="training throughput: images/s, step time, peak memory, model FLOP/s and MFU",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--model", default="DiT-S/2", help="model name")
+    p.add_argument("--input-size", type=int, default=32, help="input height and width (latents: image size / 8)")
+    p.add_argument("--channels", type=int, default=4, help="input channels (4 for SD-VAE latents)")
+    p.add_argument("--num-classes", type=int, default=1000, help="number of classes")
+    p.add_argument("--batch", type=int, default=8, help="batch size")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--json", help="also write the result to this JSON file (default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ditforge",
@@ -123,10 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"ditforge {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,bench}")
     _add_train(sub)
     _add_sample(sub)
     _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -234,7 +255,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ditforge.bench import run_benchmark
+
+    if args.json:
+        _check_writable(Path(args.json))
+    result = run_benchmark(
+        args.model, args.input_size, args.channels, args.num_classes, args.batch, args.precision,
+        args.compile, args.grad_checkpoint, args.steps, args.warmup,
+    )
+    print(result.line())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

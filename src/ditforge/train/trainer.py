@@ -22,15 +22,14 @@ from ditforge import __version__
 from ditforge.config import TrainConfig
 from ditforge.data.loader import InfiniteLoader, TensorSource
 from ditforge.data.sources import ImageSet, load_data
-from ditforge.diffusion import create_diffusion
 from ditforge.errors import NonFiniteLossError, UserError
 from ditforge.models import DiT, count_parameters, create_model
 from ditforge.pictures import make_grid, save_png_atomic
 from ditforge.sample import generate
 from ditforge.train import distributed
 from ditforge.train.checkpoint import check_weights, latest_checkpoint, read_training_state, save_checkpoint
-from ditforge.train.device import autocast, enable_tf32, pick_device, resolve_precision
-from ditforge.train.ema import EMA, ema_decay_at
+from ditforge.train.device import enable_tf32, pick_device, resolve_precision
+from ditforge.train.step import TrainStep
 
 log = logging.getLogger("ditforge.train")
 
@@ -107,18 +106,6 @@ def save_preview(model: DiT, cfg: TrainConfig, data: ImageSet, path: Path) -> Pa
     return save_png_atomic(make_grid(x, [data.class_names[c] for c in classes], PREVIEW_PER_CLASS), path)
 
 
-def step_randomness(cfg: TrainConfig, step: int, shape: tuple[int, ...], num_timesteps: int, device: torch.device):
-    """Timesteps (G,), noise (G, C, H, W) and label-drop flags (G,) of a whole global batch, drawn
-    from a generator seeded by (seed, step): every rank draws the same and takes its slice, so
-    the world size does not change the run, and a resumed run needs no RNG state."""
-    g = torch.Generator(device=device).manual_seed(cfg.seed * 2**32 + step)
-    n = cfg.global_batch
-    t = torch.randint(0, num_timesteps, (n,), generator=g, device=device)  # (G,)
-    noise = torch.randn((n, *shape), generator=g, device=device)  # (G, C, H, W)
-    drop = torch.rand(n, generator=g, device=device) < cfg.model.class_dropout_prob  # (G,)
-    return t, noise, drop
-
-
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     d = distributed.init(pick_device())
     try:
@@ -142,22 +129,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, data)
-    model.grad_checkpointing = cfg.grad_checkpoint
-    model.to(device).train()
-    ema = EMA(model)
-    wrapped = distributed.wrap(model, d, cfg.parallel)
-    if fsdp:
-        distributed.wrap(ema.module, d, "fsdp")  # shard the EMA alike: each rank averages its own shard
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-        weight_decay=cfg.optim.weight_decay,
-        fused=device.type == "cuda" or None,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    diffusion = create_diffusion("", cfg.diffusion.noise_schedule, cfg.model.learn_sigma, cfg.diffusion.diffusion_steps)
-    step_model = torch.compile(wrapped) if cfg.compile else wrapped
+    stepper = TrainStep(cfg, model, d, precision)
+    ema, opt = stepper.ema, stepper.opt
     meta = dict(
         ditforge_version=__version__,
         config=cfg.to_dict(),
@@ -191,8 +164,6 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
         TensorSource(data.images, data.labels), cfg.global_batch, cfg.seed, cfg.hflip, position,
         d.rank, d.world_size, cfg.grad_accum,
     )
-    micro = loader.micro_batch
-    use_drop = cfg.model.class_dropout_prob > 0
 
     writer = bar = None
     if d.is_main:
@@ -240,30 +211,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
 
     try:
         while step < cfg.steps:
-            t_all, noise_all, drop_all = step_randomness(cfg, step, data.shape, diffusion.num_timesteps, device)
-            batches = loader.next_step()
-            opt.zero_grad(set_to_none=True)
-            for i, ((x, y), off) in enumerate(zip(batches, loader.offsets())):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (b, C, H, W), (b,)
-                sl = slice(off, off + micro)
-                drop = drop_all[sl] if use_drop else None
-
-                def forward(x_t, t, labels, drop=drop):
-                    return step_model(x_t, t, labels, force_drop_ids=drop)
-
-                last_micro = i == len(batches) - 1
-                with distributed.no_sync(wrapped, d, not last_micro), autocast(precision, device):
-                    losses = diffusion.training_losses(forward, x, t_all[sl], y, noise=noise_all[sl])
-                    loss = losses["loss"].mean() / cfg.grad_accum  # this micro-batch's share of the step loss
-                scaler.scale(loss).backward()
-                running += loss.detach()
-                finite &= torch.isfinite(loss.detach())
-            if cfg.optim.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            ema.update(model, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
+            loss = stepper(step, loader.next_step(), loader.offsets())
+            running += loss
+            finite &= torch.isfinite(loss)
             step += 1
             since += 1
             if bar is not None:

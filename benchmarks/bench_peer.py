@@ -1,0 +1,86 @@
+"""Our training step against the peer's, same model size, same loss, same run.
+
+The peer is diffusers' `DiTTransformer2DModel` (the DiT port most users reach for), trained
+with the same AdamW and the same Gaussian diffusion loss (epsilon MSE + VB with learned sigma),
+at fp32 with no options. Ours runs through `ditforge.train.step.TrainStep`, exactly what
+`ditforge train` runs, with each setting listed. Prints images/s of each and the ratio.
+
+    .venv/bin/python benchmarks/bench_peer.py --model DiT-S/2 --input-size 32 --batch 8
+    .venv/bin/python benchmarks/bench_peer.py --model DiT-XL/2 --batch 64 --precision bf16   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+
+import torch
+
+from ditforge.bench import run_benchmark, time_steps
+from ditforge.diffusion import create_diffusion
+from ditforge.models.dit import MODEL_SIZES
+from ditforge.train.device import autocast, pick_device, resolve_precision
+
+
+def peer_images_per_s(model_name: str, input_size: int, channels: int, batch: int, precision: str, steps: int, warmup: int) -> float:
+    from diffusers import DiTTransformer2DModel
+
+    size, patch = model_name.removeprefix("DiT-").split("/")
+    depth, hidden, heads = MODEL_SIZES[size]
+    device = pick_device()
+    torch.manual_seed(0)
+    peer = DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=channels,
+        out_channels=2 * channels, num_layers=depth, patch_size=int(patch), sample_size=input_size,
+        num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+    ).to(device).train()
+    opt = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+    diffusion = create_diffusion("")
+    x = torch.randn(batch, channels, input_size, input_size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def forward(x_t, t, labels):
+        return peer(x_t, timestep=t, class_labels=labels).sample
+
+    def step(i):
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with autocast(precision, device):
+            loss = diffusion.training_losses(forward, x, t, y)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return steps * batch / time_steps(step, steps, warmup, device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="DiT-S/2")
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--precision", default="bf16", help="our best setting to compare (the peer always runs fp32)")
+    p.add_argument("--compile", action="store_true", help="also try ours with torch.compile")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="alternate peer and ours this many times")
+    args = p.parse_args()
+    device = pick_device()
+    print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
+          f"torch {torch.__version__} threads {torch.get_num_threads()} device "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    best = resolve_precision(args.precision, device)
+    settings = [("fp32", False), (best, False)] + ([(best, True)] if args.compile else [])
+    for r in range(args.rounds):  # alternate, so that machine noise hits both sides alike
+        peer = peer_images_per_s(args.model, args.input_size, args.channels, args.batch, "fp32", args.steps, args.warmup)
+        print(f"round {r}: peer diffusers DiTTransformer2DModel fp32: {peer:.2f} images/s")
+        for precision, compile in settings:
+            ours = run_benchmark(args.model, args.input_size, args.channels, 1000, args.batch, precision, compile,
+                                 False, args.steps, args.warmup)
+            print(f"round {r}: ours {precision}{' +compile' if compile else ''}: {ours.images_per_s:.2f} images/s "
+                  f"= {ours.images_per_s / peer:.2f}x peer")
+
+
+if __name__ == "__main__":
+    main()

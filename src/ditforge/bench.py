@@ -1,0 +1,147 @@
+"""Training throughput: images/s, step time, peak memory, model FLOP/s and MFU.
+
+The FLOP count is analytic, from the architecture (the paper's "Gflops" are multiply-
+accumulates: DiT-XL/2 is 118.6 G MACs per forward at 256 px). A training step costs about
+3 forwards (backward = 2x forward), and 1 MAC = 2 FLOPs, so model FLOPs per image per step =
+6 x forward MACs. MFU = achieved model FLOP/s / the device's dense peak at that precision.
+Recomputation (gradient checkpointing) is not counted: MFU measures useful work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ditforge.config import TrainConfig
+from ditforge.models import DiT, create_model
+from ditforge.train import distributed
+from ditforge.train.device import enable_tf32, pick_device, resolve_precision
+from ditforge.train.step import TrainStep
+
+# Dense peak FLOP/s by device name fragment and precision (vendor data sheets, without sparsity).
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},  # SXM; fp32 = TF32 tensor cores
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+}
+
+
+def forward_macs(model: DiT) -> int:
+    """Multiply-accumulates of one forward pass for one image (Peebles & Xie 2022, Table 4)."""
+    p, c, d = model.patch_size, model.in_channels, model.hidden_size
+    tokens = (model.input_size // p) ** 2
+    hidden_mlp = model.blocks[0].mlp.fc1.out_features
+    embed = tokens * d * c * p * p + 256 * d + d * d  # patchify conv; timestep MLP
+    per_block = (
+        d * 6 * d  # adaLN modulation (once per image)
+        + tokens * d * 3 * d  # fused q, k, v
+        + 2 * tokens * tokens * d  # Q K^T and attention x V
+        + tokens * d * d  # output projection
+        + 2 * tokens * d * hidden_mlp  # fc1, fc2
+    )
+    final = d * 2 * d + tokens * d * p * p * model.out_channels
+    return embed + model.depth * per_block + final
+
+
+def train_flops_per_image(model: DiT) -> int:
+    return 6 * forward_macs(model)
+
+
+def device_peak(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+@dataclass
+class BenchResult:
+    model: str
+    input_size: int
+    channels: int
+    batch: int
+    precision: str
+    compile: bool
+    grad_checkpoint: bool
+    device: str
+    images_per_s: float
+    step_ms: float
+    peak_memory_gb: float | None
+    model_tflops: float
+    mfu: float | None
+
+    def line(self) -> str:
+        mem = f"{self.peak_memory_gb:.1f} GB" if self.peak_memory_gb is not None else "n/a"
+        mfu = f"{100 * self.mfu:.1f}%" if self.mfu is not None else "n/a (no known peak)"
+        opts = [o for o, on in (("compile", self.compile), ("grad-checkpoint", self.grad_checkpoint)) if on]
+        return (
+            f"{self.model} {self.channels}x{self.input_size}x{self.input_size} batch {self.batch} {self.precision}"
+            f"{' ' + '+'.join(opts) if opts else ''} on {self.device}: {self.images_per_s:.1f} images/s, "
+            f"{self.step_ms:.1f} ms/step, peak memory {mem}, {self.model_tflops:.2f} model TFLOP/s, MFU {mfu}"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds for `steps` calls of step_fn(i) after `warmup` untimed ones (GPU work included)."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(warmup):
+        step_fn(i)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step_fn(warmup + i)
+    sync()
+    return time.perf_counter() - t0
+
+
+def run_benchmark(
+    model_name: str = "DiT-S/2",
+    input_size: int = 32,
+    channels: int = 4,
+    num_classes: int = 1000,
+    batch: int = 8,
+    precision: str = "auto",
+    compile: bool = False,
+    grad_checkpoint: bool = False,
+    steps: int = 10,
+    warmup: int = 3,
+) -> BenchResult:
+    """Time `steps` training steps (after `warmup`) of random latents through `TrainStep`."""
+    if steps <= 0 or warmup < 0:
+        raise ValueError(f"steps must be positive and warmup non-negative, got {steps} and {warmup}")
+    device = pick_device()
+    precision = resolve_precision(precision, device)
+    enable_tf32()
+    cfg = TrainConfig.from_dict(
+        dict(model=dict(name=model_name), global_batch=batch, precision=precision, compile=compile, grad_checkpoint=grad_checkpoint)
+    )
+    torch.manual_seed(0)
+    model = create_model(model_name, input_size=input_size, in_channels=channels, num_classes=num_classes)
+    stepper = TrainStep(cfg, model, distributed.Dist(device=device), precision)
+    x = torch.randn(batch, channels, input_size, input_size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    seconds = time_steps(lambda i: stepper(i, [(x, y)], [0]), steps, warmup, device)
+    images_per_s = steps * batch / seconds
+    flops = train_flops_per_image(model) * images_per_s
+    peak = device_peak(device, precision)
+    return BenchResult(
+        model_name, input_size, channels, batch, precision, compile, grad_checkpoint,
+        torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        images_per_s, 1000 * seconds / steps,
+        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        flops / 1e12, flops / peak if peak else None,
+    )

@@ -1,0 +1,37 @@
+"""The analytic FLOP count against the paper, and `ditforge bench` as a user runs it."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from ditforge.bench import forward_macs, train_flops_per_image
+from ditforge.models import create_model
+
+# Peebles & Xie 2022, Table 4 (Gflops = G multiply-accumulates per forward, 256 px = 32x32x4 latents)
+PAPER_GMACS = {"DiT-S/2": 6.06, "DiT-B/2": 23.01, "DiT-L/2": 80.71, "DiT-XL/2": 118.64, "DiT-XL/4": 29.05, "DiT-XL/8": 7.39}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_GMACS))
+def test_forward_macs_match_the_paper(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert forward_macs(model) / 1e9 == pytest.approx(PAPER_GMACS[name], rel=2e-3)
+
+
+def test_xl2_at_512_and_training_flops():
+    with torch.device("meta"):
+        model = create_model("DiT-XL/2", input_size=64)
+    assert forward_macs(model) / 1e9 == pytest.approx(524.6, rel=1e-3)
+    with torch.device("meta"):
+        xl = create_model("DiT-XL/2")
+    assert train_flops_per_image(xl) / 1e9 == pytest.approx(711.7, rel=1e-3)  # REFERENCE: ~711 GFLOP
+
+
+def test_bench_command_reports_throughput(tmp_path):
+    out = run_cli("bench", "--model", "DiT-Ti/4", "--input-size", "8", "--channels", "1", "--num-classes", "10",
+                  "--batch", "4", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "b.json")).stdout
+    assert "images/s" in out and "ms/step" in out and "MFU n/a" in out
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["images_per_s"] > 0 and result["model_tflops"] > 0 and result["device"] == "cpu"
