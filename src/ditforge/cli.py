@@ -98,7 +98,11 @@ def _add_sample(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise: same seed, same picture")
     p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--model", help="model name, required for an official .pt file (e.g. DiT-XL/2)")
-    p.add_argument("--out", default="samples.png", help="PNG file to write")
+    p.add_argument("--out", default="samples.png", help="PNG grid, or .npz for many samples in the ADM evaluator's format")
+    p.add_argument("--num-samples", type=int, default=None, help="with --out X.npz: how many samples (default: 50000)")
+    p.add_argument("--balanced", action="store_true", help="with .npz: equal counts per class instead of uniform random classes")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward batch")
+    p.add_argument("--shard-size", type=int, default=1024, help="with .npz: samples per resumable shard (a multiple of --batch-size)")
 
 
 def _add_eval(sub) -> None:
@@ -209,27 +213,46 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from ditforge.pictures import make_grid, save_png_atomic
     from ditforge.sample import generate, load_for_sampling
-    from ditforge.train.device import pick_device
+    from ditforge.sample_bulk import sample_to_npz
+    from ditforge.train import distributed
     from ditforge.train.trainer import preview_classes
 
     out = Path(args.out)
     _check_writable(out)
+    bulk = out.suffix == ".npz"
+    if args.num_samples is not None and not bulk:
+        raise ValueError(f"--num-samples needs an .npz output (ADM format), got --out {args.out!r}")
     sm = load_for_sampling(args.checkpoint, args.model, use_ema=not args.raw_weights)
     if sm.autoencoder.get("kind") != "identity":
         raise ValueError(
             f"{args.checkpoint!r} is a latent-space model ({sm.model.in_channels} channels); decoding latents "
             "to pictures needs the VAE pipeline, which this version does not have yet"
         )
-    classes = args.classes if args.classes is not None else preview_classes(sm.model.num_classes)
-    model = sm.model.to(pick_device())
-    x, _ = generate(
-        model, classes, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
-        sm.noise_schedule, sm.diffusion_steps, args.legacy_three_channel_guidance, progress=True,
-    )
-    names = [sm.class_names[c] if c < len(sm.class_names) else str(c) for c in classes]
-    save_png_atomic(make_grid(x, names, args.per_class), out)
-    print(f"wrote {out}: classes {classes}, {args.per_class} each, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}")
-    return 0
+    d = distributed.init()
+    try:
+        model = sm.model.to(d.device)
+        if bulk:
+            n = args.num_samples if args.num_samples is not None else 50_000
+            summary = sample_to_npz(
+                sm, out, n, args.cfg, args.steps, args.sampler, args.seed, args.balanced, args.batch_size,
+                args.shard_size, legacy_three_channel=args.legacy_three_channel_guidance, d=d,
+            )
+            if d.is_main:
+                print(f"wrote {out}: {n} samples, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}; "
+                      f"{summary['sampled_here']} sampled by this run"
+                      + (f" at {summary['images_per_s']:.1f} images/s" if summary["images_per_s"] else ""))
+            return 0
+        classes = args.classes if args.classes is not None else preview_classes(model.num_classes)
+        x, _ = generate(
+            model, classes, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
+            sm.noise_schedule, sm.diffusion_steps, args.legacy_three_channel_guidance, args.batch_size, progress=True,
+        )
+        names = [sm.class_names[c] if c < len(sm.class_names) else str(c) for c in classes]
+        save_png_atomic(make_grid(x, names, args.per_class), out)
+        print(f"wrote {out}: classes {classes}, {args.per_class} each, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}")
+        return 0
+    finally:
+        distributed.shutdown()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

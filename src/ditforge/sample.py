@@ -114,6 +114,35 @@ def check_classes(classes: list[int], num_classes: int) -> None:
         raise UserError(f"class id {bad[0]} is out of range; this model knows classes 0..{num_classes - 1}")
 
 
+def check_sampling_args(model: DiT, steps: int, diffusion_steps: int, cfg_scale: float, sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if not 0 < steps <= diffusion_steps:
+        raise UserError(f"steps must be between 1 and {diffusion_steps}, got {steps}")
+    if cfg_scale < 0:
+        raise UserError(f"cfg must be >= 0 (1 = no guidance), got {cfg_scale}")
+    if cfg_scale != 1.0 and not model.y_embedder.has_null_class:
+        raise UserError(f"cfg {cfg_scale:g} needs a model trained with label dropout (it has no null class); use --cfg 1")
+
+
+@torch.no_grad()
+def sample_batch(
+    model: DiT,
+    diffusion,
+    y: torch.Tensor,  # (B,) on the model's device
+    noise: torch.Tensor,  # (B, C, H, W) on the model's device
+    generator: torch.Generator,
+    cfg_scale: float,
+    sampler: str,
+    legacy_three_channel: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
+    """One batch through the guided sampler: (B, C, H, W) samples in data space."""
+    denoise = guided_denoiser(model, y, cfg_scale, model.num_classes, model.in_channels, legacy_three_channel)
+    loop = ddpm_sample if sampler == "ddpm" else ddim_sample
+    return loop(diffusion, denoise, noise, generator=generator, progress=progress)
+
+
 @torch.no_grad()
 def generate(
     model: DiT,
@@ -131,17 +160,10 @@ def generate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples (N, C, H, W) in data space and their labels (N,), N = len(classes) * per_class,
     grouped by class in the order given. Deterministic for a seed and batch size."""
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    if not 0 < steps <= diffusion_steps:
-        raise UserError(f"steps must be between 1 and {diffusion_steps}, got {steps}")
+    check_sampling_args(model, steps, diffusion_steps, cfg_scale, sampler)
     if per_class <= 0:
         raise UserError(f"per-class must be a positive number of samples, got {per_class}")
-    if cfg_scale < 0:
-        raise UserError(f"cfg must be >= 0 (1 = no guidance), got {cfg_scale}")
     check_classes(classes, model.num_classes)
-    if cfg_scale != 1.0 and not model.y_embedder.has_null_class:
-        raise UserError(f"cfg {cfg_scale:g} needs a model trained with label dropout (it has no null class); use --cfg 1")
     device = next(model.parameters()).device
     model.eval()
     diffusion = create_diffusion(str(steps), noise_schedule, model.learn_sigma, diffusion_steps)
@@ -152,11 +174,7 @@ def generate(
     out = []
     for start in range(0, labels.numel(), batch_size):
         y = labels[start : start + batch_size].to(device)
-        denoise = guided_denoiser(model, y, cfg_scale, model.num_classes, model.in_channels, legacy_three_channel)
         z = noise[start : start + batch_size].to(device)
-        if sampler == "ddpm":
-            x = ddpm_sample(diffusion, denoise, z, generator=gen, progress=progress)
-        else:
-            x = ddim_sample(diffusion, denoise, z, generator=gen, progress=progress)
+        x = sample_batch(model, diffusion, y, z, gen, cfg_scale, sampler, legacy_three_channel, progress)
         out.append(x.float().cpu())
     return torch.cat(out), labels

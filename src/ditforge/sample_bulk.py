@@ -1,0 +1,126 @@
+"""Many samples for evaluation: checkpoint -> ADM `.npz` (arr_0 uint8 (N, H, W, 3), labels (N,)).
+
+Samples are cut into shards of `shard_size`; shard k holds samples [k S, (k + 1) S) and draws
+its noise from generators seeded by (seed, k, batch), so the file does not depend on how many
+processes made it. Under torchrun rank r makes shards k = r, r + W, ...; each shard is written
+atomically to `OUT.parts/`, so a killed run resumes without redoing finished shards; rank 0 then
+streams the shards into OUT (bounded memory at any N and resolution) and removes the parts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ditforge.data.sources import to_uint8
+from ditforge.diffusion import create_diffusion
+from ditforge.errors import UserError
+from ditforge.npz import NpzStreamWriter, save_npz_atomic
+from ditforge.sample import SamplingModel, check_sampling_args, sample_batch
+from ditforge.train import distributed
+
+
+def sample_labels(num_samples: int, num_classes: int, seed: int, balanced: bool) -> torch.Tensor:
+    """(N,) class ids: uniform at random from `seed`, or balanced (i mod K)."""
+    if balanced:
+        return torch.arange(num_samples) % num_classes
+    return torch.randint(0, num_classes, (num_samples,), generator=torch.Generator().manual_seed(seed))
+
+
+def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8 with the ADM mapping; grey repeated to RGB."""
+    pix = to_uint8(x.float().cpu())
+    if pix.shape[1] == 1:
+        pix = pix.repeat(1, 3, 1, 1)
+    return pix.permute(0, 2, 3, 1).numpy()
+
+
+def sample_to_npz(
+    sm: SamplingModel,
+    out: str | Path,
+    num_samples: int,
+    cfg_scale: float = 1.5,
+    steps: int = 250,
+    sampler: str = "ddpm",
+    seed: int = 0,
+    balanced: bool = False,
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    legacy_three_channel: bool = False,
+    progress: bool = True,
+    d: distributed.Dist | None = None,
+) -> dict:
+    """Write `num_samples` samples to `out`; return a summary (rank 0; other ranks: their part)."""
+    d = d or distributed.Dist(device=next(sm.model.parameters()).device)
+    model = sm.model.eval()
+    if num_samples <= 0:
+        raise UserError(f"num-samples must be positive, got {num_samples}")
+    if batch_size <= 0 or shard_size <= 0 or shard_size % batch_size:
+        raise UserError(f"shard size {shard_size} must be a positive multiple of the batch size {batch_size}")
+    check_sampling_args(model, steps, sm.diffusion_steps, cfg_scale, sampler)
+    out = Path(out)
+    parts = out.with_name(out.name + ".parts")
+    settings = dict(source=sm.source, num_samples=num_samples, cfg=cfg_scale, steps=steps, sampler=sampler,
+                    seed=seed, balanced=balanced, batch_size=batch_size, shard_size=shard_size,
+                    legacy_three_channel=legacy_three_channel)
+    if d.is_main:
+        parts.mkdir(parents=True, exist_ok=True)
+        meta = parts / "settings.json"
+        if meta.exists() and json.loads(meta.read_text()) != settings:
+            raise UserError(f"{str(parts)!r} holds shards of a different sampling run; delete it or choose another --out")
+        meta.write_text(json.dumps(settings, indent=2) + "\n")
+    distributed.barrier(d)
+
+    device = d.device
+    diffusion = create_diffusion(str(steps), sm.noise_schedule, model.learn_sigma, sm.diffusion_steps)
+    labels = sample_labels(num_samples, model.num_classes, seed, balanced)
+    num_shards = math.ceil(num_samples / shard_size)
+    mine = [k for k in range(d.rank, num_shards, d.world_size)]
+    todo = [k for k in mine if not (parts / f"shard-{k:05d}.npz").exists()]
+    total = sum(min(shard_size, num_samples - k * shard_size) for k in todo)
+    bar = None
+    if progress and d.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="sample", unit="img", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    shape = (model.in_channels, model.input_size, model.input_size)
+    for k in todo:
+        start, stop = k * shard_size, min((k + 1) * shard_size, num_samples)
+        images = []
+        for b0 in range(start, stop, batch_size):
+            y = labels[b0 : min(b0 + batch_size, stop)]
+            g = torch.Generator().manual_seed(seed * 1_000_003 + b0)  # this batch's noise, wherever it runs
+            noise = torch.randn((y.numel(), *shape), generator=g)  # (B, C, H, W)
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b0 + 1)
+            x = sample_batch(model, diffusion, y.to(device), noise.to(device), gen, cfg_scale, sampler, legacy_three_channel)
+            if decode is not None:
+                x = decode(x)
+            images.append(to_hwc_uint8(x))
+            if bar is not None:
+                bar.update(y.numel())
+        save_npz_atomic(parts / f"shard-{k:05d}.npz", images=np.concatenate(images), labels=labels[start:stop].numpy())
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    distributed.barrier(d)
+    summary = dict(settings, out=str(out), sampled_here=total, seconds=seconds,
+                   images_per_s=total / seconds if seconds > 0 else None)
+    if not d.is_main:
+        return summary
+
+    first = np.load(parts / "shard-00000.npz")["images"]
+    with NpzStreamWriter(out, {"arr_0": ((num_samples, *first.shape[1:]), np.uint8), "labels": ((num_samples,), np.int64)}) as w:
+        for k in range(num_shards):
+            w.write("arr_0", np.load(parts / f"shard-{k:05d}.npz")["images"])
+        w.write("labels", labels.numpy())
+    shutil.rmtree(parts)
+    return summary
