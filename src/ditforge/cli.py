@@ -82,6 +82,8 @@ def _add_train(sub) -> None:
     p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps (default: {d('ckpt_every')})")
     p.add_argument("--keep-last", type=int, help=f"checkpoints kept, 0 = all (default: {d('keep_last')})")
     p.add_argument("--sample-every", type=int, help=f"preview grid every N steps, 0 = only at the end (default: {d('sample_every')})")
+    p.add_argument("--eval-every", type=int, help=f"built-in sets: class accuracy and Frechet distance every N steps, logged to TensorBoard; 0 = off (default: {d('eval_every')})")
+    p.add_argument("--eval-per-class", type=int, help=f"samples per class for --eval-every (default: {d('eval_per_class')})")
     p.add_argument("--sample-cfg", type=float, help=f"guidance scale of the previews (default: {d('sample_cfg')})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only) (default: False)")
 
@@ -167,7 +169,8 @@ _OVERRIDES = {
     "diffusion_steps": "diffusion.diffusion_steps", "precision": "precision", "seed": "seed",
     "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "grad_checkpoint": "grad_checkpoint",
     "log_every": "log_every", "ckpt_every": "ckpt_every", "keep_last": "keep_last",
-    "sample_every": "sample_every", "sample_cfg": "sample_cfg",
+    "sample_every": "sample_every", "sample_cfg": "sample_cfg", "eval_every": "eval_every",
+    "eval_per_class": "eval_per_class",
 }
 
 

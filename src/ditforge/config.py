@@ -115,6 +115,8 @@ class TrainConfig:
     sample_every: int = 0  # preview grid every N steps (0 = only at the end)
     sample_steps: str = "50"  # respacing of the preview sampler
     sample_cfg: float = 4.0
+    eval_every: int = 0  # built-in sets: class accuracy and Frechet distance every N steps, to TensorBoard
+    eval_per_class: int = 20  # samples per class for those evaluations
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -127,9 +129,9 @@ class TrainConfig:
             raise ValueError("data must name a built-in data set (e.g. 'digits') or an image folder")
         if self.image_size is not None:
             _positive_int("image_size", self.image_size)
-        for name in ("steps", "global_batch", "log_every", "ckpt_every", "grad_accum"):
+        for name in ("steps", "global_batch", "log_every", "ckpt_every", "grad_accum", "eval_per_class"):
             _positive_int(name, getattr(self, name))
-        for name in ("keep_last", "sample_every", "seed"):
+        for name in ("keep_last", "sample_every", "seed", "eval_every"):
             _non_negative_int(name, getattr(self, name))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r} (the paper uses 0.9999)")
@@ -137,6 +139,14 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"unknown parallel strategy {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
+        if self.eval_every:
+            from ditforge.data.sources import is_builtin
+
+            if not is_builtin(self.data):
+                raise ValueError(
+                    f"eval_every works on built-in data sets (e.g. digits); {self.data!r} is an image folder: "
+                    "sample an .npz and use `ditforge eval --samples` instead"
+                )
         if self.sample_cfg < 0:
             raise ValueError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
 

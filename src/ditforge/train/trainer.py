@@ -23,6 +23,7 @@ from ditforge.config import TrainConfig
 from ditforge.data.loader import InfiniteLoader, TensorSource
 from ditforge.data.sources import ImageSet, load_data
 from ditforge.errors import NonFiniteLossError, UserError
+from ditforge.evaluate import evaluate_builtin
 from ditforge.models import DiT, count_parameters, create_model
 from ditforge.pictures import make_grid, save_png_atomic
 from ditforge.sample import generate
@@ -36,6 +37,7 @@ log = logging.getLogger("ditforge.train")
 # Fields that may differ when a run is resumed: they change how it reports, not what it learns.
 RESUMABLE_CHANGES = {
     "steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps", "sample_cfg",
+    "eval_every", "eval_per_class",
     "grad_accum", "parallel", "compile", "grad_checkpoint",  # same math, other speed or memory
 }
 PREVIEW_CLASSES = 10
@@ -187,17 +189,32 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
         distributed.barrier(d)
         return path
 
-    def preview(path: Path) -> Path | None:
-        sampler_model = ema.module
-        if fsdp:
-            full = distributed.full_model_state(ema.module)
-            if not d.is_main:
-                return None
-            sampler_model = create_model(**model_args).to(device)
-            sampler_model.load_state_dict(full)
+    def sampling_model() -> DiT | None:
+        """The EMA weights as a plain module on rank 0 (gathered from the shards under FSDP)."""
+        if not fsdp:
+            return ema.module if d.is_main else None
+        full = distributed.full_model_state(ema.module)  # a collective: every rank calls it
         if not d.is_main:
             return None
-        return save_preview(sampler_model, cfg, data, path)
+        plain = create_model(**model_args).to(device)
+        plain.load_state_dict(full)
+        return plain
+
+    def preview(path: Path) -> Path | None:
+        m = sampling_model()
+        return save_preview(m, cfg, data, path) if m is not None else None
+
+    def evaluate_now() -> None:
+        m = sampling_model()
+        if m is None:
+            return
+        report = evaluate_builtin(
+            m, cfg.data, cfg.eval_per_class, cfg.sample_cfg, int(cfg.sample_steps), seed=cfg.seed,
+            noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps,
+        )
+        log.info("step %d | %s", step, report.line())
+        writer.add_scalar("eval/class_accuracy", report.class_accuracy, step)
+        writer.add_scalar("eval/frechet_distance", report.fd_generated, step)
 
     running = torch.zeros((), device=device)  # sum of step losses since the last log line
     finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since the last check finite?
@@ -238,6 +255,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 check_finite(step)
                 saved = checkpoint_now() or saved
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                evaluate_now()
             if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
                 preview(run_dir / "samples" / f"step-{step:07d}.png")
     finally:
