@@ -202,6 +202,133 @@ def load_image_folder(root: str | Path, image_size: int | None = None) -> ImageS
     return ImageSet(root.name, images.contiguous(), labels, [name for name, _ in classes], skipped)
 
 
+# -- sources for extraction: a list of items and a loader for one ---------------------------
+
+
+def to_rgb(im):
+    """Any PIL image -> 8-bit RGB: 16/32-bit greyscale scaled down (not clipped), alpha and
+    palette transparency composited on white, CMYK and others converted by PIL."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+def load_rgb(source, image_size: int, crop: str = "center") -> np.ndarray:
+    """A file path or PIL image -> (image_size, image_size, 3) uint8, ADM centre crop or resize.
+    Raises OSError / ValueError for unreadable or truncated files."""
+    from PIL import Image
+
+    if isinstance(source, (str, Path)):
+        with Image.open(source) as im:
+            im.load()  # a truncated file fails here
+            im = to_rgb(im)
+    else:
+        im = to_rgb(source)
+    if crop == "center":
+        return center_crop_arr(im, image_size)
+    return np.asarray(im.resize((image_size, image_size), resample=Image.BICUBIC))
+
+
+@dataclass
+class ItemList:
+    """What extraction walks: N items, their labels, class names, and how to load item i."""
+
+    name: str
+    items: list  # file paths, or row indices of a Hugging Face dataset
+    labels: list[int]
+    class_names: list[str]
+    load: "object"  # callable(item, image_size, crop) -> uint8 (S, S, 3)
+
+
+def list_image_folder(root: str | Path) -> ItemList:
+    root = Path(root)
+    classes = _list_class_folders(root)
+    if not classes:
+        raise ValueError(
+            f"image folder {str(root)!r} has no class sub-folders with images; expected "
+            f"{str(root)}/<class name>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    items = [str(f) for _, files in classes for f in files]
+    labels = [c for c, (_, files) in enumerate(classes) for _ in files]
+    return ItemList(root.name, items, labels, [n for n, _ in classes], lambda item, size, crop: load_rgb(item, size, crop))
+
+
+def list_hf_dataset(spec: str, config: str | None = None, split: str = "train",
+                    image_column: str | None = None, label_column: str | None = None) -> ItemList:
+    """`hf:NAME` (hub id, through datasets.load_dataset), or `hf:PATH` to a folder saved with
+    `save_to_disk` or holding parquet / imagefolder files. Class names come from the label
+    column's ClassLabel feature when it has one."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("Hugging Face datasets need the `datasets` package: pip install 'ditforge[hf]'") from None
+    name = spec[3:] if spec.startswith("hf:") else spec
+    path = Path(name)
+    try:
+        if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):  # save_to_disk
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"dataset {name!r} has splits {list(ds)}, not {split!r}; pass --hf-split")
+                ds = ds[split]
+        elif path.is_dir():
+            parquet = sorted(path.rglob("*.parquet"))
+            ds = (datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train") if parquet
+                  else datasets.load_dataset("imagefolder", data_dir=str(path), split=split))
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network, missing dataset, bad config: one line for the user
+        raise ValueError(f"cannot load Hugging Face dataset {name!r} (config {config!r}, split {split!r}): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    features = ds.features
+    image_column = image_column or next((k for k, f in features.items() if type(f).__name__ == "Image"), None)
+    if image_column is None or image_column not in features:
+        raise ValueError(f"dataset {name!r} has no image column (columns: {list(features)}); pass --hf-image-column")
+    label_column = label_column or next((k for k in ("label", "labels", "class", "y") if k in features), None)
+    if label_column is None or label_column not in features:
+        raise ValueError(f"dataset {name!r} has no label column (columns: {list(features)}); pass --hf-label-column")
+    labels = [int(v) for v in ds[label_column]]
+    feature = features[label_column]
+    names = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(max(labels) + 1)]
+    column = ds.with_format(None)
+
+    def load(i, size, crop):
+        return load_rgb(column[int(i)][image_column], size, crop)
+
+    return ItemList(path.name if path.exists() else name, list(range(len(ds))), labels, names, load)
+
+
+def list_items(data: str, **hf) -> ItemList:
+    if data.startswith("hf:"):
+        return list_hf_dataset(data, **hf)
+    if is_builtin(data):
+        full = load_digits("train")
+
+        def load(i, size, crop):
+            from PIL import Image
+
+            grey = to_uint8(full.images[int(i), 0]).numpy()
+            return load_rgb(Image.fromarray(grey, "L"), size, "resize")
+
+        return ItemList(full.name, list(range(len(full))), full.labels.tolist(), full.class_names, load)
+    path = Path(data)
+    if not path.is_dir():
+        raise ValueError(f"data {data!r} is neither a built-in set ({', '.join(BUILTIN_SETS)}), an hf:NAME dataset, nor a folder")
+    return list_image_folder(path)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> uint8 pixels, the ADM evaluator's mapping clamp(127.5 x + 128, 0, 255)."""
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
