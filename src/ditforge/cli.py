@@ -100,6 +100,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise: same seed, same picture")
     p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--model", help="model name, required for an official .pt file (e.g. DiT-XL/2)")
+    p.add_argument("--vae", help="decode latents with this VAE (hub id, 'ema'/'mse', or a save_pretrained folder) "
+                   "instead of the one the checkpoint records (default: the recorded one; official .pt: stabilityai/sd-vae-ft-ema)")
     p.add_argument("--out", default="samples.png", help="PNG grid, or .npz for many samples in the ADM evaluator's format")
     p.add_argument("--num-samples", type=int, default=None, help="with --out X.npz: how many samples (default: 50000)")
     p.add_argument("--balanced", action="store_true", help="with .npz: equal counts per class instead of uniform random classes")
@@ -121,6 +123,31 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--raw-weights", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--json", help="also write the report to this JSON file (default: none)")
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="encode images once through the VAE into a latent store that `train --data` reads",
+        formatter_class=_Formatter,
+        description="Encode a data set through a VAE into FEATURES (shards + manifest.json). Resumable: rerun "
+        "the same command after a crash. Under torchrun each rank encodes its own part.",
+    )
+    p.add_argument("--data", required=True, help="image folder (ROOT/<class>/<image>), hf:NAME or hf:PATH, or a built-in set")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="hub id, 'ema' / 'mse', a save_pretrained folder, or 'identity'")
+    p.add_argument("--image-size", type=int, default=256, help="pixels; a multiple of the VAE's downsampling (8)")
+    p.add_argument("--crop", choices=["center", "resize"], default="center", help="ADM centre crop, or a plain resize")
+    p.add_argument("--out", required=True, help="folder of the latent store")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call (each with its flip)")
+    p.add_argument("--shard-size", type=int, default=1024, help="records per shard file")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision of mean and log-variance")
+    p.add_argument("--workers", type=int, default=4, help="threads that load images ahead of the VAE")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--hf-config", help="Hugging Face dataset config name (default: none)")
+    p.add_argument("--hf-split", default="train", help="Hugging Face dataset split")
+    p.add_argument("--hf-image-column", help="image column (default: the first Image feature)")
+    p.add_argument("--hf-label-column", help="label column (default: label)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_bench(sub) -> None:
@@ -149,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"ditforge {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{extract,train,sample,eval,bench}")
+    _add_extract(sub)
     _add_train(sub)
     _add_sample(sub)
     _add_eval(sub)
@@ -226,19 +254,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.num_samples is not None and not bulk:
         raise ValueError(f"--num-samples needs an .npz output (ADM format), got --out {args.out!r}")
     sm = load_for_sampling(args.checkpoint, args.model, use_ema=not args.raw_weights)
-    if sm.autoencoder.get("kind") != "identity":
-        raise ValueError(
-            f"{args.checkpoint!r} is a latent-space model ({sm.model.in_channels} channels); decoding latents "
-            "to pictures needs the VAE pipeline, which this version does not have yet"
-        )
     d = distributed.init()
     try:
         model = sm.model.to(d.device)
+        decode = None
+        if args.vae is not None or sm.autoencoder.get("kind") != "identity":
+            from ditforge.data.autoencoder import load_autoencoder
+
+            decode = load_autoencoder(args.vae if args.vae is not None else sm.autoencoder, device=d.device).decode
         if bulk:
             n = args.num_samples if args.num_samples is not None else 50_000
             summary = sample_to_npz(
                 sm, out, n, args.cfg, args.steps, args.sampler, args.seed, args.balanced, args.batch_size,
-                args.shard_size, legacy_three_channel=args.legacy_three_channel_guidance, d=d,
+                args.shard_size, decode=decode, legacy_three_channel=args.legacy_three_channel_guidance, d=d,
             )
             if d.is_main:
                 print(f"wrote {out}: {n} samples, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}; "
@@ -250,6 +278,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             model, classes, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
             sm.noise_schedule, sm.diffusion_steps, args.legacy_three_channel_guidance, args.batch_size, progress=True,
         )
+        if decode is not None:
+            x = decode(x.to(d.device)).cpu()
         names = [sm.class_names[c] if c < len(sm.class_names) else str(c) for c in classes]
         save_png_atomic(make_grid(x, names, args.per_class), out)
         print(f"wrote {out}: classes {classes}, {args.per_class} each, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}")
@@ -281,6 +311,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from ditforge.data.autoencoder import load_autoencoder
+    from ditforge.data.latents import extract, finalize_store
+    from ditforge.data.sources import list_items
+    from ditforge.train import distributed
+
+    if args.image_size <= 0:
+        raise ValueError(f"--image-size must be positive, got {args.image_size}")
+    hf = {}
+    if args.data.startswith("hf:"):
+        hf = dict(config=args.hf_config, split=args.hf_split, image_column=args.hf_image_column, label_column=args.hf_label_column)
+    d = distributed.init()
+    try:
+        source = list_items(args.data, **hf)
+        ae = load_autoencoder(args.vae, device=d.device)
+        down = getattr(ae, "downsample", 1)
+        if args.image_size % down:
+            raise ValueError(f"--image-size {args.image_size} is not a multiple of the VAE's downsampling factor {down}")
+        items = list(zip(source.items, source.labels))
+        summary = extract(
+            items, lambda key: source.load(key, args.image_size, args.crop), ae, args.out,
+            batch_size=args.batch_size, rank=d.rank, world_size=d.world_size, shard_size=args.shard_size,
+            dtype=args.dtype, plan=dict(image_size=args.image_size, crop=args.crop, source=args.data),
+            overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress,
+        )
+        distributed.barrier(d)
+        if not d.is_main:
+            return 0
+        manifest = finalize_store(args.out, dict(
+            source=args.data, image_size=args.image_size, crop=args.crop, autoencoder=ae.describe(),
+            class_names=source.class_names,
+        ))
+        print(
+            f"wrote {args.out}: {manifest.get('count')} records of {tuple(manifest.get('latent_shape', ()))} "
+            f"from {len(items)} images ({len(manifest.get('skipped', []))} unreadable, skipped and listed in manifest.json); "
+            f"this process encoded {summary.get('encoded')} at {summary.get('images_per_s') or 0:.1f} images/s"
+        )
+        return 0
+    finally:
+        distributed.shutdown()
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ditforge.bench import run_benchmark
 
@@ -296,7 +368,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
+COMMANDS = {"extract": cmd_extract, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,10 +31,27 @@ class TensorSource:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def get_batch(self, idx: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    needs_noise = False  # pixels are deterministic; a latent store draws posterior noise
+
+    def get_batch(self, idx: torch.Tensor, flip: torch.Tensor, noise=None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[idx]  # (B, C, H, W)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, self.labels[idx]
+
+
+class StoreSource:
+    """A latent store (data/latents.py) as a training source: posterior samples, stored flips."""
+
+    def __init__(self, store):
+        self.store = store
+        self.shape = tuple(store.latent_shape)  # (C, h, w)
+        self.needs_noise = not store.deterministic
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def get_batch(self, idx: torch.Tensor, flip: torch.Tensor, noise=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.get_batch(idx, flip, noise=noise)  # (B, C, h, w) float32, (B,)
 
 
 class InfiniteLoader:
@@ -49,7 +66,7 @@ class InfiniteLoader:
 
     def __init__(
         self,
-        source,  # len() and get_batch(idx, flip) -> (x, y)
+        source,  # len(), needs_noise, get_batch(idx, flip, noise) -> (x, y)
         global_batch: int,
         seed: int = 0,
         hflip: bool = False,
@@ -99,10 +116,19 @@ class InfiniteLoader:
         return [(m * self.world_size + self.rank) * b for m in range(self.grad_accum)]
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches (x, y) of the next global batch; advances `position`."""
+        """This rank's micro-batches (x, y) of the next global batch; advances `position`.
+
+        A latent store samples each visit's latent from its stored posterior, mean + std * eps;
+        eps is drawn for the whole global batch from (seed, position), then sliced, so it too is
+        the same for any world size and after a resume."""
+        noise = None
+        if self.source.needs_noise:
+            g = torch.Generator().manual_seed(self.seed * 2**40 + self.position)
+            noise = torch.randn((self.global_batch, *self.source.shape), generator=g)  # (G, C, h, w)
         out = []
         for off in self.offsets():
             idx, flip = self.indices(self.position + off, self.micro_batch)
-            out.append(self.source.get_batch(idx, flip))
+            eps = noise[off : off + self.micro_batch] if noise is not None else None
+            out.append(self.source.get_batch(idx, flip, eps))
         self.position += self.global_batch
         return out

@@ -20,8 +20,8 @@ import torch
 
 from ditforge import __version__
 from ditforge.config import TrainConfig
-from ditforge.data.loader import InfiniteLoader, TensorSource
-from ditforge.data.sources import ImageSet, load_data
+from ditforge.data.loader import InfiniteLoader, StoreSource, TensorSource
+from ditforge.data.sources import load_data
 from ditforge.errors import NonFiniteLossError, UserError
 from ditforge.evaluate import evaluate_builtin
 from ditforge.models import DiT, count_parameters, create_model
@@ -54,7 +54,50 @@ class TrainResult:
     is_main: bool = True  # rank 0 (the process that writes and reports)
 
 
-def build_model(cfg: TrainConfig, data: ImageSet) -> tuple[DiT, dict[str, Any]]:
+@dataclass
+class TrainingData:
+    """What training needs of its data, whether pixels in memory or a latent store."""
+
+    name: str
+    shape: tuple[int, int, int]  # (C, H, W) of the model's input
+    class_names: list[str]
+    source: Any  # for InfiniteLoader
+    autoencoder: dict[str, Any]  # how model inputs become pictures (recorded in every checkpoint)
+    skipped: list
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def is_latent_store(data: str) -> bool:
+    return (Path(data) / "manifest.json").is_file()
+
+
+def open_training_data(cfg: TrainConfig) -> TrainingData:
+    """A latent store written by `ditforge extract`, or images (built-in set or folder) in memory."""
+    if is_latent_store(cfg.data):
+        from ditforge.data.latents import LatentStore
+
+        store = LatentStore(cfg.data)
+        size = store.manifest.get("image_size")
+        if cfg.image_size is not None and cfg.image_size != size:
+            raise UserError(
+                f"the latent store {cfg.data!r} was extracted at {size} px, not --image-size {cfg.image_size}; "
+                "leave --image-size out, or extract again at that size"
+            )
+        skipped = [(s.get("file"), s.get("reason")) for s in store.manifest.get("skipped", [])]
+        return TrainingData(Path(cfg.data).name, tuple(store.latent_shape), store.class_names,
+                            StoreSource(store), store.autoencoder, skipped)
+    images = load_data(cfg.data, "train", cfg.image_size)
+    return TrainingData(images.name, images.shape, images.class_names, TensorSource(images.images, images.labels),
+                        {"kind": "identity"}, images.skipped)
+
+
+def build_model(cfg: TrainConfig, data: TrainingData) -> tuple[DiT, dict[str, Any]]:
     """The DiT for this data: input size and channels follow from the data, never from a flag."""
     c, h, w = data.shape
     args = dict(
@@ -92,7 +135,7 @@ def preview_classes(num_classes: int) -> list[int]:
     return [round(i * (num_classes - 1) / (PREVIEW_CLASSES - 1)) for i in range(PREVIEW_CLASSES)]
 
 
-def save_preview(model: DiT, cfg: TrainConfig, data: ImageSet, path: Path) -> Path:
+def save_preview(model: DiT, cfg: TrainConfig, data: TrainingData, path: Path, decode=None) -> Path:
     classes = preview_classes(data.num_classes)
     x, _ = generate(
         model,
@@ -104,6 +147,8 @@ def save_preview(model: DiT, cfg: TrainConfig, data: ImageSet, path: Path) -> Pa
         noise_schedule=cfg.diffusion.noise_schedule,
         diffusion_steps=cfg.diffusion.diffusion_steps,
     )
+    if decode is not None:
+        x = decode(x.to(next(model.parameters()).device)).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_png_atomic(make_grid(x, [data.class_names[c] for c in classes], PREVIEW_PER_CLASS), path)
 
@@ -125,7 +170,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
     distributed.split_batch(cfg.global_batch, d, cfg.grad_accum)  # fail early on an uneven split
     fsdp = d.enabled and cfg.parallel == "fsdp"
 
-    data = load_data(cfg.data, "train", cfg.image_size)
+    data = open_training_data(cfg)
     if data.skipped and d.is_main:
         log.warning("skipped %d unreadable image(s), e.g. %s (%s)", len(data.skipped), *data.skipped[0])
 
@@ -138,7 +183,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
         config=cfg.to_dict(),
         model_args=model_args,
         data=dict(name=data.name, class_names=data.class_names, shape=list(data.shape), count=len(data)),
-        autoencoder={"kind": "identity"},
+        autoencoder=data.autoencoder,
     )
 
     step, position = 0, 0
@@ -163,7 +208,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
     if d.is_main:
         cfg.save(run_dir / "config.json")
     loader = InfiniteLoader(
-        TensorSource(data.images, data.labels), cfg.global_batch, cfg.seed, cfg.hflip, position,
+        data.source, cfg.global_batch, cfg.seed, cfg.hflip, position,
         d.rank, d.world_size, cfg.grad_accum,
     )
 
@@ -200,9 +245,17 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
         plain.load_state_dict(full)
         return plain
 
+    decoder = []  # the autoencoder, loaded on rank 0 at the first preview of a latent run
+
     def preview(path: Path) -> Path | None:
         m = sampling_model()
-        return save_preview(m, cfg, data, path) if m is not None else None
+        if m is None:
+            return None
+        if data.autoencoder.get("kind") != "identity" and not decoder:
+            from ditforge.data.autoencoder import load_autoencoder
+
+            decoder.append(load_autoencoder(data.autoencoder, device=device))
+        return save_preview(m, cfg, data, path, decoder[0].decode if decoder else None)
 
     def evaluate_now() -> None:
         m = sampling_model()

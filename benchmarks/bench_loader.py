@@ -1,0 +1,156 @@
+"""Reading training latents: our sharded, memory-mapped store against one .npy file per image.
+
+Builds, in a temporary folder, a latent store of --records records of 4x32x32 latents (random
+data written through `LatentWriter`: no VAE needed) and the one-file-per-image layout of the
+same records (each file holds the same float16 mean and log-variance of the image and its
+flip, as `np.save` writes them; labels in one array in memory, which favours that layout).
+Then times random batches (indices and flips drawn at random, as training draws them) from
+each, two ways:
+
+- `read`: the records' stored mean and log-variance for the chosen flip (`LatentStore.gather`
+  vs `np.load` per file);
+- `sample`: training latents mean + std * eps, float32 (`LatentStore.get_batch` vs `np.load`
+  per file plus the same arithmetic).
+
+Both layouts are read right after being written, so both come from the page cache (the
+steady state of training on a set that fits in memory). Prints latents/s of each, the ratios,
+and the command and machine.
+
+    .venv/bin/python benchmarks/bench_loader.py                      # 50,000 records, about 3.5 GB of temp files
+    .venv/bin/python benchmarks/bench_loader.py --records 5000 --reps 10   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ditforge.data.latents import LatentStore, LatentWriter, finalize_store
+
+SHAPE = (4, 32, 32)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def build(root: Path, records: int, shard_size: int, seed: int) -> None:
+    """The store (via LatentWriter) and the per-file layout of the same stored values."""
+    files = root / "per_file"
+    files.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    writer = LatentWriter(root / "store", shard_size=shard_size, num_items=records)
+    labels = torch.randint(0, 1000, (records,), generator=g)
+    for start in range(0, records, shard_size):
+        n = min(shard_size, records - start)
+        mean = torch.randn(n, 2, *SHAPE, generator=g)  # (n, 2, C, h, w): image and flip
+        std = (0.5 * (torch.rand(n, 2, *SHAPE, generator=g) * 10 - 25)).exp()  # SD-VAE-like tiny std
+        writer.add(torch.arange(start, start + n), labels[start : start + n], mean, std)
+        record = torch.stack([mean.half(), (2 * std.log()).half()], dim=2).numpy()  # (n, 2, 2, C, h, w) as in the store
+        for j in range(n):
+            np.save(files / f"{start + j}.npy", record[j])
+    writer.close()
+    os.sync()  # no write-back of the new files during the timings
+    finalize_store(root / "store", {"source": "bench_loader (random)", "autoencoder": {"kind": "random"}})
+    np.save(root / "labels.npy", labels.numpy())
+
+
+def per_file_read(files: Path, idx: np.ndarray, flip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = np.empty((len(idx), *SHAPE), np.float16)
+    logvar = np.empty_like(mean)
+    for j, (i, f) in enumerate(zip(idx.tolist(), flip.tolist())):
+        rec = np.load(files / f"{i}.npy")  # (2, 2, C, h, w): [image, flip] x [mean, logvar]
+        mean[j], logvar[j] = rec[f, 0], rec[f, 1]
+    return mean, logvar
+
+
+def per_file_sample(files: Path, labels: np.ndarray, idx, flip, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, logvar = per_file_read(files, idx, flip)
+    eps = torch.randn((len(idx), *SHAPE), generator=generator)
+    std = torch.from_numpy(logvar).float().mul_(0.5).exp_()
+    return eps.mul_(std).add_(torch.from_numpy(mean).float()), torch.from_numpy(labels[idx])
+
+
+def time_it(fn, batches) -> float:
+    """Latents per second of fn over the batches (after one untimed warm-up batch)."""
+    fn(*batches[0])
+    t0 = time.perf_counter()
+    for b in batches[1:]:
+        fn(*b)
+    return (len(batches) - 1) * len(batches[0][0]) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", type=int, default=50_000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--reps", type=int, default=20, help="timed batches per measurement (plus one warm-up)")
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the arithmetic of `sample`)")
+    p.add_argument("--dir", default=None, help="where to build (default: a new temp folder, removed after)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    root = Path(tempfile.mkdtemp(prefix="bench_loader-", dir=args.dir))
+    try:
+        t0 = time.perf_counter()
+        build(root, args.records, args.shard_size, args.seed)
+        build_s = time.perf_counter() - t0
+        store = LatentStore(root / "store")
+        files, labels = root / "per_file", np.load(root / "labels.npy")
+        rng = np.random.default_rng(args.seed)
+        batches = [(rng.integers(0, args.records, args.batch), rng.random(args.batch) < 0.5) for _ in range(args.reps + 1)]
+        tb = [(torch.from_numpy(i), torch.from_numpy(f)) for i, f in batches]
+
+        # same values both ways (same noise)
+        i0, f0 = batches[0]
+        eps = torch.randn((args.batch, *SHAPE), generator=torch.Generator().manual_seed(1))
+        ours, _ = store.get_batch(*tb[0], noise=eps)
+        theirs, _ = per_file_sample(files, labels, i0, f0.astype(np.int64), torch.Generator().manual_seed(1))
+        assert torch.equal(ours, theirs), "the two layouts disagree"
+
+        g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+        rates = {
+            "read ours": time_it(lambda i, f: store.gather(i, f), tb),
+            "read per-file": time_it(lambda i, f: per_file_read(files, i.numpy(), f.numpy().astype(np.int64)), tb),
+            "sample ours": time_it(lambda i, f: store.get_batch(i, f, generator=g1), tb),
+            "sample per-file": time_it(lambda i, f: per_file_sample(files, labels, i.numpy(), f.numpy().astype(np.int64), g2), tb),
+        }
+        size = lambda path: sum(f.stat().st_size for f in path.rglob("*") if f.is_file())  # noqa: E731
+        print(f"$ {' '.join([Path(sys.executable).name, *sys.argv])}")
+        print(
+            f"# {datetime.date.today()} | {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({args.threads} thread{'s' * (args.threads != 1)}), numpy {np.__version__}, Python {platform.python_version()}, {platform.system()}"
+        )
+        print(
+            f"# {args.records:,} records of {SHAPE} (mean + logvar of image and flip, float16): store "
+            f"{size(root / 'store') / 2**30:.2f} GiB in {len(store.manifest['shards'])} shards, per-file "
+            f"{size(files) / 2**30:.2f} GiB in {args.records:,} files; built in {build_s:.0f} s; warm page cache"
+        )
+        print(f"# random batches of {args.batch}, {args.reps} timed (+1 warm-up) per row")
+        for kind in ("read", "sample"):
+            a, b = rates[f"{kind} ours"], rates[f"{kind} per-file"]
+            print(f"{kind:6s}  ours {a:>10,.0f} latents/s   per-file {b:>9,.0f} latents/s   ratio {a / b:5.1f}x")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
