@@ -18,6 +18,25 @@ and the command and machine.
 
     .venv/bin/python benchmarks/bench_loader.py                      # 50,000 records, about 3.5 GB of temp files
     .venv/bin/python benchmarks/bench_loader.py --records 5000 --reps 10   # a quick look
+
+Recorded (2026-11-25, this project's machine: 2 shared cores of an AMD EPYC VM, torch 2.13 CPU,
+one torch thread, warm page cache; other tenants kept the load average near 4, which roughly
+halves every figure against an idle machine, both layouts alike):
+
+    $ python benchmarks/bench_loader.py
+    # 50,000 records: store 1.53 GiB in 49 shards, per-file 1.53 GiB in 50,000 files
+    read    ours     53,524 latents/s   per-file     5,753 latents/s   ratio   9.3x
+    sample  ours     21,298 latents/s   per-file     5,178 latents/s   ratio   4.1x
+
+    $ python benchmarks/bench_loader.py --records 5000 --reps 10     (quieter machine)
+    read    ours    224,341 latents/s   per-file    12,262 latents/s   ratio  18.3x
+    sample  ours     40,805 latents/s   per-file     9,755 latents/s   ratio   4.2x
+
+With 50,000 records nearly every read touches a record for the first time in the process
+(its pages are mapped but not yet in the page tables): ~7-19 us a record, against ~1-3 us
+for a record read before (the 5,000-record run revisits most records). `sample` is bound by
+drawing 256 x 4096 normal numbers (`torch.randn`, ~4.5 ms on one core), which both layouts
+pay; a GPU trainer can take `gather()`'s float16 records and draw eps on the GPU instead.
 """
 
 from __future__ import annotations
@@ -137,7 +156,8 @@ def main() -> None:
         print(f"$ {' '.join([Path(sys.executable).name, *sys.argv])}")
         print(
             f"# {datetime.date.today()} | {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({args.threads} thread{'s' * (args.threads != 1)}), numpy {np.__version__}, Python {platform.python_version()}, {platform.system()}"
+            f"({args.threads} thread{'s' * (args.threads != 1)}), numpy {np.__version__}, Python {platform.python_version()}, {platform.system()}, "
+            f"load average {os.getloadavg()[0]:.1f}"
         )
         print(
             f"# {args.records:,} records of {SHAPE} (mean + logvar of image and flip, float16): store "

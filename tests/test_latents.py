@@ -50,7 +50,7 @@ def vae_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ae(vae_folder):
-    return load_autoencoder(str(vae_folder))
+    return load_autoencoder(str(vae_folder), device="cpu")
 
 
 def make_items(n=23, bad=(5, 17), seed=0):
@@ -112,6 +112,18 @@ def test_vae_encode_decode_shapes_and_scale(ae, vae_folder):
     # describe() round trip: the manifest's record rebuilds the same autoencoder
     assert load_autoencoder(d).describe() == d
     assert load_autoencoder(half.describe()).scale == 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vae_on_cuda_under_autocast_matches_cpu(ae, vae_folder):
+    gpu = load_autoencoder(str(vae_folder), device="cuda")
+    x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    mean, std = gpu.encode(x)  # fp16 autocast on the GPU; results come back where x is, in float32
+    assert mean.device.type == "cpu" and mean.dtype == std.dtype == torch.float32
+    ref_mean, ref_std = ae.encode(x)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(std, ref_std, rtol=1e-2, atol=1e-3)
+    assert gpu.decode(mean.cuda()).device.type == "cuda"
 
 
 def test_identity_autoencoder():
@@ -393,3 +405,25 @@ def test_unreadable_files_are_skipped_and_listed(ae, tmp_path):
     assert "UnidentifiedImageError" in manifest["skipped"][1]["reason"]
     assert manifest["count"] == 3 and LatentStore(tmp_path / "store").items.tolist() == [0, 2, 4]
     assert manifest["autoencoder"] == ae.describe() and manifest["record_fields"].keys() == {"posterior", "label", "item"}
+
+
+def test_pixel_space_store_through_the_identity_autoencoder(tmp_path):
+    items, load, pixels = make_items(n=5, bad=())
+    ident = IdentityAutoencoder(3)
+    extract(items, load, ident, tmp_path / "px", batch_size=2, dtype="float32")
+    manifest = finalize_store(tmp_path / "px", {"autoencoder": ident.describe(), "class_names": ["a", "b", "c"]})
+    store = LatentStore(tmp_path / "px")
+    assert store.deterministic and manifest["posterior_std_zero"] and store.latent_shape == (3, SIZE, SIZE)
+    x, _ = store.get_batch(torch.tensor([4, 1]), torch.tensor([True, False]))
+    assert torch.equal(x[0], unit(pixels["img-004"]).flip(-1)) and torch.equal(x[1], unit(pixels["img-001"]))
+    # images of another size are a loader error (fatal), not an unreadable file
+    odd = dict(pixels, **{"img-003": np.zeros((SIZE, SIZE + 2, 3), np.uint8)})
+    with pytest.raises(UserError, match="img-003.*18x16.*one size"):
+        extract(items, odd.__getitem__, ident, tmp_path / "odd", batch_size=2)
+    # nothing readable: no store
+    def unreadable(key):
+        raise OSError("cannot identify image file")
+
+    extract(items, unreadable, ident, tmp_path / "none", batch_size=2)
+    with pytest.raises(UserError, match="no image could be encoded; all 5 were skipped"):
+        finalize_store(tmp_path / "none", {})

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ditforge.errors import UserError
+from ditforge.train.device import pick_device
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 # Short names of the two VAEs the DiT paper used (the original code's `--vae ema|mse`).
@@ -129,7 +130,7 @@ class DiffusersKL(Autoencoder):
             raise UserError(f"--vae {name_or_path}: {what}; expected a folder written by AutoencoderKL.save_pretrained()")
         self.name_or_path = str(local.resolve()) if self.is_local else name_or_path
         self.vae = _from_pretrained(self.name_or_path, self.is_local, dtype)
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = torch.device(device) if device is not None else pick_device()
         self.vae.to(self.device).eval().requires_grad_(False)
         config = self.vae.config
         if scale is None:
@@ -156,7 +157,7 @@ class DiffusersKL(Autoencoder):
         with torch.no_grad(), self._precision():
             dist = self.vae.encode(x).latent_dist  # DiagonalGaussianDistribution of the unscaled latent
             mean = dist.mean.float() * self.scale  # (N, C, H/f, W/f)
-            std = dist.std.float() * self.scale  # std of (latent x scale)
+            std = (0.5 * dist.logvar.float()).exp() * self.scale  # std of (latent x scale), in float32 even under autocast
         return mean.to(images.device), std.to(images.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -175,10 +176,6 @@ class DiffusersKL(Autoencoder):
             "in_channels": self.in_channels,
             "downsample": self.downsample,
         }
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:

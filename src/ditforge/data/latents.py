@@ -492,6 +492,9 @@ def finalize_store(root: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
         skipped.extend(state.get("skipped", []))
 
     count = sum(s["count"] for s in shards)
+    if count == 0:
+        first = f" (the first, {skipped[0]['file']!r}: {skipped[0]['reason']})" if skipped else ""
+        raise UserError(f"{str(root)!r}: no image could be encoded; all {len(skipped)} were skipped{first}")
     class_names = meta.get("class_names")
     num_classes = len(class_names) if class_names is not None else (max(class_counts) + 1 if class_counts else 0)
     if class_counts and (min(class_counts) < 0 or max(class_counts) >= num_classes):
@@ -524,8 +527,8 @@ def finalize_store(root: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
 class LatentStore:
     """A finished store, memory-mapped: `get_batch` draws training latents from it.
 
-    Each shard is mapped once, at open; a batch is gathered by memory copies from the maps.
-    The object pickles as its folder (a DataLoader worker maps the shards anew).
+    Each shard is mapped once, at open; a batch is gathered by one memory copy per record
+    from the maps. The object pickles as its folder (a DataLoader worker maps the shards anew).
     """
 
     def __init__(self, root: str | Path):
@@ -731,9 +734,10 @@ def extract(
     lo, hi = writer.items.start, writer.items.stop
     start = writer.resume_position()
     grid_start = lo + (start - lo) // batch_size * batch_size
-    batches = [range(b, min(b + batch_size, hi)) for b in range(grid_start, hi, batch_size)]
+    batches = [] if writer.done else [range(b, min(b + batch_size, hi)) for b in range(grid_start, hi, batch_size)]
     t0 = time.perf_counter()
     encoded = skipped = 0
+    first_shape: tuple[int, ...] | None = None
     from tqdm import tqdm
 
     bar = tqdm(total=hi - lo, initial=start - lo, unit="img", desc=f"extract (rank {rank})", disable=not progress, dynamic_ncols=True, smoothing=0.1)
@@ -759,9 +763,13 @@ def extract(
                     writer.skip(i, str(items[i][0]), value)
                     skipped += 1
             if images:
-                sizes = {tuple(x.shape) for x in images}
-                if len(sizes) > 1:
-                    raise UserError(f"images of different sizes {sorted(sizes)} in items {batch.start}..{batch.stop - 1}; the loader must resize them all to one size")
+                first_shape = first_shape or tuple(images[0].shape)
+                for i, x in zip(kept, images):
+                    if tuple(x.shape) != first_shape:
+                        raise UserError(
+                            f"{items[i][0]!r} is {x.shape[2]}x{x.shape[1]} with {x.shape[0]} channels, other images "
+                            f"{first_shape[2]}x{first_shape[1]} with {first_shape[0]}; the loader must bring all to one size"
+                        )
                 x = torch.stack(images)  # (n, C_img, H, W) in [-1, 1]
                 n = x.shape[0]
                 mean, std = autoencoder.encode(torch.cat([x, x.flip(-1)]))  # (2n, C, h, w) each

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,10 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     if not file.is_file():
         raise UserError(f"Inception weights {str(file)!r} is not a file: {INSTALL_HINT}")
     try:
-        model = torch.jit.load(str(file), map_location="cpu")
-    except (RuntimeError, ValueError, OSError) as e:
+        with warnings.catch_warnings():  # torch >= 2.10 calls TorchScript deprecated; the file is TorchScript
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.load.*")
+            model = torch.jit.load(str(file), map_location="cpu")
+    except Exception as e:  # torch raises RuntimeError, pickle or zip errors depending on what the file is
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"{str(file)!r} is not a TorchScript Inception-v3 ({first}); {INSTALL_HINT} "
@@ -196,8 +199,9 @@ class InceptionFeatures:
                 w = w.T
             self.logits_weight = w.contiguous().to(self.device)
         self.has_logits = self.logits_weight is not None
-        self.description = (
-            f"inception-v3-2015-12-05 torchscript {Path(self.source).name}; "
+        n_params = sum(p.numel() for p in model.parameters())
+        self.description = (  # what made the features; the same weights loaded either way give the same text
+            f"inception-v3-2015-12-05 torchscript ({n_params} parameters); "
             f"tf1-legacy-bilinear to {INCEPTION_SIZE}; x/128-1; spatial mixed_6/conv[:7] nhwc"
         )
 
@@ -235,8 +239,8 @@ class InceptionFeatures:
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 chunk = images[start : start + self.batch_size]
-                if isinstance(chunk, np.ndarray):
-                    chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+                if isinstance(chunk, np.ndarray):  # a slice of a (read-only) memory map is read here
+                    chunk = torch.from_numpy(np.array(chunk, copy=True, order="C"))
                 x = preprocess(chunk.to(self.device))
                 pool, spatial = self._forward(x)
                 if pool.shape[1] != POOL_DIM:
