@@ -80,3 +80,29 @@ def test_bulk_bad_inputs(trained_run, tmp_path):
     p = run_cli("sample", str(trained_run), "--num-samples", "4", "--batch-size", "3", "--shard-size", "4",
                 "--out", str(tmp_path / "x.npz"), check=False)
     assert p.returncode == 2 and "multiple of the batch size" in p.stderr
+
+
+def test_adm_eval_of_npz_against_folder_npz_and_saved_reference(tmp_path):
+    """The whole user path: images -> reference statistics file -> metrics in JSON."""
+    import json
+
+    from sklearn.datasets import load_sample_images
+    from PIL import Image
+
+    photos = [np.asarray(Image.fromarray(p).resize((48, 32))) for p in load_sample_images().images]
+    real = np.stack([np.roll(p, s, axis=1) for p in photos for s in (0, 3, 6)]).astype(np.uint8)  # (6, 32, 48, 3)
+    for i, im in enumerate(real):
+        (tmp_path / "ref" / "any").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "ref" / "any" / f"{i}.png")
+    np.savez(tmp_path / "same.npz", arr_0=real)
+    np.savez(tmp_path / "other.npz", arr_0=(255 - real).astype(np.uint8))
+    out = run_cli("eval", "--samples", str(tmp_path / "same.npz"), "--ref", str(tmp_path / "ref"),
+                  "--save-ref", str(tmp_path / "stats.npz"), "--json", str(tmp_path / "a.json")).stdout
+    assert "FID" in out and "wrote reference statistics of 6 images" in out
+    same = json.loads((tmp_path / "a.json").read_text())
+    assert abs(same["fid"]) < 1e-2 and same["precision"] == 1.0 and same["recall"] == 1.0
+    run_cli("eval", "--samples", str(tmp_path / "other.npz"), "--ref", str(tmp_path / "stats.npz"), "--json", str(tmp_path / "b.json"))
+    other = json.loads((tmp_path / "b.json").read_text())
+    assert other["fid"] > 10 * max(same["fid"], 1e-3) and other["num_reference"] == 6
+    bad = run_cli("eval", "--samples", str(tmp_path / "missing.npz"), "--ref", str(tmp_path / "stats.npz"), check=False)
+    assert bad.returncode == 2 and "missing.npz" in bad.stderr and "Traceback" not in bad.stderr

