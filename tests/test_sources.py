@@ -58,7 +58,12 @@ def test_local_hf_dataset_saved_to_disk_and_parquet(tmp_path):
 
 
 def test_hf_errors_are_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import: patch the imported constants too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(ValueError, match="cannot load Hugging Face dataset 'no-such/dataset-xyz'"):
         list_hf_dataset("hf:no-such/dataset-xyz")
     ds = _hf_rows(tmp_path).remove_columns("label")

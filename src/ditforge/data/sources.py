@@ -150,6 +150,11 @@ def _list_class_folders(root: Path) -> list[tuple[str, list[Path]]]:
         )
         if files:
             classes.append((entry.name, files))
+    if not classes:
+        raise ValueError(
+            f"image folder {str(root)!r} has no class sub-folders with images; expected "
+            f"{str(root)}/<class name>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
     return classes
 
 
@@ -163,11 +168,6 @@ def load_image_folder(root: str | Path, image_size: int | None = None) -> ImageS
 
     root = Path(root)
     classes = _list_class_folders(root)
-    if not classes:
-        raise ValueError(
-            f"image folder {str(root)!r} has no class sub-folders with images; expected "
-            f"{str(root)}/<class name>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}"
-        )
     loaded: list[tuple[np.ndarray, int, str]] = []
     skipped: list[tuple[str, str]] = []
     for class_id, (_, files) in enumerate(classes):
@@ -253,11 +253,6 @@ class ItemList:
 def list_image_folder(root: str | Path) -> ItemList:
     root = Path(root)
     classes = _list_class_folders(root)
-    if not classes:
-        raise ValueError(
-            f"image folder {str(root)!r} has no class sub-folders with images; expected "
-            f"{str(root)}/<class name>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}"
-        )
     items = [str(f) for _, files in classes for f in files]
     labels = [c for c, (_, files) in enumerate(classes) for _ in files]
     return ItemList(root.name, items, labels, [n for n, _ in classes], lambda item, size, crop: load_rgb(item, size, crop))
