@@ -123,7 +123,7 @@ def evaluate_builtin(
     if not is_builtin(data_name):
         raise UserError(
             f"built-in metrics need a model trained on a built-in set; this one was trained on {data_name!r}. "
-            "Image-folder evaluation (FID) is not built yet"
+            "For FID: ditforge sample RUN --num-samples N --out s.npz, then ditforge eval --samples s.npz --ref REF"
         )
     train, heldout = load_data(data_name, "train"), load_data(data_name, "heldout")
     judge = DigitJudge(train)
