@@ -200,6 +200,10 @@ class GaussianDiffusion:
         self.fixed_large_variance = fixed
         self.fixed_large_log_variance = np.log(fixed)
         self.log_betas = np.log(betas)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_one_minus_alphas_cumprod = np.log(self.one_minus_alphas_cumprod)
+        # coefficient tables as tensors, per (table, device, dtype): one copy to a device, not one a call
+        self._tables: dict[tuple[int, torch.device, torch.dtype], tuple[np.ndarray, Tensor]] = {}
 
     # ------------------------------------------------------------------ utilities
 
@@ -209,8 +213,17 @@ class GaussianDiffusion:
             f"respaced={not torch.equal(self.timestep_map, torch.arange(self.num_timesteps))})"
         )
 
-    @staticmethod
-    def _extract(arr: np.ndarray, t: Tensor, shape) -> Tensor:
+    def _table(self, arr: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (id(arr), device, dtype)
+        hit = self._tables.get(key)
+        if hit is None or hit[0] is not arr:  # the array is kept in the entry, so its id stays unique
+            # Casting the table before the gather is exact (no arithmetic happens in between)
+            # and avoids float64 on devices without it.
+            hit = (arr, torch.as_tensor(arr).to(device=device, dtype=dtype))
+            self._tables[key] = hit
+        return hit[1]
+
+    def _extract(self, arr: np.ndarray, t: Tensor, shape) -> Tensor:
         """Gather ``arr[t]`` per sample and shape it to broadcast against ``shape``.
 
         ``shape`` is normally the tensor the coefficient will multiply: its shape,
@@ -223,10 +236,7 @@ class GaussianDiffusion:
             dtype, device, dims = shape.dtype, shape.device, shape.shape
         else:
             dtype, device, dims = torch.float32, t.device, torch.Size(shape)
-        # Casting the table before the gather is exact (no arithmetic happens in between)
-        # and avoids float64 on devices without it.
-        table = torch.as_tensor(arr).to(device=device, dtype=dtype)
-        out = table[t.to(device)]  # (N,)
+        out = self._table(arr, device, dtype)[t.to(device)]  # (N,)
         return out.reshape(out.shape + (1,) * (len(dims) - 1))
 
     def _check_t(self, t: Tensor, x: Tensor) -> None:
@@ -244,8 +254,8 @@ class GaussianDiffusion:
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log variance of q(x_t | x_0) (Ho eq. 4)."""
         mean = self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        variance = self._extract(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
-        log_variance = self._extract(np.log(1.0 - self.alphas_cumprod), t, x0).expand_as(x0)
+        variance = self._extract(self.one_minus_alphas_cumprod, t, x0).expand_as(x0)
+        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
         return mean, variance, log_variance
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
