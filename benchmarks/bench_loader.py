@@ -12,40 +12,44 @@ each, two ways:
 - `sample`: training latents mean + std * eps, float32 (`LatentStore.get_batch` vs `np.load`
   per file plus the same arithmetic).
 
-Both layouts are read right after being written, so both come from the page cache (the
-steady state of training on a set that fits in memory). Prints latents/s of each, the ratios,
-and the command and machine.
+Both layouts are timed in a new process (as `ditforge train` opens a store that `ditforge
+extract` wrote), from the page cache (the steady state of training on a set that fits in
+memory), after untimed warm-up batches (the first ~20 batches of a new process run up to 2x
+slower for either layout), in rounds that alternate the readers. Prints latents/s of each
+(median of the rounds), the ratios, and the command and machine.
 
     .venv/bin/python benchmarks/bench_loader.py                      # 50,000 records, about 3.5 GB of temp files
     .venv/bin/python benchmarks/bench_loader.py --records 5000 --reps 10   # a quick look
 
-Recorded (2026-11-25, this project's machine: 2 shared cores of an AMD EPYC VM, torch 2.13 CPU,
-one torch thread, warm page cache; other tenants kept the load average near 4, which roughly
-halves every figure against an idle machine, both layouts alike):
+Recorded (2026-11-26, this project's machine: 2 shared cores of an AMD EPYC VM, torch 2.13 CPU,
+one torch thread, load average 0.5-1.3):
 
-    $ python benchmarks/bench_loader.py
+    $ python benchmarks/bench_loader.py --dir /tmp/bl
     # 50,000 records: store 1.53 GiB in 49 shards, per-file 1.53 GiB in 50,000 files
-    read    ours     53,524 latents/s   per-file     5,753 latents/s   ratio   9.3x
-    sample  ours     21,298 latents/s   per-file     5,178 latents/s   ratio   4.1x
+    # random batches of 256: 10 untimed + 40 timed, 3 rounds alternating, median (min-max)
+    read    ours   407,993 (379,363-408,198) latents/s   per-file    11,240 (11,175-11,538) latents/s   ratio  36.3x
+    sample  ours    36,170 (24,046-37,482) latents/s   per-file     7,836 (7,560-8,365) latents/s   ratio   4.6x
 
-    $ python benchmarks/bench_loader.py --records 5000 --reps 10     (quieter machine)
-    read    ours    224,341 latents/s   per-file    12,262 latents/s   ratio  18.3x
-    sample  ours     40,805 latents/s   per-file     9,755 latents/s   ratio   4.2x
+A gathered record costs ~2.5 us (one 16 KiB copy out of the map); a per-file record ~90 us
+(open, header parse, read, close). `sample` is bound by drawing 256 x 4096 normal numbers
+(`torch.randn`, ~5 ms on one core), which both layouts pay; a GPU trainer can take `gather()`'s
+float16 records and draw eps on the GPU instead.
 
-With 50,000 records nearly every read touches a record for the first time in the process
-(its pages are mapped but not yet in the page tables): ~7-19 us a record, against ~1-3 us
-for a record read before (the 5,000-record run revisits most records). `sample` is bound by
-drawing 256 x 4096 normal numbers (`torch.randn`, ~4.5 ms on one core), which both layouts
-pay; a GPU trainer can take `gather()`'s float16 records and draw eps on the GPU instead.
+An earlier version of this script timed 20 batches right after writing both layouts, in the
+same process, without warm-up, and recorded 9.3x (53,524 vs 5,753 latents/s) on a machine
+with a load average of 4: that measured the start-up of the process more than the readers.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,53 +110,76 @@ def per_file_sample(files: Path, labels: np.ndarray, idx, flip, generator) -> tu
     return eps.mul_(std).add_(torch.from_numpy(mean).float()), torch.from_numpy(labels[idx])
 
 
-def time_it(fn, batches) -> float:
-    """Latents per second of fn over the batches (after one untimed warm-up batch)."""
-    fn(*batches[0])
-    t0 = time.perf_counter()
-    for b in batches[1:]:
+def time_it(fn, batches, warmup: int) -> float:
+    """Latents per second of fn over batches[warmup:] (the first `warmup` batches untimed)."""
+    for b in batches[:warmup]:
         fn(*b)
-    return (len(batches) - 1) * len(batches[0][0]) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+        fn(*b)
+    return (len(batches) - warmup) * len(batches[0][0]) / (time.perf_counter() - t0)
+
+
+def measure(root: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Latents/s of the four readers, `args.rounds` times each, alternating (run in a fresh process)."""
+    torch.set_num_threads(args.threads)
+    store = LatentStore(root / "store")
+    files, labels = root / "per_file", np.load(root / "labels.npy")
+    n = len(store)
+    rng = np.random.default_rng(args.seed)
+
+    def batches():
+        out = [(rng.integers(0, n, args.batch), rng.random(args.batch) < 0.5) for _ in range(args.warmup + args.reps)]
+        return [(torch.from_numpy(i), torch.from_numpy(f)) for i, f in out]
+
+    # same values both ways (same noise)
+    i0, f0 = batches()[0]
+    eps = torch.randn((args.batch, *SHAPE), generator=torch.Generator().manual_seed(1))
+    ours, _ = store.get_batch(i0, f0, noise=eps)
+    theirs, _ = per_file_sample(files, labels, i0.numpy(), f0.numpy().astype(np.int64), torch.Generator().manual_seed(1))
+    assert torch.equal(ours, theirs), "the two layouts disagree"
+
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    readers = {
+        "read ours": lambda i, f: store.gather(i, f),
+        "read per-file": lambda i, f: per_file_read(files, i.numpy(), f.numpy().astype(np.int64)),
+        "sample ours": lambda i, f: store.get_batch(i, f, generator=g1),
+        "sample per-file": lambda i, f: per_file_sample(files, labels, i.numpy(), f.numpy().astype(np.int64), g2),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in readers}
+    for _ in range(args.rounds):  # alternate, so that machine noise hits both layouts alike
+        for name, fn in readers.items():
+            rates[name].append(time_it(fn, batches(), args.warmup))  # fresh random records each time
+    return rates
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=50_000)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--reps", type=int, default=20, help="timed batches per measurement (plus one warm-up)")
+    p.add_argument("--reps", type=int, default=40, help="timed batches per measurement")
+    p.add_argument("--warmup", type=int, default=10, help="untimed batches before each measurement")
+    p.add_argument("--rounds", type=int, default=3, help="measurements of each reader, alternating; the median is shown")
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the arithmetic of `sample`)")
     p.add_argument("--dir", default=None, help="where to build (default: a new temp folder, removed after)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: time an existing build, print JSON
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.measure:
+        print(json.dumps(measure(Path(args.measure), args)))
+        return
 
     root = Path(tempfile.mkdtemp(prefix="bench_loader-", dir=args.dir))
     try:
         t0 = time.perf_counter()
         build(root, args.records, args.shard_size, args.seed)
         build_s = time.perf_counter() - t0
-        store = LatentStore(root / "store")
-        files, labels = root / "per_file", np.load(root / "labels.npy")
-        rng = np.random.default_rng(args.seed)
-        batches = [(rng.integers(0, args.records, args.batch), rng.random(args.batch) < 0.5) for _ in range(args.reps + 1)]
-        tb = [(torch.from_numpy(i), torch.from_numpy(f)) for i, f in batches]
-
-        # same values both ways (same noise)
-        i0, f0 = batches[0]
-        eps = torch.randn((args.batch, *SHAPE), generator=torch.Generator().manual_seed(1))
-        ours, _ = store.get_batch(*tb[0], noise=eps)
-        theirs, _ = per_file_sample(files, labels, i0, f0.astype(np.int64), torch.Generator().manual_seed(1))
-        assert torch.equal(ours, theirs), "the two layouts disagree"
-
-        g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
-        rates = {
-            "read ours": time_it(lambda i, f: store.gather(i, f), tb),
-            "read per-file": time_it(lambda i, f: per_file_read(files, i.numpy(), f.numpy().astype(np.int64)), tb),
-            "sample ours": time_it(lambda i, f: store.get_batch(i, f, generator=g1), tb),
-            "sample per-file": time_it(lambda i, f: per_file_sample(files, labels, i.numpy(), f.numpy().astype(np.int64), g2), tb),
-        }
+        # Time in a new process, as `ditforge train` opens a store that `ditforge extract` wrote.
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--measure", str(root)]
+        rates = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         size = lambda path: sum(f.stat().st_size for f in path.rglob("*") if f.is_file())  # noqa: E731
+        shards = len(list((root / "store").rglob("*.safetensors")))
         print(f"$ {' '.join([Path(sys.executable).name, *sys.argv])}")
         print(
             f"# {datetime.date.today()} | {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
@@ -161,13 +188,15 @@ def main() -> None:
         )
         print(
             f"# {args.records:,} records of {SHAPE} (mean + logvar of image and flip, float16): store "
-            f"{size(root / 'store') / 2**30:.2f} GiB in {len(store.manifest['shards'])} shards, per-file "
-            f"{size(files) / 2**30:.2f} GiB in {args.records:,} files; built in {build_s:.0f} s; warm page cache"
+            f"{size(root / 'store') / 2**30:.2f} GiB in {shards} shards, per-file "
+            f"{size(root / 'per_file') / 2**30:.2f} GiB in {args.records:,} files; built in {build_s:.0f} s; warm page cache"
         )
-        print(f"# random batches of {args.batch}, {args.reps} timed (+1 warm-up) per row")
+        print(f"# random batches of {args.batch}: {args.warmup} untimed + {args.reps} timed, {args.rounds} rounds alternating, median (min-max)")
         for kind in ("read", "sample"):
             a, b = rates[f"{kind} ours"], rates[f"{kind} per-file"]
-            print(f"{kind:6s}  ours {a:>10,.0f} latents/s   per-file {b:>9,.0f} latents/s   ratio {a / b:5.1f}x")
+            span = lambda r: f"{statistics.median(r):>9,.0f} ({min(r):,.0f}-{max(r):,.0f})"  # noqa: E731
+            print(f"{kind:6s}  ours {span(a)} latents/s   per-file {span(b)} latents/s   "
+                  f"ratio {statistics.median(a) / statistics.median(b):5.1f}x")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
