@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
+import subprocess
+import sys
 
 import torch
 
 from ditforge.bench import run_benchmark, time_steps
 from ditforge.diffusion import create_diffusion
 from ditforge.models.dit import MODEL_SIZES
-from ditforge.train.device import autocast, pick_device, resolve_precision
+from ditforge.train.device import autocast, keep_freed_host_memory, pick_device, resolve_precision
 
 
 def peer_images_per_s(model_name: str, input_size: int, channels: int, batch: int, precision: str, steps: int, warmup: int) -> float:
@@ -54,6 +57,18 @@ def peer_images_per_s(model_name: str, input_size: int, channels: int, batch: in
     return steps * batch / time_steps(step, steps, warmup, device)
 
 
+def measure(which: str, args: argparse.Namespace) -> float:
+    """Images/s of one side: 'peer', 'peer+malloc' (the peer with our allocator setting) or
+    'ours:PRECISION[:compile]'. Run in a process of its own."""
+    if which.startswith("peer"):
+        if which == "peer+malloc":
+            keep_freed_host_memory()
+        return peer_images_per_s(args.model, args.input_size, args.channels, args.batch, "fp32", args.steps, args.warmup)
+    _, precision, *opts = which.split(":")
+    return run_benchmark(args.model, args.input_size, args.channels, 1000, args.batch, precision, "compile" in opts,
+                         False, args.steps, args.warmup).images_per_s
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-S/2")
@@ -65,21 +80,30 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternate peer and ours this many times")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one side, print images/s
     args = p.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args)))
+        return
     device = pick_device()
+    print(f"$ python {' '.join(sys.argv)}")
     print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
           f"torch {torch.__version__} threads {torch.get_num_threads()} device "
-          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; each row a fresh process")
     best = resolve_precision(args.precision, device)
-    settings = [("fp32", False), (best, False)] + ([(best, True)] if args.compile else [])
+    ours = ["ours:fp32", f"ours:{best}"] + ([f"ours:{best}:compile"] if args.compile else [])
     for r in range(args.rounds):  # alternate, so that machine noise hits both sides alike
-        peer = peer_images_per_s(args.model, args.input_size, args.channels, args.batch, "fp32", args.steps, args.warmup)
-        print(f"round {r}: peer diffusers DiTTransformer2DModel fp32: {peer:.2f} images/s")
-        for precision, compile in settings:
-            ours = run_benchmark(args.model, args.input_size, args.channels, 1000, args.batch, precision, compile,
-                                 False, args.steps, args.warmup)
-            print(f"round {r}: ours {precision}{' +compile' if compile else ''}: {ours.images_per_s:.2f} images/s "
-                  f"= {ours.images_per_s / peer:.2f}x peer")
+        rates = {}
+        for which in ["peer", "peer+malloc", *ours]:
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", which], check=True, capture_output=True, text=True)
+            rates[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        peer, peer_m = rates["peer"], rates["peer+malloc"]
+        print(f"round {r}: peer diffusers DiTTransformer2DModel fp32: {peer:.2f} images/s; "
+              f"with our allocator setting: {peer_m:.2f} images/s")
+        for which in ours:
+            name = which.removeprefix("ours:").replace(":", " +")
+            print(f"round {r}: ours {name}: {rates[which]:.2f} images/s = {rates[which] / peer:.2f}x peer "
+                  f"({rates[which] / peer_m:.2f}x the peer with our allocator setting)")
 
 
 if __name__ == "__main__":

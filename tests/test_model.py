@@ -228,6 +228,26 @@ def test_attention_sdpa_equals_explicit_softmax():
     assert torch.allclose(out, ref, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("tokens", [16, 324])  # explicit bf16 products on CPU / SDPA above the threshold
+def test_attention_bf16_on_cpu_within_bf16_error(tokens):
+    """The bf16 path (autocast on CPU, as in training) against the same weights in float64:
+    errors of the order of bf16 rounding (2^-8 relative), with and without explicit scores."""
+    from ditforge.models.dit import CPU_EXPLICIT_ATTENTION_MAX_TOKENS
+
+    assert (tokens <= CPU_EXPLICIT_ATTENTION_MAX_TOKENS) == (tokens == 16)
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=4).eval()
+    x = torch.randn(2, tokens, 64)
+    with torch.no_grad():
+        ref = attn.double()(x.double())
+        attn.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x)
+    assert out.dtype == torch.bfloat16
+    err = (out.double() - ref).abs().max() / ref.abs().max()
+    assert 1e-4 < err < 2e-2, err  # bf16 was used, and rounded no worse than bf16 does
+
+
 def test_block_adaln_formula():
     torch.manual_seed(0)
     D = 16

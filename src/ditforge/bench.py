@@ -17,7 +17,7 @@ import torch
 from ditforge.config import TrainConfig
 from ditforge.models import DiT, create_model
 from ditforge.train import distributed
-from ditforge.train.device import enable_tf32, pick_device, resolve_precision
+from ditforge.train.device import enable_tf32, keep_freed_host_memory, pick_device, resolve_precision
 from ditforge.train.step import TrainStep
 
 # Dense peak FLOP/s by device name fragment and precision (vendor data sheets, without sparsity).
@@ -126,6 +126,7 @@ def run_benchmark(
     device = pick_device()
     precision = resolve_precision(precision, device)
     enable_tf32()
+    keep_freed_host_memory()
     cfg = TrainConfig.from_dict(
         dict(model=dict(name=model_name), global_batch=batch, precision=precision, compile=compile, grad_checkpoint=grad_checkpoint)
     )

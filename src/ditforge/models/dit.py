@@ -215,9 +215,15 @@ class LabelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
+# Up to this many tokens (256: DiT-*/2 at 256 px), bf16 attention on CPU materialises the
+# (N, h, T, T) scores instead of calling SDPA's CPU flash kernel, which is 2x slower there.
+CPU_EXPLICIT_ATTENTION_MAX_TOKENS = 256
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm layout), computed with
-    ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where available)."""
+    ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where available), or,
+    in bf16 on CPU with few tokens, with two explicit matrix products (faster there)."""
 
     def __init__(
         self,
@@ -246,9 +252,15 @@ class Attention(nn.Module):
         qkv = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, h, T, d)
         q, k, v = qkv.unbind(0)  # each (N, h, T, d)
         q, k = self.q_norm(q), self.k_norm(k)  # (N, h, T, d)
-        x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
-        )  # (N, h, T, d) = softmax(q k^T / sqrt(d)) v
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= CPU_EXPLICIT_ATTENTION_MAX_TOKENS:
+            # PyTorch's CPU flash kernel is slow in bf16: two batched matrix products are 2x
+            # faster there (benchmarks/README.md). Scores in bf16, like the outputs of the
+            # linear layers around them under autocast.
+            a = (q * self.scale) @ k.transpose(-2, -1)  # (N, h, T, T)
+            x = F.dropout(a.softmax(dim=-1), dropout_p) @ v  # (N, h, T, d)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (N, h, T, d) = softmax(q k^T / sqrt(d)) v
         x = x.transpose(1, 2).reshape(B, T, D)  # (N, T, D)
         x = self.proj(x)  # (N, T, D)
         return self.proj_drop(x)  # (N, T, D)

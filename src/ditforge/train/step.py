@@ -44,7 +44,7 @@ class TrainStep:
             lr=cfg.optim.lr,
             betas=cfg.optim.betas,
             weight_decay=cfg.optim.weight_decay,
-            fused=True if d.device.type == "cuda" else None,  # one kernel for all parameters on GPU
+            fused=True,  # one kernel for all parameters, on GPU and CPU
         )
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
         self.diffusion = create_diffusion(

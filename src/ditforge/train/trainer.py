@@ -29,7 +29,7 @@ from ditforge.pictures import make_grid, save_png_atomic
 from ditforge.sample import generate
 from ditforge.train import distributed
 from ditforge.train.checkpoint import check_weights, latest_checkpoint, read_training_state, save_checkpoint
-from ditforge.train.device import enable_tf32, pick_device, resolve_precision
+from ditforge.train.device import enable_tf32, keep_freed_host_memory, pick_device, resolve_precision
 from ditforge.train.step import TrainStep
 
 log = logging.getLogger("ditforge.train")
@@ -165,6 +165,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
     device = d.device
     precision = resolve_precision(cfg.precision, device)
     enable_tf32()
+    keep_freed_host_memory()
     run_dir = Path(cfg.run_dir)
     _check_same_run(cfg, run_dir)
     distributed.split_batch(cfg.global_batch, d, cfg.grad_accum)  # fail early on an uneven split
