@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ditforge.data.loader import InfiniteLoader, TensorSource
+from ditforge.data.loader import InfiniteLoader, Prefetcher, TensorSource
 from ditforge.data.sources import center_crop_arr, load_data, load_image_folder, to_uint8
 
 
@@ -118,3 +118,37 @@ def test_loader_flips_are_per_visit_and_deterministic():
     assert 0.25 < flipped < 0.75
     assert torch.equal(x, _loader(images, labels, 64, hflip=True).next_step()[0][0])
     assert (_loader(images, labels, 64, hflip=False).next_step()[0][0][:, 0, 0, 0] == 0).all()
+
+
+def test_prefetcher_hands_out_the_loaders_batches_in_order():
+    images = torch.randn(30, 2, 3, 3)
+    labels = torch.arange(30)
+    plain = _loader(images, labels, 8, seed=5, hflip=True, position=16, rank=1, world_size=2, grad_accum=2)
+    expected = [plain.next_step() for _ in range(7)]  # nearly 4 epochs
+    with Prefetcher(_loader(images, labels, 8, seed=5, hflip=True, position=16, rank=1, world_size=2, grad_accum=2), depth=3) as pre:
+        assert pre.offsets() == plain.offsets() and pre.position == 16
+        for k, want in enumerate(expected):
+            got = pre.next_step()
+            assert pre.position == 16 + 8 * (k + 1)  # what a checkpoint records: batches handed out, not read ahead
+            assert len(got) == len(want) == 2
+            for (x, y), (wx, wy) in zip(got, want):
+                assert torch.equal(x, wx) and torch.equal(y, wy)
+    assert not pre._thread.is_alive()  # closed, though it was blocked on a full queue
+
+
+def test_prefetcher_raises_the_loaders_error_in_the_training_thread():
+    class Failing(TensorSource):
+        def get_batch(self, idx, flip, noise=None):
+            if self.calls == 2:
+                raise OSError("shard 3 is unreadable")
+            self.calls += 1
+            return super().get_batch(idx, flip, noise)
+
+    source = Failing(torch.zeros(10, 1, 2, 2), torch.zeros(10, dtype=torch.long))
+    source.calls = 0
+    with Prefetcher(InfiniteLoader(source, 5)) as pre:
+        pre.next_step(), pre.next_step()
+        with pytest.raises(OSError, match="shard 3 is unreadable"):
+            pre.next_step()
+    with pytest.raises(ValueError, match="depth must be at least 1"):
+        Prefetcher(InfiniteLoader(source, 5), depth=0)

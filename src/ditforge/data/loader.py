@@ -9,6 +9,10 @@ rule: progress is counted in images). Flips are drawn from the same per-epoch ge
 
 from __future__ import annotations
 
+import queue
+import threading
+from typing import Any
+
 import torch
 
 
@@ -132,3 +136,72 @@ class InfiniteLoader:
             out.append(self.source.get_batch(idx, flip, eps))
         self.position += self.global_batch
         return out
+
+    def close(self) -> None:
+        """Nothing to release (the same interface as `Prefetcher`)."""
+
+
+class Prefetcher:
+    """An `InfiniteLoader` run ahead in a background thread: the next `depth` steps' batches are
+    read, sampled and (for a GPU) pinned while the current step trains.
+
+    Pinned batches make `.to(device, non_blocking=True)` a true asynchronous copy; from pageable
+    memory the copy waits for all the work queued on the GPU, so the host could not run ahead.
+    Batches are a function of the position alone, so training is the same with or without it.
+    `position` is that of the next batch handed out (what a checkpoint records).
+    """
+
+    def __init__(self, loader: InfiniteLoader, depth: int = 2, pin_memory: bool = False):
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be at least 1, got {depth}")
+        self.loader, self.pin_memory = loader, pin_memory
+        self.position = loader.position
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ditforge-prefetch", daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def offsets(self) -> list[int]:
+        return self.loader.offsets()
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batches = self.loader.next_step()
+                if self.pin_memory:
+                    batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+                if not self._put(("batches", batches)):
+                    return
+        except BaseException as e:  # handed to the training thread, raised there
+            self._put(("error", e))
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same as `InfiniteLoader.next_step()` at `position`, usually ready already."""
+        kind, value = self._queue.get()
+        if kind == "error":
+            self._stop.set()
+            raise value
+        self.position += self.loader.global_batch
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -20,7 +20,7 @@ import torch
 
 from ditforge import __version__
 from ditforge.config import TrainConfig
-from ditforge.data.loader import InfiniteLoader, StoreSource, TensorSource
+from ditforge.data.loader import InfiniteLoader, Prefetcher, StoreSource, TensorSource
 from ditforge.data.sources import load_data
 from ditforge.errors import NonFiniteLossError, UserError
 from ditforge.evaluate import evaluate_builtin
@@ -208,10 +208,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
             )
     if d.is_main:
         cfg.save(run_dir / "config.json")
-    loader = InfiniteLoader(
-        data.source, cfg.global_batch, cfg.seed, cfg.hflip, position,
-        d.rank, d.world_size, cfg.grad_accum,
-    )
+    loader = InfiniteLoader(data.source, cfg.global_batch, cfg.seed, cfg.hflip, position, d.rank, d.world_size, cfg.grad_accum)
+    if device.type == "cuda":  # read the next steps' batches while the GPU trains (on a CPU the thread only competes)
+        loader = Prefetcher(loader, pin_memory=True)
 
     writer = bar = None
     if d.is_main:
@@ -314,6 +313,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
             if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
                 preview(run_dir / "samples" / f"step-{step:07d}.png")
     finally:
+        loader.close()
         if bar is not None:
             bar.close()
         if writer is not None:
