@@ -1,6 +1,5 @@
 """Bulk sampling to the ADM .npz format: streaming writer, shards, resume, any world size."""
 
-import os
 import signal
 import subprocess
 import sys
