@@ -436,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    from ditforge.train.device import keep_freed_host_memory
+
+    keep_freed_host_memory()  # every command allocates and frees the same tensors over and over
     try:
         return COMMANDS[args.command](args)
     except NonFiniteLossError as e:
