@@ -161,9 +161,6 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._run, name="ditforge-prefetch", daemon=True)
         self._thread.start()
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
     def offsets(self) -> list[int]:
         return self.loader.offsets()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import sys
 
 import torch
@@ -49,6 +49,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's upper limit on 64-bit systems
 
 
+@functools.cache  # process-wide: once is enough
 def keep_freed_host_memory() -> bool:
     """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of returning them
     to the system, so the tensors a training step frees and allocates again do not cost fresh,
@@ -59,9 +60,8 @@ def keep_freed_host_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
+    except (OSError, AttributeError):  # no mallopt: not glibc (e.g. musl)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # Fixed thresholds (which also turn off glibc's own adjustment of them): blocks up to 32 MiB
