@@ -1,36 +1,41 @@
 #!/usr/bin/env bash
-# The GPU checks of the scale-and-speed work, as one script for a session that has the GPU
-# machine (the `device` tool: 15 minutes of device time, all tries together). Run from the
-# repository root; everything it prints also goes to $OUT/log.txt.
+# The GPU checks, as one script for a session that has the GPU machine (the `device` tool).
+# Budget: 8 minutes of device time with the machine's start-up, so about 5 minutes here; the
+# most valuable first, each step under its own time limit, everything also in $OUT/log.txt.
 #
-#   1. DiT-XL/2 at 256 px (32x32x4 latents), bf16: images/s, step time, peak memory and MFU at
-#      growing batches until one does not fit, without and then with --grad-checkpoint;
-#   2. the best batch without checkpointing again with --compile;
-#   3. our step against diffusers' DiTTransformer2DModel (bench_peer.py; needs diffusers, see below);
-#   4. the CUDA path of the trainer (pinned, prefetched batches), a resume, and sampling;
-#   5. the CUDA-only test.
+#   1. the whole test suite on the GPU (pytest -n 8): CPU tests must pass there too, and the
+#      `cuda` tests (bf16 default, pinned prefetch, NCCL with one process, the VAE) run;
+#   2. the trainer's GPU path as a user runs it: train, resume, sample (bulk and grid), and
+#      `torchrun --nproc_per_node 1`;
+#   3. DiT-XL/2 at 256 px (4x32x32 latents), bf16 autocast, batch 256: ours eager and compiled,
+#      against the official implementation's model + loss and diffusers' DiTTransformer2DModel
+#      (each under bf16 autocast like ours; eager and compiled), images/s and MFU.
 #
-# The machine's python3 has torch, numpy, safetensors, scikit-learn, pillow, tqdm and
-# tensorboard but not diffusers. To have steps 3 and 5, first download wheels here, in the
-# repository root (the folder is ignored by git and named in the run's `carry`):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers importlib_metadata
-# then: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=600).
+# Bring along (the machine reaches no network; its python3 has torch, numpy, safetensors,
+# scikit-learn, pillow, tqdm, tensorboard). In the repository root, before the run:
+#   printf '/.whl/\n/.peers/\n' >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers huggingface_hub importlib_metadata zipp \
+#       pytest pytest-xdist execnet pluggy iniconfig packaging timm
+#   the official code: fetch github:facebookresearch/DiT (the search tool), then
+#       mkdir -p .peers/DiT && git --git-dir <that mirror> archive HEAD models.py diffusion | tar -x -C .peers/DiT
+# then: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl", ".peers"], timeout_s=420).
+# (timm imports torchvision: where the machine has none, the official peer is reported as skipped.)
 #
-# Knobs (environment): MODEL, INPUT, BATCHES, CKPT_BATCHES, STEPS, WARMUP, PY. A dry run on a
-# CPU with a small model checks the script itself:
-#   MODEL=DiT-S/8 BATCHES="2 4" CKPT_BATCHES="4" STEPS=1 WARMUP=1 TRAIN_STEPS=20 bash benchmarks/gpu_checks.sh
+# Knobs (environment): MODEL, INPUT, BATCH, STEPS, WARMUP, TRAIN_STEPS, PYTEST_WORKERS, PY.
+# A dry run on a CPU checks the script itself (the suite step is skipped with SUITE=0):
+#   SUITE=0 MODEL=DiT-S/8 INPUT=16 BATCH=2 STEPS=1 WARMUP=1 TRAIN_STEPS=20 bash benchmarks/gpu_checks.sh
 set -u
 OUT=${OUT:-$(mktemp -d)}
 PY=${PY:-python3}
 MODEL=${MODEL:-DiT-XL/2}
 INPUT=${INPUT:-32}
-BATCHES=${BATCHES:-"128 256 384 512 640 768 1024"}
-CKPT_BATCHES=${CKPT_BATCHES:-"1024 1536 2048 3072 4096"}
+BATCH=${BATCH:-256}
 STEPS=${STEPS:-5}
 WARMUP=${WARMUP:-2}
-TRAIN_STEPS=${TRAIN_STEPS:-300}
+TRAIN_STEPS=${TRAIN_STEPS:-200}
+SUITE=${SUITE:-1}
+PYTEST_WORKERS=${PYTEST_WORKERS:-8}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -38,32 +43,47 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 log() { echo "$@" | tee -a "$OUT/log.txt"; }
 run() { log "\$ $*"; "$@" 2>&1 | grep -v -i warning | tee -a "$OUT/log.txt"; return "${PIPESTATUS[0]}"; }
-bench() { run timeout 300 $PY -m ditforge bench --model "$MODEL" --input-size "$INPUT" --precision bf16 --steps "$STEPS" --warmup "$WARMUP" "$@"; }
+T0=$(date +%s)
+elapsed() { log "# $(( $(date +%s) - T0 )) s so far"; }
 
 log "# $(date -u +%F) $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no GPU')"
-log "# $($PY -c 'import torch; print("torch", torch.__version__)')"
+log "# $($PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)')"
 
-log "## 1. largest batch without, then with, gradient checkpointing"
-best=""
-for b in $BATCHES; do bench --batch "$b" || break; best=$b; done
-for b in $CKPT_BATCHES; do bench --batch "$b" --grad-checkpoint || break; done
-
-log "## 2. compile at the largest batch that fitted (${best:-none})"
-[ -n "$best" ] && bench --batch "$best" --compile
-
-log "## 3. against the peer"
-if $PY -c "import diffusers" 2> /dev/null; then
-    run timeout 400 $PY benchmarks/bench_peer.py --model "$MODEL" --input-size "$INPUT" --batch 64 --precision bf16 --steps "$STEPS" --warmup "$WARMUP" --rounds 1
-else
-    log "diffusers is not installed here: skipped (see the top of this script)"
+log "## 1. the test suite on this machine"
+if [ "$SUITE" = 1 ]; then
+    run timeout 150 $PY -m pytest -q -x -n "$PYTEST_WORKERS" -p no:cacheprovider tests -k "not killed and not sigkill" \
+        || log "suite: failures above (or pytest-xdist missing: see the header)"
 fi
+elapsed
 
-log "## 4. the trainer on this device: prefetched batches, resume, sampling"
-rm -rf /tmp/gpu_checks_run
-run timeout 300 $PY -m ditforge train --preset tiny --steps "$((TRAIN_STEPS / 2))" --run-dir /tmp/gpu_checks_run --no-progress
-run timeout 300 $PY -m ditforge train --run-dir /tmp/gpu_checks_run --steps "$TRAIN_STEPS" --no-progress
-run timeout 300 $PY -m ditforge sample /tmp/gpu_checks_run --out "$OUT/grid.png"
+log "## 2. the trainer's GPU path: train, resume, sample, torchrun"
+R=/tmp/gpu_checks_run
+rm -rf "$R" "$R-ddp"
+run timeout 90 $PY -m ditforge train --steps "$((TRAIN_STEPS / 2))" --run-dir "$R" --no-progress
+run timeout 60 $PY -m ditforge train --steps "$TRAIN_STEPS" --run-dir "$R" --no-progress
+run timeout 60 $PY -m ditforge sample "$R" --steps 50 --out "$OUT/grid.png"
+run timeout 60 $PY -m ditforge sample "$R" --steps 50 --num-samples 1000 --batch-size 250 --shard-size 500 --out /tmp/gpu_checks.npz
+run timeout 60 $PY -m ditforge eval "$R" --per-class 20
+run timeout 90 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m ditforge train --steps 20 --run-dir "$R-ddp" --no-progress
+elapsed
 
-log "## 5. the CUDA-only test"
-run timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_latents.py -k cuda
+log "## 3. $MODEL bf16 at batch $BATCH: ours against the official DiT and diffusers, eager and compiled"
+bench() { run timeout 150 $PY -m ditforge bench --model "$MODEL" --input-size "$INPUT" --batch "$BATCH" --precision bf16 --steps "$STEPS" --warmup "$WARMUP" "$@"; }
+bench
+bench --compile
+peer() {
+    run timeout 200 $PY benchmarks/bench_peer.py --model "$MODEL" --input-size "$INPUT" --batch "$BATCH" --precision bf16 \
+        --peer-precision bf16 --peer-compile --no-malloc-row --steps "$STEPS" --warmup "$WARMUP" --rounds 1 "$@"
+}
+if [ -f .peers/DiT/models.py ] && $PY -c "import timm" 2> /dev/null; then
+    peer --peer official --official .peers/DiT
+else
+    log "official peer skipped: needs .peers/DiT and timm (see the header)"
+fi
+if $PY -c "import diffusers" 2> /dev/null; then
+    peer --peer diffusers
+else
+    log "diffusers peer skipped: not installed here (see the header)"
+fi
+elapsed
 log "# done"

@@ -12,14 +12,20 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TINY_TRAIN = ["--model", "DiT-Ti/4", "--batch-size", "16", "--log-every", "5", "--no-progress"]
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess that must run on the CPU, as the tests expect, also on a
+    machine with a GPU (set `gpu=True` where a test means the GPU path)."""
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="", **extra)
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600, gpu: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m ditforge ARGS` as a user would; return the finished process."""
     proc = subprocess.run(
         [sys.executable, "-m", "ditforge", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ, OMP_NUM_THREADS="2"),
+        env=dict(os.environ, OMP_NUM_THREADS="2") if gpu else cpu_env(OMP_NUM_THREADS="2"),
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"ditforge {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

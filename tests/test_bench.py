@@ -33,9 +33,10 @@ def test_xl2_at_512_and_training_flops():
 def test_bench_command_reports_throughput(tmp_path):
     out = run_cli("bench", "--model", "DiT-Ti/4", "--input-size", "8", "--channels", "1", "--num-classes", "10",
                   "--batch", "4", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "b.json")).stdout
-    assert "images/s" in out and "ms/step" in out and "MFU n/a" in out
+    assert "images/s" in out and "ms/step" in out
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["images_per_s"] > 0 and result["model_tflops"] > 0 and result["device"] == "cpu"
+    assert "MFU n/a" in out  # no dense peak is known for a CPU (run_cli keeps the GPU out)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

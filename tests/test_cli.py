@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_TRAIN, run_cli
+from conftest import TINY_TRAIN, cpu_env, run_cli
 
 
 def _user_error(proc, *needles):
@@ -154,7 +154,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ditforge", "train", "--run-dir", str(killed), *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="2"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cpu_env(OMP_NUM_THREADS="2"),
     )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-0000012").exists():

@@ -9,14 +9,14 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import cpu_env, run_cli
 
 ARGS = ["--steps", "6", "--batch-size", "16", "--ckpt-every", "3", "--keep-last", "0", "--model", "DiT-Ti/4", "--log-every", "3", "--no-progress"]
 
 
 def torchrun(*args, nproc=2, check=True, popen=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "ditforge", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cpu_env(OMP_NUM_THREADS="1")  # gloo on CPUs, also where GPUs are visible
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

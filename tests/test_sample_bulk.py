@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import cpu_env, run_cli
 from ditforge.npz import NpzStreamWriter
 from ditforge.sample_bulk import sample_labels
 from test_distributed import torchrun
@@ -57,7 +57,7 @@ def test_killed_bulk_sampling_resumes_without_redoing_shards(trained_run, tmp_pa
     run_cli(*args, "--out", str(straight))
     out = tmp_path / "killed.npz"
     proc = subprocess.Popen([sys.executable, "-m", "ditforge", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cpu_env())
     parts = tmp_path / "killed.npz.parts"
     deadline = time.time() + 300
     while not (parts / "shard-00001.npz").exists():

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from ditforge.data.sources import list_hf_dataset, list_image_folder, list_items, load_rgb, to_rgb
+from ditforge.errors import UnreadableImage
 
 
 def test_every_mode_becomes_8bit_rgb(tmp_path):
@@ -31,13 +32,13 @@ def test_folder_with_mixed_formats_and_nesting(tmp_path):
     assert il.class_names == ["a", "b"] and il.labels == [0, 0, 1, 1, 1]
     ok = [il.load(item, 8, "center") for item in il.items if not item.endswith("broken.png")]
     assert all(a.shape == (8, 8, 3) and a.dtype == np.uint8 for a in ok)
-    with pytest.raises(OSError):
+    with pytest.raises(UnreadableImage, match="UnidentifiedImageError"):  # the decoder's error, named
         il.load(next(i for i in il.items if i.endswith("broken.png")), 8, "center")
     assert load_rgb(tmp_path / "a" / "x.jpg", 8, "resize").shape == (8, 8, 3)
 
 
 def _hf_rows(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")  # the `hf` extra
 
     images = [Image.new("RGB", (12, 12), (i * 40, 0, 0)) for i in range(4)]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
@@ -58,7 +59,7 @@ def test_local_hf_dataset_saved_to_disk_and_parquet(tmp_path):
 
 
 def test_hf_errors_are_one_line(tmp_path, monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")  # the `hf` extra
     import huggingface_hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import: patch the imported constants too

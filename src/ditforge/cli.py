@@ -6,7 +6,8 @@
     ditforge bench  [--model DiT-XL/2] [--input-size 32] [--batch 64] [--precision bf16]
 
 A user's mistake (bad value, missing file, checkpoint that does not fit) is one line on
-stderr and exit status 2; a diverged run is one line and status 1.
+stderr and exit status 2; a diverged run is one line and status 1; anything else is a bug of
+ours: its traceback, a line asking for a report, and status 3.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from ditforge import __version__
 from ditforge.config import PRECISIONS, PRESETS, TrainConfig, preset
+from ditforge.errors import UserError
 
-EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
+EXIT_USER_ERROR = 2
+EXIT_BUG = 3
 
 # Guidance defaults differ on purpose, as in the paper: 4.0 makes the clearest pictures,
 # 1.5 gives the best FID. Each command prints the scale it used.
@@ -75,6 +79,7 @@ def _add_train(sub) -> None:
     p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step and process (default: {d('grad_accum')})")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help=f"under torchrun: DDP, or FSDP2 sharding for models too big for one device (default: {d('parallel')})")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help=f"torch.compile the model (default: {d('compile')})")
+    p.add_argument("--prefetch", choices=["auto", "on", "off"], help=f"read the next steps' batches in a background thread; auto = on a GPU, with pinned memory (default: {d('prefetch')})")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, help=f"recompute block activations in backward: less memory, slower (default: {d('grad_checkpoint')})")
     p.add_argument("--precision", choices=PRECISIONS, help=f"autocast precision; auto = bf16 on GPU, fp32 on CPU (default: {d('precision')})")
     p.add_argument("--seed", type=int, help=f"seed of weights, data order, noise (default: {d('seed')})")
@@ -84,6 +89,7 @@ def _add_train(sub) -> None:
     p.add_argument("--sample-every", type=int, help=f"preview grid every N steps, 0 = only at the end (default: {d('sample_every')})")
     p.add_argument("--eval-every", type=int, help=f"built-in sets: class accuracy and Frechet distance every N steps, logged to TensorBoard; 0 = off (default: {d('eval_every')})")
     p.add_argument("--eval-per-class", type=int, help=f"samples per class for --eval-every (default: {d('eval_per_class')})")
+    p.add_argument("--sample-steps", help=f"sampling steps of the previews and --eval-every, at most --diffusion-steps (default: {d('sample_steps')})")
     p.add_argument("--sample-cfg", type=float, help=f"guidance scale of the previews (default: {d('sample_cfg')})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only) (default: False)")
 
@@ -107,6 +113,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--balanced", action="store_true", help="with .npz: equal counts per class instead of uniform random classes")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward batch")
     p.add_argument("--shard-size", type=int, default=1024, help="with .npz: samples per resumable shard (a multiple of --batch-size)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision of the network; auto = bf16 on GPU, fp32 on CPU (as train)")
 
 
 def _add_eval(sub) -> None:
@@ -126,6 +133,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--raw-weights", action="store_true", help="evaluate the raw weights instead of the EMA")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision of the network; auto = bf16 on GPU, fp32 on CPU (as train)")
     p.add_argument("--samples", help="ADM mode: .npz of generated images (arr_0 uint8 N x H x W x 3)")
     p.add_argument("--ref", help="ADM mode: reference image folder, .npz of images, or statistics file")
     p.add_argument("--save-ref", help="write the reference statistics to this file, to reuse as --ref (default: none)")
@@ -205,9 +213,9 @@ _OVERRIDES = {
     "ema_decay": "ema_decay", "ema_warmup": "ema_warmup", "learn_sigma": "model.learn_sigma",
     "class_dropout": "model.class_dropout_prob", "noise_schedule": "diffusion.noise_schedule",
     "diffusion_steps": "diffusion.diffusion_steps", "precision": "precision", "seed": "seed",
-    "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "grad_checkpoint": "grad_checkpoint",
+    "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "prefetch": "prefetch", "grad_checkpoint": "grad_checkpoint",
     "log_every": "log_every", "ckpt_every": "ckpt_every", "keep_last": "keep_last",
-    "sample_every": "sample_every", "sample_cfg": "sample_cfg", "eval_every": "eval_every",
+    "sample_every": "sample_every", "sample_steps": "sample_steps", "sample_cfg": "sample_cfg", "eval_every": "eval_every",
     "eval_per_class": "eval_per_class",
 }
 
@@ -230,13 +238,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _check_writable(path: Path) -> None:
+    """Fail before the slow part when `path` cannot be written: by trying, in its folder, the
+    temporary file that the atomic writers create there (permission bits alone do not tell,
+    e.g. for root, or in /proc)."""
+    import tempfile
+
     parent = path.resolve().parent
     if not parent.is_dir():
-        raise ValueError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write {str(path)!r}: folder {str(parent)!r} is not writable")
+        raise UserError(f"cannot write {str(path)!r}: folder {str(parent)!r} does not exist")
     if path.is_dir():
-        raise ValueError(f"cannot write {str(path)!r}: it is a folder; give a file name like grid.png")
+        raise UserError(f"cannot write {str(path)!r}: it is a folder; give a file name like grid.png")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {str(path)!r}: {e.strerror or e} in folder {str(parent)!r}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -256,16 +272,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ditforge.sample import generate, load_for_sampling
     from ditforge.sample_bulk import sample_to_npz
     from ditforge.train import distributed
+    from ditforge.train.device import enable_tf32, resolve_precision
     from ditforge.train.trainer import preview_classes
 
     out = Path(args.out)
     _check_writable(out)
     bulk = out.suffix == ".npz"
     if args.num_samples is not None and not bulk:
-        raise ValueError(f"--num-samples needs an .npz output (ADM format), got --out {args.out!r}")
+        raise UserError(f"--num-samples needs an .npz output (ADM format), got --out {args.out!r}")
     sm = load_for_sampling(args.checkpoint, args.model, use_ema=not args.raw_weights)
     d = distributed.init()
     try:
+        precision = resolve_precision(args.precision, d.device)
+        enable_tf32()
         model = sm.model.to(d.device)
         decode = None
         if args.vae is not None or sm.autoencoder.get("kind") != "identity":
@@ -277,9 +296,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
             summary = sample_to_npz(
                 sm, out, n, args.cfg, args.steps, args.sampler, args.seed, args.balanced, args.batch_size,
                 args.shard_size, decode=decode, legacy_three_channel=args.legacy_three_channel_guidance, d=d,
+                precision=precision,
             )
             if d.is_main:
-                print(f"wrote {out}: {n} samples, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}; "
+                print(f"wrote {out}: {n} samples, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}, "
+                      f"{precision} on {d.device.type}; "
                       f"{summary['sampled_here']} sampled by this run"
                       + (f" at {summary['images_per_s']:.1f} images/s" if summary["images_per_s"] else ""))
             return 0
@@ -287,12 +308,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         x, _ = generate(
             model, classes, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
             sm.noise_schedule, sm.diffusion_steps, args.legacy_three_channel_guidance, args.batch_size, progress=True,
+            precision=precision,
         )
         if decode is not None:
             x = decode(x.to(d.device)).cpu()
         names = [sm.class_names[c] if c < len(sm.class_names) else str(c) for c in classes]
         save_png_atomic(make_grid(x, names, args.per_class), out)
-        print(f"wrote {out}: classes {classes}, {args.per_class} each, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}")
+        print(f"wrote {out}: classes {classes}, {args.per_class} each, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, "
+              f"seed {args.seed}, {precision} on {d.device.type}")
         return 0
     finally:
         distributed.shutdown()
@@ -306,7 +329,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.checkpoint:
         report = _eval_builtin(args)
     else:
-        raise ValueError("give a run folder (built-in metrics) or --samples S.npz --ref REF (FID and friends)")
+        raise UserError("give a run folder (built-in metrics) or --samples S.npz --ref REF (FID and friends)")
     if args.json and report is not None:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
@@ -316,19 +339,22 @@ def _eval_builtin(args: argparse.Namespace) -> dict:
     from ditforge.evaluate import evaluate_builtin
     from ditforge.sample import load_for_sampling, resolve_checkpoint
     from ditforge.train.checkpoint import read_state
-    from ditforge.train.device import pick_device
+    from ditforge.train.device import enable_tf32, pick_device, resolve_precision
 
     ckpt = resolve_checkpoint(args.checkpoint)
     if ckpt.is_file():
-        raise ValueError(f"eval needs a ditforge run or checkpoint folder, got the file {args.checkpoint!r}")
-    data_name = read_state(ckpt)["config"]["data"]
+        raise UserError(f"eval needs a ditforge run or checkpoint folder, got the file {args.checkpoint!r}")
+    data_name = read_state(ckpt, ("config",))["config"].get("data", "")
     sm = load_for_sampling(ckpt, use_ema=not args.raw_weights)
+    device = pick_device()
+    precision = resolve_precision(args.precision, device)
+    enable_tf32()
     report = evaluate_builtin(
-        sm.model.to(pick_device()), data_name, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
-        sm.noise_schedule, sm.diffusion_steps, progress=True,
+        sm.model.to(device), data_name, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
+        sm.noise_schedule, sm.diffusion_steps, progress=True, precision=precision,
     )
-    print(f"{ckpt} (step {sm.step}): {report.line()}")
-    return dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step)
+    print(f"{ckpt} (step {sm.step}, {precision} on {device.type}): {report.line()}")
+    return dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step, precision=precision)
 
 
 def _eval_adm(args: argparse.Namespace) -> dict | None:
@@ -339,7 +365,7 @@ def _eval_adm(args: argparse.Namespace) -> dict | None:
     from ditforge.train.device import pick_device
 
     if args.ref is None:
-        raise ValueError("--ref is required: an image folder, an .npz of images, or a statistics file from --save-ref")
+        raise UserError("--ref is required: an image folder, an .npz of images, or a statistics file from --save-ref")
     if args.save_ref:
         _check_writable(Path(args.save_ref))
     samples = read_npz_images(args.samples) if args.samples else None  # check the samples before the slow part
@@ -374,7 +400,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from ditforge.train import distributed
 
     if args.image_size <= 0:
-        raise ValueError(f"--image-size must be positive, got {args.image_size}")
+        raise UserError(f"--image-size must be positive, got {args.image_size}")
     hf = {}
     if args.data.startswith("hf:"):
         hf = dict(config=args.hf_config, split=args.hf_split, image_column=args.hf_image_column, label_column=args.hf_label_column)
@@ -384,7 +410,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         ae = load_autoencoder(args.vae, device=d.device)
         down = getattr(ae, "downsample", 1)
         if args.image_size % down:
-            raise ValueError(f"--image-size {args.image_size} is not a multiple of the VAE's downsampling factor {down}")
+            raise UserError(f"--image-size {args.image_size} is not a multiple of the VAE's downsampling factor {down}")
         items = list(zip(source.items, source.labels))
         summary = extract(
             items, lambda key: source.load(key, args.image_size, args.crop), ae, args.out,
@@ -444,9 +470,22 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"ditforge {args.command}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except UserError as e:
         print(f"ditforge {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as e:
+        if e.filename is None:  # not about a file the user named: ours to fix
+            raise
+        print(f"ditforge {args.command}: error: {e}", file=sys.stderr)  # names the file and the reason
+        return EXIT_USER_ERROR
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"ditforge {args.command}: internal error: the lines above are a bug in ditforge {__version__}, "
+            "not a mistake in your input; please report them with the command you ran",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

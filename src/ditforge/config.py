@@ -21,19 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ditforge.errors import UserError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PREFETCH = ("auto", "on", "off")
 PARALLEL = ("ddp", "fsdp")
 NOISE_SCHEDULES = ("linear", "cosine")
 
 
 def _positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _non_negative_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer (0 turns it off), got {value!r}")
+        raise UserError(f"{name} must be a non-negative integer (0 turns it off), got {value!r}")
 
 
 @dataclass
@@ -48,9 +51,9 @@ class ModelConfig:
         from ditforge.models import MODEL_NAMES
 
         if self.name not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+            raise UserError(f"unknown model {self.name!r}; choose one of: {', '.join(MODEL_NAMES)}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(
+            raise UserError(
                 f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r} "
                 "(0.1 is the paper's value; 0 disables classifier-free guidance)"
             )
@@ -63,7 +66,7 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         if self.noise_schedule not in NOISE_SCHEDULES:
-            raise ValueError(
+            raise UserError(
                 f"unknown noise schedule {self.noise_schedule!r}; choose one of: {', '.join(NOISE_SCHEDULES)}"
             )
         _positive_int("diffusion_steps", self.diffusion_steps)
@@ -79,13 +82,13 @@ class OptimConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists back
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+            raise UserError(f"lr must be a positive finite number, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+            raise UserError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise UserError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
+            raise UserError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
 
 
 @dataclass
@@ -107,6 +110,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step and process
     parallel: str = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard) for models too big for one device
     compile: bool = False  # torch.compile the model
+    prefetch: str = "auto"  # read the next steps' batches in a background thread; auto: on a GPU (pinned)
     grad_checkpoint: bool = False  # recompute block activations in backward (less memory, ~30% slower)
     seed: int = 0
     log_every: int = 50
@@ -126,7 +130,7 @@ class TrainConfig:
         if isinstance(self.optim, dict):
             self.optim = OptimConfig(**self.optim)
         if not self.data:
-            raise ValueError("data must name a built-in data set (e.g. 'digits') or an image folder")
+            raise UserError("data must name a built-in data set (e.g. 'digits') or an image folder")
         if self.image_size is not None:
             _positive_int("image_size", self.image_size)
         for name in ("steps", "global_batch", "log_every", "ckpt_every", "grad_accum", "eval_per_class"):
@@ -134,21 +138,30 @@ class TrainConfig:
         for name in ("keep_last", "sample_every", "seed", "eval_every"):
             _non_negative_int(name, getattr(self, name))
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r} (the paper uses 0.9999)")
+            raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay!r} (the paper uses 0.9999)")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+            raise UserError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.prefetch not in PREFETCH:
+            raise UserError(f"unknown prefetch setting {self.prefetch!r}; choose one of: {', '.join(PREFETCH)}")
         if self.parallel not in PARALLEL:
-            raise ValueError(f"unknown parallel strategy {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
+            raise UserError(f"unknown parallel strategy {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
         if self.eval_every:
             from ditforge.data.sources import is_builtin
 
             if not is_builtin(self.data):
-                raise ValueError(
+                raise UserError(
                     f"eval_every works on built-in data sets (e.g. digits); {self.data!r} is an image folder: "
                     "sample an .npz and use `ditforge eval --samples` instead"
                 )
+        steps = str(self.sample_steps)
+        if not (steps.isdigit() and 1 <= int(steps) <= self.diffusion.diffusion_steps):
+            raise UserError(
+                f"sample_steps (the previews' sampling steps) must be a whole number from 1 to diffusion_steps = "
+                f"{self.diffusion.diffusion_steps}, got {self.sample_steps!r}"
+            )
+        self.sample_steps = steps
         if self.sample_cfg < 0:
-            raise ValueError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
+            raise UserError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
 
     # -- JSON round trip -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +172,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
+            raise UserError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -204,5 +217,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str) -> dict[str, Any]:
     """The field values of a named preset (a deep copy, safe to modify)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return json.loads(json.dumps(PRESETS[name]))

@@ -119,6 +119,7 @@ def evaluate_builtin(
     noise_schedule: str = "linear",
     diffusion_steps: int = 1000,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> BuiltinReport:
     if not is_builtin(data_name):
         raise UserError(
@@ -129,7 +130,8 @@ def evaluate_builtin(
     judge = DigitJudge(train)
     classes = list(range(train.num_classes))
     x, y = generate(
-        model, classes, per_class, cfg_scale, steps, sampler, seed, noise_schedule, diffusion_steps, progress=progress
+        model, classes, per_class, cfg_scale, steps, sampler, seed, noise_schedule, diffusion_steps, progress=progress,
+        precision=precision,
     )
     accuracy = float((judge.predict(x) == y.numpy()).mean())
     heldout_accuracy = float((judge.predict(heldout.images) == heldout.labels.numpy()).mean())

@@ -16,7 +16,8 @@ import torch
 from ditforge.diffusion import create_diffusion, ddim_sample, ddpm_sample, guided_denoiser
 from ditforge.errors import CheckpointError, UserError
 from ditforge.models import DiT, create_model
-from ditforge.train.checkpoint import latest_checkpoint, load_weights, read_state, read_tensors
+from ditforge.train.checkpoint import SAMPLING_KEYS, latest_checkpoint, load_weights, read_state, read_tensors
+from ditforge.train.device import autocast
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -86,13 +87,14 @@ def load_for_sampling(path: str | Path, model_name: str | None = None, use_ema: 
     path = resolve_checkpoint(path)
     if path.is_file():
         return _load_official(path, model_name)
-    state = read_state(path)
+    state = read_state(path, SAMPLING_KEYS)
     try:
         args = state["model_args"]
-        cfg = state["config"]
+        diffusion = state["config"]["diffusion"]
+        noise_schedule, diffusion_steps = diffusion["noise_schedule"], diffusion["diffusion_steps"]
         model = create_model(**args)
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable state.json ({e})") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable state.json ({type(e).__name__}: {e})") from None
     if model_name is not None and model_name != args["name"]:
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {args['name']}, not the requested {model_name}; drop --model or name {args['name']}")
     weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
@@ -100,8 +102,8 @@ def load_for_sampling(path: str | Path, model_name: str | None = None, use_ema: 
     return SamplingModel(
         model,
         state["data"]["class_names"],
-        cfg["diffusion"]["noise_schedule"],
-        cfg["diffusion"]["diffusion_steps"],
+        noise_schedule,
+        diffusion_steps,
         source=str(path),
         step=state["step"],
         autoencoder=state.get("autoencoder", {"kind": "identity"}),
@@ -136,9 +138,16 @@ def sample_batch(
     sampler: str,
     legacy_three_channel: bool = False,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """One batch through the guided sampler: (B, C, H, W) samples in data space."""
-    denoise = guided_denoiser(model, y, cfg_scale, model.num_classes, model.in_channels, legacy_three_channel)
+    """One batch through the guided sampler: (B, C, H, W) samples in data space. The network runs
+    in `precision` (autocast), the sampler's arithmetic in fp32."""
+
+    def network(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, x.device):
+            return model(x, t, labels).float()
+
+    denoise = guided_denoiser(network, y, cfg_scale, model.num_classes, model.in_channels, legacy_three_channel)
     loop = ddpm_sample if sampler == "ddpm" else ddim_sample
     return loop(diffusion, denoise, noise, generator=generator, progress=progress)
 
@@ -157,12 +166,15 @@ def generate(
     legacy_three_channel: bool = False,
     batch_size: int = 500,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples (N, C, H, W) in data space and their labels (N,), N = len(classes) * per_class,
     grouped by class in the order given. Deterministic for a seed and batch size."""
     check_sampling_args(model, steps, diffusion_steps, cfg_scale, sampler)
     if per_class <= 0:
         raise UserError(f"per-class must be a positive number of samples, got {per_class}")
+    if batch_size <= 0:
+        raise UserError(f"batch size must be a positive number of samples, got {batch_size}")
     check_classes(classes, model.num_classes)
     device = next(model.parameters()).device
     model.eval()
@@ -175,6 +187,6 @@ def generate(
     for start in range(0, labels.numel(), batch_size):
         y = labels[start : start + batch_size].to(device)
         z = noise[start : start + batch_size].to(device)
-        x = sample_batch(model, diffusion, y, z, gen, cfg_scale, sampler, legacy_three_channel, progress)
+        x = sample_batch(model, diffusion, y, z, gen, cfg_scale, sampler, legacy_three_channel, progress, precision)
         out.append(x.float().cpu())
     return torch.cat(out), labels

@@ -57,6 +57,7 @@ def sample_to_npz(
     legacy_three_channel: bool = False,
     progress: bool = True,
     d: distributed.Dist | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Write `num_samples` samples to `out`; return a summary (rank 0; other ranks: their part)."""
     d = d or distributed.Dist(device=next(sm.model.parameters()).device)
@@ -70,7 +71,7 @@ def sample_to_npz(
     parts = out.with_name(out.name + ".parts")
     settings = dict(source=sm.source, num_samples=num_samples, cfg=cfg_scale, steps=steps, sampler=sampler,
                     seed=seed, balanced=balanced, batch_size=batch_size, shard_size=shard_size,
-                    legacy_three_channel=legacy_three_channel)
+                    legacy_three_channel=legacy_three_channel, precision=precision)
     if d.is_main:
         parts.mkdir(parents=True, exist_ok=True)
         meta = parts / "settings.json"
@@ -101,7 +102,8 @@ def sample_to_npz(
             g = torch.Generator().manual_seed(seed * 1_000_003 + b0)  # this batch's noise, wherever it runs
             noise = torch.randn((y.numel(), *shape), generator=g)  # (B, C, H, W)
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b0 + 1)
-            x = sample_batch(model, diffusion, y.to(device), noise.to(device), gen, cfg_scale, sampler, legacy_three_channel)
+            x = sample_batch(model, diffusion, y.to(device), noise.to(device), gen, cfg_scale, sampler, legacy_three_channel,
+                             precision=precision)
             if decode is not None:
                 x = decode(x)
             images.append(to_hwc_uint8(x))

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditforge.errors import UserError
+from ditforge.errors import UnreadableImage, UserError
 
 FORMAT = "ditforge-latents"
 VERSION = 1
@@ -70,10 +70,10 @@ RECORD_FIELDS = {
     "label": "class id, int64",
     "item": "position of the source image in the extraction's item list, int64",
 }
-# What a loader raises for an unreadable, truncated or undecodable file (PIL raises OSError,
-# UnidentifiedImageError (an OSError), ValueError, SyntaxError): skipped and recorded. Any
-# other exception stops the extraction, which a rerun resumes.
-SKIP_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError)
+# What a loader raises for an unreadable, truncated or undecodable file (`data.sources.open_image`
+# turns the decoder's errors into it): skipped and recorded. Any other exception stops the
+# extraction, which a rerun resumes; an error of ours is never taken for a broken file.
+SKIP_ERRORS: tuple[type[BaseException], ...] = (UnreadableImage,)
 
 _SHARD_RE = re.compile(r"^shard-(\d{5})-(\d{5})\.safetensors$")
 _RANK_RE = re.compile(r"^rank-(\d{5})\.json$")

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditforge.errors import UnreadableImage, UserError
+
 BUILTIN_SETS = ("digits",)
 SPLITS = ("train", "heldout", "all")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -60,18 +62,18 @@ def is_builtin(data: str) -> bool:
 def load_data(data: str, split: str = "train", image_size: int | None = None) -> ImageSet:
     """A built-in set by name, or an image folder by path."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     if is_builtin(data):
         if image_size is not None and image_size != 8:
-            raise ValueError(f"the built-in set {data!r} is 8x8 pixels; got --image-size {image_size} (leave it unset)")
+            raise UserError(f"the built-in set {data!r} is 8x8 pixels; got --image-size {image_size} (leave it unset)")
         return load_digits(split)
     path = Path(data)
     if not path.exists():
-        raise ValueError(
+        raise UserError(
             f"data {data!r} is neither a built-in set ({', '.join(BUILTIN_SETS)}) nor an existing folder"
         )
     if not path.is_dir():
-        raise ValueError(f"data {data!r} is a file; expected a folder with one sub-folder of images per class")
+        raise UserError(f"data {data!r} is a file; expected a folder with one sub-folder of images per class")
     return split_set(load_image_folder(path, image_size), split)
 
 
@@ -151,7 +153,7 @@ def _list_class_folders(root: Path) -> list[tuple[str, list[Path]]]:
         if files:
             classes.append((entry.name, files))
     if not classes:
-        raise ValueError(
+        raise UserError(
             f"image folder {str(root)!r} has no class sub-folders with images; expected "
             f"{str(root)}/<class name>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}"
         )
@@ -164,8 +166,6 @@ def load_image_folder(root: str | Path, image_size: int | None = None) -> ImageS
     Greyscale folders give 1 channel, anything else RGB. Without `image_size` every image
     must already be square and of one size; with it, each gets the ADM centre crop.
     """
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(root)
     classes = _list_class_folders(root)
     loaded: list[tuple[np.ndarray, int, str]] = []
@@ -173,24 +173,23 @@ def load_image_folder(root: str | Path, image_size: int | None = None) -> ImageS
     for class_id, (_, files) in enumerate(classes):
         for f in files:
             try:
-                with Image.open(f) as im:
-                    im.load()
-                    grey = im.mode in ("1", "L", "I;16", "I")
-                    im = im.convert("L" if grey else "RGB")
-                    arr = center_crop_arr(im, image_size) if image_size else np.asarray(im)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-                skipped.append((str(f), f"{type(e).__name__}: {e}"))
+                im = open_image(f)
+            except UnreadableImage as e:
+                skipped.append((str(f), str(e)))
                 continue
+            grey = im.mode in ("1", "L", "I;16", "I")
+            im = im.convert("L" if grey else "RGB")
+            arr = center_crop_arr(im, image_size) if image_size else np.asarray(im)
             loaded.append((arr, class_id, str(f)))
     if not loaded:
-        raise ValueError(f"image folder {str(root)!r}: none of its {len(skipped)} image files could be read")
+        raise UserError(f"image folder {str(root)!r}: none of its {len(skipped)} image files could be read")
     sizes = sorted({a.shape[:2] for a, _, _ in loaded})
     if len(sizes) > 1 or sizes[0][0] != sizes[0][1]:
         examples = {}
         for a, _, f in loaded:
             examples.setdefault(a.shape[:2], f)
         listed = "; ".join(f"{w}x{h} (e.g. {f})" for (h, w), f in list(examples.items())[:4])  # width x height, as image tools say
-        raise ValueError(
+        raise UserError(
             f"image folder {str(root)!r} holds images of different or non-square sizes: {listed}; "
             "pass --image-size N to centre-crop and resize them all to N x N"
         )
@@ -203,6 +202,32 @@ def load_image_folder(root: str | Path, image_size: int | None = None) -> ImageS
 
 
 # -- sources for extraction: a list of items and a loader for one ---------------------------
+
+# What PIL raises for a file it cannot decode: UnidentifiedImageError and "truncated" are
+# OSErrors, some plugins raise SyntaxError, ValueError or EOFError, oversized images
+# DecompressionBombError. Only the decoder runs under this catch (`open_image`), so an error
+# of ours is never taken for a broken file.
+def _decoder_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def open_image(source):
+    """Decode an image file (a path or a binary file object) fully into memory: a PIL image.
+    A file the decoder cannot read raises `UnreadableImage` naming the decoder's error."""
+    from PIL import Image
+
+    try:
+        im = Image.open(source)
+        try:
+            im.load()  # decode now: a truncated file fails here, not later in our code
+        except BaseException:
+            im.close()
+            raise
+    except _decoder_errors() as e:
+        raise UnreadableImage(" ".join(f"{type(e).__name__}: {e}".split())) from e
+    return im
 
 
 def to_rgb(im):
@@ -225,15 +250,10 @@ def to_rgb(im):
 
 def load_rgb(source, image_size: int, crop: str = "center") -> np.ndarray:
     """A file path or PIL image -> (image_size, image_size, 3) uint8, ADM centre crop or resize.
-    Raises OSError / ValueError for unreadable or truncated files."""
+    Raises `UnreadableImage` for a file that cannot be decoded."""
     from PIL import Image
 
-    if isinstance(source, (str, Path)):
-        with Image.open(source) as im:
-            im.load()  # a truncated file fails here
-            im = to_rgb(im)
-    else:
-        im = to_rgb(source)
+    im = to_rgb(open_image(source) if isinstance(source, (str, Path)) else source)
     if crop == "center":
         return center_crop_arr(im, image_size)
     return np.asarray(im.resize((image_size, image_size), resample=Image.BICUBIC))
@@ -266,7 +286,7 @@ def list_hf_dataset(spec: str, config: str | None = None, split: str = "train",
     try:
         import datasets
     except ImportError:
-        raise ValueError("Hugging Face datasets need the `datasets` package: pip install 'ditforge[hf]'") from None
+        raise UserError("Hugging Face datasets need the `datasets` package: pip install 'ditforge[hf]'") from None
     name = spec[3:] if spec.startswith("hf:") else spec
     path = Path(name)
     try:
@@ -274,7 +294,7 @@ def list_hf_dataset(spec: str, config: str | None = None, split: str = "train",
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise ValueError(f"dataset {name!r} has splits {list(ds)}, not {split!r}; pass --hf-split")
+                    raise UserError(f"dataset {name!r} has splits {list(ds)}, not {split!r}; pass --hf-split")
                 ds = ds[split]
         elif path.is_dir():
             parquet = sorted(path.rglob("*.parquet"))
@@ -282,25 +302,29 @@ def list_hf_dataset(spec: str, config: str | None = None, split: str = "train",
                   else datasets.load_dataset("imagefolder", data_dir=str(path), split=split))
         else:
             ds = datasets.load_dataset(name, config, split=split)
-    except ValueError:
+    except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - network, missing dataset, bad config: one line for the user
-        raise ValueError(f"cannot load Hugging Face dataset {name!r} (config {config!r}, split {split!r}): "
+        raise UserError(f"cannot load Hugging Face dataset {name!r} (config {config!r}, split {split!r}): "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     features = ds.features
     image_column = image_column or next((k for k, f in features.items() if type(f).__name__ == "Image"), None)
     if image_column is None or image_column not in features:
-        raise ValueError(f"dataset {name!r} has no image column (columns: {list(features)}); pass --hf-image-column")
+        raise UserError(f"dataset {name!r} has no image column (columns: {list(features)}); pass --hf-image-column")
     label_column = label_column or next((k for k in ("label", "labels", "class", "y") if k in features), None)
     if label_column is None or label_column not in features:
-        raise ValueError(f"dataset {name!r} has no label column (columns: {list(features)}); pass --hf-label-column")
+        raise UserError(f"dataset {name!r} has no label column (columns: {list(features)}); pass --hf-label-column")
     labels = [int(v) for v in ds[label_column]]
     feature = features[label_column]
     names = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(max(labels) + 1)]
     column = ds.with_format(None)
 
     def load(i, size, crop):
-        return load_rgb(column[int(i)][image_column], size, crop)
+        try:  # datasets decodes the image when the row is read
+            image = column[int(i)][image_column]
+        except _decoder_errors() as e:
+            raise UnreadableImage(" ".join(f"{type(e).__name__}: {e}".split())) from e
+        return load_rgb(image, size, crop)
 
     return ItemList(path.name if path.exists() else name, list(range(len(ds))), labels, names, load)
 
@@ -320,7 +344,7 @@ def list_items(data: str, **hf) -> ItemList:
         return ItemList(full.name, list(range(len(full))), full.labels.tolist(), full.class_names, load)
     path = Path(data)
     if not path.is_dir():
-        raise ValueError(f"data {data!r} is neither a built-in set ({', '.join(BUILTIN_SETS)}), an hf:NAME dataset, nor a folder")
+        raise UserError(f"data {data!r} is neither a built-in set ({', '.join(BUILTIN_SETS)}), an hf:NAME dataset, nor a folder")
     return list_image_folder(path)
 
 

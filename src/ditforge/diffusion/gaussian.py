@@ -165,6 +165,7 @@ class GaussianDiffusion:
                 "it needs one original timestep per step"
             )
         self.timestep_map = torch.tensor(list(timestep_map), dtype=torch.long)  # (T,)
+        self._timestep_map = np.asarray(timestep_map, dtype=np.int64)  # its source for per-device copies
 
         alphas = 1.0 - betas  # alpha_t
         self.alphas_cumprod = np.cumprod(alphas)  # alpha_bar_t (Ho eq. 4)
@@ -247,7 +248,7 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """Original (pre-respacing) timesteps the model is conditioned on: (N,) -> (N,)."""
-        return self.timestep_map.to(t.device)[t]
+        return self._table(self._timestep_map, t.device, torch.long)[t]  # one copy per device, not one a call
 
     # ------------------------------------------------------------------ forward process
 

@@ -33,7 +33,7 @@ import torch
 from numpy.lib import format as npy_format
 
 import ditforge.evaluate as _evaluate
-from ditforge.errors import UserError
+from ditforge.errors import UnreadableImage, UserError
 from ditforge.metrics.inception import MissingFileError
 
 REFERENCE_FORMAT = "ditforge-inception-reference"
@@ -578,9 +578,7 @@ def iter_folder_images(folder: str | os.PathLike, image_size: int | None = None,
     converted to RGB; with `image_size`, ADM's centre crop to image_size x image_size (the crop the
     training data gets). Without it all images must share one size. Unreadable files are skipped
     with a warning."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ditforge.data.sources import center_crop_arr, to_rgb
+    from ditforge.data.sources import center_crop_arr, open_image, to_rgb
 
     folder = Path(folder)
     files = _image_files(folder)
@@ -589,13 +587,12 @@ def iter_folder_images(folder: str | os.PathLike, image_size: int | None = None,
     shape, batch, skipped = None, [], []
     for file in files:
         try:
-            with Image.open(file) as im:
-                im.load()
-                im = to_rgb(im)
-                arr = center_crop_arr(im, image_size) if image_size else np.asarray(im)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            skipped.append(f"{file}: {type(e).__name__}: {e}")
+            im = open_image(file)
+        except UnreadableImage as e:
+            skipped.append(f"{file}: {e}")
             continue
+        im = to_rgb(im)
+        arr = center_crop_arr(im, image_size) if image_size else np.asarray(im)
         if shape is None:
             shape = arr.shape
         elif arr.shape != shape:

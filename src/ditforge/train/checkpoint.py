@@ -145,14 +145,33 @@ def save_checkpoint(
     return final
 
 
-def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
+# Entries of state.json and their types: what resuming and sampling read of it.
+STATE_KEYS = {"step": int, "position": int, "config": dict, "model_args": dict, "data": dict, "optimizer": dict}
+RESUME_KEYS = ("step", "position", "optimizer")
+SAMPLING_KEYS = ("step", "config", "model_args", "data")
+
+
+def read_state(ckpt_dir: str | Path, required: tuple[str, ...] = ("step",)) -> dict[str, Any]:
+    """state.json of a checkpoint folder, checked to hold the `required` entries (of
+    `STATE_KEYS`) with their types: a damaged file is a one-line error, not a KeyError later."""
     path = Path(ckpt_dir) / "state.json"
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} has no state.json; it is not a ditforge checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt ({e}); delete the folder to fall back to an older one") from None
+    problems = [] if isinstance(state, dict) else ["it is not a JSON object"]
+    if not problems:
+        problems = [f"{k!r} is missing" for k in required if k not in state]
+        problems += [f"{k!r} is not a {STATE_KEYS[k].__name__}" for k in required if k in state and not isinstance(state[k], STATE_KEYS[k])]
+        if "data" in required and isinstance(state.get("data"), dict) and not isinstance(state["data"].get("class_names"), list):
+            problems.append("'data' has no list 'class_names'")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} is damaged: {'; '.join(problems)}; delete the folder to fall back to an older one"
+        )
+    return state
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -190,13 +209,19 @@ def check_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source
         raise CheckpointError(f"weights in {source!r} do not fit the model: {'; '.join(parts)}")
 
 
-def read_training_state(ckpt_dir: str | Path) -> tuple[dict, dict, dict, dict[str, Any]]:
+def read_training_state(ckpt_dir: str | Path, tensors: bool = True) -> tuple[dict, dict, dict, dict[str, Any]]:
     """(model weights, EMA weights, optimizer state, state.json) of a checkpoint folder, on CPU.
-    The RNG states are restored here too."""
+    The RNG states are restored here too. With `tensors=False` the three state dicts are empty:
+    for the ranks of a resume that rank 0 broadcasts to, which so never hold the whole checkpoint."""
     ckpt_dir = Path(ckpt_dir)
-    state = read_state(ckpt_dir)
+    state = read_state(ckpt_dir, RESUME_KEYS)
+    _set_rng_state(read_tensors(ckpt_dir / "rng.safetensors"))
+    if not tensors:
+        return {}, {}, {}, state
     model = read_tensors(ckpt_dir / "model.safetensors")
     ema = read_tensors(ckpt_dir / "ema.safetensors")
+    if not {"param_groups", "scalars"} <= set(state["optimizer"]):
+        raise CheckpointError(f"checkpoint file {str(ckpt_dir / 'state.json')!r} is damaged: 'optimizer' lacks "
+                              "'param_groups' or 'scalars'; delete the folder to fall back to an older one")
     optimizer = _unflatten_optimizer(read_tensors(ckpt_dir / "optimizer.safetensors"), state["optimizer"])
-    _set_rng_state(read_tensors(ckpt_dir / "rng.safetensors"))
     return model, ema, optimizer, state

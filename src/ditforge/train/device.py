@@ -13,7 +13,10 @@ from ditforge.errors import UserError
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This process's device (`cuda:LOCAL_RANK` or the CPU): see `distributed.local_device`."""
+    from ditforge.train.distributed import local_device
+
+    return local_device()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -46,12 +46,28 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
 
 
-def init(device: torch.device | None = None) -> Dist:
-    """Join the process group when launched by torchrun; pick this process's device."""
+def local_device() -> torch.device:
+    """This process's device: `cuda:LOCAL_RANK` when GPUs are visible, else the CPU. Always indexed,
+    since `torch.cuda.set_device` refuses a bare `cuda`. A launch with more processes on a node
+    than GPUs visible is the user's to fix, so it is one line naming both numbers."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = _env_int("LOCAL_RANK", 0)
+    per_node = _env_int("LOCAL_WORLD_SIZE", local_rank + 1)
+    visible = torch.cuda.device_count()
+    if max(per_node, local_rank + 1) > visible:
+        raise UserError(
+            f"{max(per_node, local_rank + 1)} processes on this node (torchrun --nproc_per_node) but only {visible} "
+            f"GPU(s) visible; use --nproc_per_node {visible} or fewer, or check CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def init() -> Dist:
+    """Join the process group when launched by torchrun; select this process's device."""
     world = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
-    if device is None:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -88,8 +104,10 @@ def all_true(flag: torch.Tensor, d: Dist) -> bool:
     return bool(flag)
 
 
-def wrap(model: nn.Module, d: Dist, strategy: str = "ddp") -> nn.Module:
-    """DDP (default) or FSDP2 (`fully_shard` per DiT block, then the root). One process: unchanged."""
+def wrap(model: nn.Module, d: Dist, strategy: str = "ddp", precision: str = "fp32") -> nn.Module:
+    """DDP (default) or FSDP2 (`fully_shard` per DiT block, then the root). One process: unchanged.
+    FSDP2 training in bf16 gathers bf16 parameters and reduces gradients in fp32
+    (`MixedPrecisionPolicy`): half the all-gather traffic, full-precision gradient sums."""
     if strategy not in STRATEGIES:
         raise UserError(f"unknown parallel strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if not d.enabled:
@@ -99,11 +117,12 @@ def wrap(model: nn.Module, d: Dist, strategy: str = "ddp") -> nn.Module:
 
         ids = [d.local_rank] if d.device.type == "cuda" else None
         return DDP(model, device_ids=ids, output_device=ids[0] if ids else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -124,10 +143,10 @@ def split_batch(global_batch: int, d: Dist, grad_accum: int = 1) -> int:
 # by parameter name. A collective under FSDP: every rank calls it; rank 0 gets the tensors.
 
 
-def _options(load: bool = False):
+def _options(load: bool = False, broadcast: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=not load)
+    return StateDictOptions(full_state_dict=True, cpu_offload=not load, broadcast_from_rank0=broadcast)
 
 
 def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -142,13 +161,17 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) ->
     return get_optimizer_state_dict(module, optimizer, options=_options())
 
 
-def load_full_state(module: nn.Module, state: dict[str, torch.Tensor], optimizer=None, optimizer_state=None) -> None:
-    """Every rank passes the full tensors read from a checkpoint; sharded modules keep their shard."""
+def load_full_state(module: nn.Module, state: dict[str, torch.Tensor], optimizer=None, optimizer_state=None,
+                    d: Dist | None = None) -> None:
+    """Load full tensors read from a checkpoint. In a process group only rank 0 passes them (the
+    others pass empty dicts) and broadcasts them, so no other rank holds the whole checkpoint in
+    host memory; sharded modules keep their shard. A collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    set_model_state_dict(module, state, options=_options(load=True))
+    options = _options(load=True, broadcast=d is not None and d.enabled)
+    set_model_state_dict(module, state, options=options)
     if optimizer is not None:
-        set_optimizer_state_dict(module, optimizer, optimizer_state, options=_options(load=True))
+        set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
 
 
 def no_sync(module: nn.Module, d: Dist, skip: bool):

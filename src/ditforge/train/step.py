@@ -21,7 +21,8 @@ from ditforge.train.ema import EMA, ema_decay_at
 
 def step_randomness(cfg: TrainConfig, step: int, shape: tuple[int, ...], num_timesteps: int, device: torch.device):
     """Timesteps (G,), noise (G, C, H, W) and label-drop flags (G,) of the global batch of `step`."""
-    g = torch.Generator(device=device).manual_seed(cfg.seed * 2**32 + step)
+    # (meta tensors hold no values: a dry run on the meta device draws without a generator)
+    g = torch.Generator(device=device).manual_seed(cfg.seed * 2**32 + step) if device.type != "meta" else None
     n = cfg.global_batch
     t = torch.randint(0, num_timesteps, (n,), generator=g, device=device)  # (G,)
     noise = torch.randn((n, *shape), generator=g, device=device)  # (G, C, H, W)
@@ -36,7 +37,7 @@ class TrainStep:
         model.grad_checkpointing = cfg.grad_checkpoint
         model.to(d.device).train()
         self.ema = EMA(model)
-        self.wrapped = distributed.wrap(model, d, cfg.parallel)
+        self.wrapped = distributed.wrap(model, d, cfg.parallel, precision)
         if self.fsdp:
             distributed.wrap(self.ema.module, d, "fsdp")  # shard the EMA alike: each rank averages its shard
         self.opt = torch.optim.AdamW(
@@ -44,7 +45,7 @@ class TrainStep:
             lr=cfg.optim.lr,
             betas=cfg.optim.betas,
             weight_decay=cfg.optim.weight_decay,
-            fused=True,  # one kernel for all parameters, on GPU and CPU
+            fused=d.device.type != "meta",  # one kernel for all parameters, on GPU and CPU
         )
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
         self.diffusion = create_diffusion(
@@ -68,11 +69,13 @@ class TrainStep:
             def forward(x_t, t, labels, drop=drop):
                 return self.forward_model(x_t, t, labels, force_drop_ids=drop)
 
-            skip_sync = i < len(batches) - 1  # all-reduce gradients once, after the last micro-batch
-            with distributed.no_sync(self.wrapped, self.d, skip_sync), autocast(self.precision, device):
-                losses = self.diffusion.training_losses(forward, x, t_all[sl], y, noise=noise_all[sl])
-                loss = losses["loss"].mean() / len(batches)  # this micro-batch's share of the step loss
-            self.scaler.scale(loss).backward()
+            # Reduce gradients once, in the last micro-batch's backward: DDP reads its flag in the
+            # forward, FSDP2 in the backward, so the context holds both.
+            with distributed.no_sync(self.wrapped, self.d, skip=i < len(batches) - 1):
+                with autocast(self.precision, device):
+                    losses = self.diffusion.training_losses(forward, x, t_all[sl], y, noise=noise_all[sl])
+                    loss = losses["loss"].mean() / len(batches)  # this micro-batch's share of the step loss
+                self.scaler.scale(loss).backward()
             total += loss.detach()
         if cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.opt)

@@ -29,7 +29,7 @@ from ditforge.pictures import make_grid, save_png_atomic
 from ditforge.sample import generate
 from ditforge.train import distributed
 from ditforge.train.checkpoint import check_weights, latest_checkpoint, read_training_state, save_checkpoint
-from ditforge.train.device import enable_tf32, keep_freed_host_memory, pick_device, resolve_precision
+from ditforge.train.device import enable_tf32, keep_freed_host_memory, resolve_precision
 from ditforge.train.step import TrainStep
 
 log = logging.getLogger("ditforge.train")
@@ -38,7 +38,7 @@ log = logging.getLogger("ditforge.train")
 RESUMABLE_CHANGES = {
     "steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps", "sample_cfg",
     "eval_every", "eval_per_class",
-    "grad_accum", "parallel", "compile", "grad_checkpoint",  # same math, other speed or memory
+    "grad_accum", "parallel", "compile", "grad_checkpoint", "prefetch",  # same math, other speed or memory
 }
 PREVIEW_CLASSES = 10
 PREVIEW_PER_CLASS = 8
@@ -135,7 +135,7 @@ def preview_classes(num_classes: int) -> list[int]:
     return [round(i * (num_classes - 1) / (PREVIEW_CLASSES - 1)) for i in range(PREVIEW_CLASSES)]
 
 
-def save_preview(model: DiT, cfg: TrainConfig, data: TrainingData, path: Path, decode=None) -> Path:
+def save_preview(model: DiT, cfg: TrainConfig, data: TrainingData, path: Path, decode=None, precision: str = "fp32") -> Path:
     classes = preview_classes(data.num_classes)
     x, _ = generate(
         model,
@@ -146,6 +146,7 @@ def save_preview(model: DiT, cfg: TrainConfig, data: TrainingData, path: Path, d
         seed=cfg.seed,
         noise_schedule=cfg.diffusion.noise_schedule,
         diffusion_steps=cfg.diffusion.diffusion_steps,
+        precision=precision,
     )
     if decode is not None:
         x = decode(x.to(next(model.parameters()).device)).cpu()
@@ -154,7 +155,7 @@ def save_preview(model: DiT, cfg: TrainConfig, data: TrainingData, path: Path, d
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    d = distributed.init(pick_device())
+    d = distributed.init()
     try:
         return _train(cfg, d, progress)
     finally:
@@ -190,11 +191,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
     step, position = 0, 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        model_sd, ema_sd, opt_sd, state = read_training_state(ckpt)
-        if not fsdp:
+        # rank 0 reads the tensors and broadcasts them: no other rank holds the whole checkpoint
+        model_sd, ema_sd, opt_sd, state = read_training_state(ckpt, tensors=d.is_main)
+        if d.is_main and not fsdp:
             check_weights(model, model_sd, str(ckpt / "model.safetensors"))
-        distributed.load_full_state(model, model_sd, opt, opt_sd)
-        distributed.load_full_state(ema.module, ema_sd)
+        distributed.load_full_state(model, model_sd, opt, opt_sd, d)
+        distributed.load_full_state(ema.module, ema_sd, None, None, d)
         step, position = state["step"], state["position"]
         if d.is_main:
             log.info("resumed from %s (step %d, %d images seen)", ckpt, step, position)
@@ -209,8 +211,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
     if d.is_main:
         cfg.save(run_dir / "config.json")
     loader = InfiniteLoader(data.source, cfg.global_batch, cfg.seed, cfg.hflip, position, d.rank, d.world_size, cfg.grad_accum)
-    if device.type == "cuda":  # read the next steps' batches while the GPU trains (on a CPU the thread only competes)
-        loader = Prefetcher(loader, pin_memory=True)
+    if cfg.prefetch == "on" or (cfg.prefetch == "auto" and device.type == "cuda"):
+        # read the next steps' batches while the step runs (on a CPU the thread only competes: off by default)
+        loader = Prefetcher(loader, pin_memory=device.type == "cuda")
 
     writer = bar = None
     if d.is_main:
@@ -255,7 +258,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
             from ditforge.data.autoencoder import load_autoencoder
 
             decoder.append(load_autoencoder(data.autoencoder, device=device))
-        return save_preview(m, cfg, data, path, decoder[0].decode if decoder else None)
+        return save_preview(m, cfg, data, path, decoder[0].decode if decoder else None, precision)
 
     def evaluate_now() -> None:
         m = sampling_model()
@@ -263,7 +266,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
             return
         report = evaluate_builtin(
             m, cfg.data, cfg.eval_per_class, cfg.sample_cfg, int(cfg.sample_steps), seed=cfg.seed,
-            noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps,
+            noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps, precision=precision,
         )
         log.info("step %d | %s", step, report.line())
         writer.add_scalar("eval/class_accuracy", report.class_accuracy, step)

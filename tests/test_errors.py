@@ -1,0 +1,140 @@
+"""What a user sees when something goes wrong: their mistake is one line and exit 2, before
+anything is computed or written; a bug of ours is its traceback and exit 3; a broken image
+file is skipped, an error of ours in reading images is not."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY_TRAIN, run_cli
+from ditforge import cli
+from ditforge.data.sources import list_image_folder, load_image_folder, open_image
+from ditforge.errors import UnreadableImage
+
+
+def _user_error(proc, *needles):
+    """Exit 2, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_sample_batch_size_must_be_positive(trained_run, tmp_path, size):
+    out = tmp_path / "g.png"
+    _user_error(run_cli("sample", str(trained_run), "--batch-size", size, "--out", str(out), check=False),
+                "batch size must be a positive number", size)
+    assert not out.exists()
+
+
+def test_preview_steps_beyond_the_diffusion_steps_fail_before_training(tmp_path):
+    run = tmp_path / "r"
+    proc = run_cli("train", "--run-dir", str(run), "--diffusion-steps", "30", *TINY_TRAIN, check=False)
+    _user_error(proc, "sample_steps", "diffusion_steps = 30", "'50'")
+    assert not run.exists()  # nothing trained, nothing written
+    ok = run_cli("train", "--run-dir", str(run), "--diffusion-steps", "30", "--sample-steps", "30", "--steps", "2", *TINY_TRAIN)
+    assert "trained DiT-Ti/4 to step 2" in ok.stdout
+
+
+@pytest.mark.parametrize("key", ["data", "optimizer", "model_args"])
+def test_damaged_state_json_is_one_line(trained_run, tmp_path, key):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "checkpoints" / "step-0000030", run / "checkpoints" / "step-0000030")
+    shutil.copy(trained_run / "config.json", run / "config.json")
+    path = run / "checkpoints" / "step-0000030" / "state.json"
+    state = json.loads(path.read_text())
+    del state[key]
+    path.write_text(json.dumps(state))
+    if key != "optimizer":  # sampling does not read the optimizer
+        _user_error(run_cli("sample", str(run), "--out", str(tmp_path / "g.png"), check=False), repr(key), "is missing")
+    if key != "model_args":  # resuming does not read it from state.json
+        resumed = run_cli("train", "--run-dir", str(run), "--steps", "40", "--ckpt-every", "15", *TINY_TRAIN, check=False)
+        if key == "optimizer":
+            _user_error(resumed, repr(key), "is missing")
+        else:
+            assert resumed.returncode == 0, resumed.stderr
+
+
+def test_unwritable_output_fails_before_sampling(trained_run):
+    proc = run_cli("sample", str(trained_run), "--out", "/proc/x.png", "--steps", "250", check=False)
+    _user_error(proc, "cannot write '/proc/x.png'")
+    assert "DDPM" not in proc.stdout  # nothing was sampled
+
+
+def test_a_bug_of_ours_shows_its_traceback_and_exit_3(trained_run, tmp_path, monkeypatch, capsys):
+    """An error that no check of ours anticipated (here the tensor reader fails in a way it
+    never does for a bad file) is a bug: traceback, a request to report it, exit 3."""
+    import safetensors.torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure inside the tensor reader")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", broken)
+    monkeypatch.setattr("ditforge.train.checkpoint.load_file", broken)
+    code = cli.main(["sample", str(trained_run), "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BUG == 3
+    assert "Traceback" in err and "simulated failure inside the tensor reader" in err
+    assert "bug in ditforge" in err.strip().splitlines()[-1]
+
+
+def test_a_value_error_of_ours_is_not_a_user_error(tmp_path, capsys, monkeypatch):
+    """ValueError used to mean 'the user's mistake' (exit 2), so internal bugs such as the
+    H200's device error looked like one. Now only UserError does."""
+    import ditforge.train.distributed as distributed
+
+    def bug():
+        raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
+
+    monkeypatch.setattr(distributed, "local_device", bug)
+    code = cli.main(["train", "--run-dir", str(tmp_path / "r"), *TINY_TRAIN])
+    assert code == 3 and "Traceback" in capsys.readouterr().err
+
+
+def _folder(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((12, 12), 40 * i + 100 * (c == "b"), np.uint8), "L").save(tmp_path / c / f"{i}.png")
+    (tmp_path / "b" / "truncated.png").write_bytes((tmp_path / "b" / "0.png").read_bytes()[:40])
+    (tmp_path / "b" / "notes.png").write_text("not an image")
+    return tmp_path
+
+
+def test_broken_files_are_skipped_and_named(tmp_path):
+    root = _folder(tmp_path)
+    images = load_image_folder(root, image_size=8)
+    assert images.images.shape == (4, 1, 8, 8)
+    assert sorted(f.split("/")[-1] for f, _ in images.skipped) == ["notes.png", "truncated.png"]
+    with pytest.raises(UnreadableImage, match="UnidentifiedImageError"):
+        open_image(root / "b" / "notes.png")
+    with pytest.raises(UnreadableImage):
+        open_image(root / "b" / "truncated.png")
+
+
+def test_an_error_of_ours_while_reading_images_is_not_taken_for_broken_files(tmp_path, monkeypatch):
+    """Only the decoder's errors mean 'unreadable file'. A fault injected after decoding (in
+    the crop, which every good image goes through) must surface, not skip every image as
+    the old `except ValueError` around the whole reader did."""
+    import ditforge.data.sources as sources
+    from ditforge.metrics.adm import iter_folder_images
+
+    root = _folder(tmp_path)
+
+    def faulty_crop(image, size):
+        raise ValueError("injected fault after decoding")
+
+    monkeypatch.setattr(sources, "center_crop_arr", faulty_crop)
+    with pytest.raises(ValueError, match="injected fault"):
+        load_image_folder(root, image_size=8)
+    items = list_image_folder(root)
+    with pytest.raises(ValueError, match="injected fault"):
+        items.load(next(i for i in items.items if i.endswith("0.png")), 8, "center")
+    with pytest.raises(ValueError, match="injected fault"):
+        next(iter_folder_images(root, image_size=8))
