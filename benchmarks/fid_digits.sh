@@ -2,7 +2,10 @@
 # FID (Inception-v3, ADM definitions) of a digits run against the 359 held-out real digits, at
 # guidance 1.0, 1.5 and 4.0, next to 500 real training digits against the same reference.
 #   bash benchmarks/fid_digits.sh [RUN] [OUT]      (from the repository root; defaults below)
+#   CFGS="1.5" PRECISION=bf16 bash benchmarks/fid_digits.sh RUN OUT   (other scales; the network in bf16)
 set -e
+CFGS=${CFGS:-"1.0 1.5 4.0"}
+PRECISION=${PRECISION:-auto}
 RUN=${1:-runs/digits}
 export OUT=${2:-runs/fid-digits}
 mkdir -p "$OUT"
@@ -24,8 +27,9 @@ PY
 start=$(date +%s)
 $B/ditforge eval --samples "$OUT/train500.npz" --ref "$OUT/heldout.npz" --save-ref "$OUT/ref.npz" --json "$OUT/real.json" 2>/dev/null | grep -v "%|"
 echo "real vs held-out: $(( $(date +%s) - start )) s"
-for c in 1.0 1.5 4.0; do
-  $B/ditforge sample "$RUN" --num-samples 500 --balanced --cfg $c --steps 50 --batch-size 100 --shard-size 500 --out "$OUT/c$c.npz" 2>/dev/null | tail -1
+for c in $CFGS; do
+  $B/ditforge sample "$RUN" --num-samples 500 --balanced --cfg $c --steps 50 --batch-size 100 --shard-size 500 \
+      --precision "$PRECISION" --out "$OUT/c$c.npz" 2>/dev/null | tail -1
   s=$(date +%s)
   $B/ditforge eval --samples "$OUT/c$c.npz" --ref "$OUT/ref.npz" --json "$OUT/c$c.json" 2>/dev/null | grep -v "%|"
   echo "eval: $(( $(date +%s) - s )) s"

@@ -9,7 +9,6 @@ the same paths on a real GPU and are skipped without one.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,6 @@ from conftest import TINY_TRAIN, cpu_env, run_cli
 from ditforge import cli
 from ditforge.config import TrainConfig
 from ditforge.models import create_model
-from ditforge.train import distributed
 from ditforge.train.device import pick_device, resolve_precision
 from ditforge.train.distributed import Dist
 from ditforge.train.step import TrainStep
