@@ -59,7 +59,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=args.src, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     run = Path(tempfile.mkdtemp()) / "run"
     common = ["--model", args.model, "--batch-size", "4", "--ckpt-every", "1", "--log-every", "1", "--no-progress",
-              "--sample-steps", "2", "--run-dir", str(run)]
+              "--run-dir", str(run)]
     subprocess.run([sys.executable, "-m", "ditforge", "train", "--steps", "1", *common], env=env, check=True, capture_output=True)
     ckpt_bytes = sum(f.stat().st_size for f in (run / "checkpoints").rglob("*.safetensors"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ditforge", "train",

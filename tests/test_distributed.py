@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun on CPU (gloo, 2 processes), against one process."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,8 +53,14 @@ def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, pa
     line = [l for l in out.stdout.splitlines() if "step 6/6" in l][0]
     assert "loss" in line and "images/s" in line
     # a checkpoint written by 2 processes resumes in 1 (unwrapped weights, named optimizer state)
-    more = run_cli("train", "--run-dir", str(run), *[a if a != "6" else "9" for a in ARGS])
-    assert "resumed from" in more.stdout
+    # and in 2, where rank 0 alone reads it and broadcasts it: the same weights either way
+    one = tmp_path / f"{parallel}-one"
+    shutil.copytree(run, one)
+    more = [a if a != "6" else "9" for a in ARGS]
+    assert "resumed from" in run_cli("train", "--run-dir", str(one), *more).stdout
+    assert "resumed from" in torchrun("train", "--run-dir", str(run), "--parallel", parallel, *more).stdout
+    _assert_close(_weights(one, 9), _weights(run, 9))
+    _assert_close(_weights(one, 9, "optimizer"), _weights(run, 9, "optimizer"))
 
 
 def test_gradient_accumulation_matches(single, tmp_path):

@@ -10,19 +10,10 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_TRAIN, run_cli
+from test_cli import _user_error
 from ditforge import cli
 from ditforge.data.sources import list_image_folder, load_image_folder, open_image
 from ditforge.errors import UnreadableImage
-
-
-def _user_error(proc, *needles):
-    """Exit 2, one line on stderr naming the problem, no traceback."""
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, proc.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.mark.parametrize("size", ["0", "-1"])
