@@ -107,7 +107,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step and process
     parallel: str = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard) for models too big for one device
     compile: bool = False  # torch.compile the model
-    grad_checkpoint: bool = False  # recompute block activations in backward (less memory, ~30% slower)
+    # what blocks keep for backward (models/recompute.py): none | ops | mlp | attn | full [:FRACTION];
+    # "ops" recomputes only the cheap ops (half the memory of none, no matrix product twice);
+    # earlier versions wrote true (= full) or false (= none)
+    grad_checkpoint: str = "ops"
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 200
@@ -147,6 +150,9 @@ class TrainConfig:
                     f"eval_every works on built-in data sets (e.g. digits); {self.data!r} is an image folder: "
                     "sample an .npz and use `ditforge eval --samples` instead"
                 )
+        from ditforge.models.recompute import normalize_spec
+
+        self.grad_checkpoint = normalize_spec(self.grad_checkpoint)
         if self.sample_cfg < 0:
             raise ValueError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
 
