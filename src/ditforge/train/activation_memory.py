@@ -35,7 +35,9 @@ class _StorageTracker(TorchDispatchMode):
         self.preexisting = preexisting
         self.part = "other"
         self.seen: dict[int, tuple[StorageWeakRef, int, str]] = {}  # storage id -> (ref, bytes, part)
+        self.alive_by_part: dict[str, int] = {}
         self.attention_ops: set[str] = set()  # the fused attention kernels that ran
+        self.packed: dict[int, int] = {}  # storage id -> bytes, of tensors autograd's pack hook saw
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -50,6 +52,13 @@ class _StorageTracker(TorchDispatchMode):
                 if ref.cdata not in self.preexisting and (old is None or old[0].expired()):
                     self.seen[ref.cdata] = (ref, storage.nbytes(), self.part)
         return out
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """saved_tensors_hooks' pack hook: notes what autograd itself saves (outside checkpointed regions)."""
+        key = StorageWeakRef(t.untyped_storage()).cdata
+        if key not in self.preexisting:
+            self.packed[key] = t.untyped_storage().nbytes()
+        return t
 
     def alive(self) -> dict[str, int]:
         by_part: dict[str, int] = {}
@@ -79,11 +88,10 @@ def _label_parts(model: torch.nn.Module, tracker: _StorageTracker) -> list:
     return handles
 
 
-def alive_after_forward(
-    model, diffusion, cfg, x: torch.Tensor, y: torch.Tensor, precision: str
-) -> tuple[dict[str, int], set[str]]:
-    """Bytes by model part that the training forward of (x, y) leaves alive for backward, and
-    the names of the fused attention operations it ran (none for math or explicit attention).
+def alive_after_forward(model, diffusion, cfg, x: torch.Tensor, y: torch.Tensor, precision: str) -> _StorageTracker:
+    """The tracker of the training forward of (x, y): `alive()` gives the bytes by model part
+    that it leaves alive for backward, `packed` what autograd's saved-tensor hooks saw, and
+    `attention_ops` the fused attention kernels it ran (none for math or explicit attention).
 
     The forward is the one of `train/step.py`: the same randomness, autocast and loss; the
     backward then runs too (so checkpointing's recompute path is exercised) and frees it all.
@@ -101,7 +109,7 @@ def alive_after_forward(
     tracker = _StorageTracker(preexisting)
     handles = _label_parts(model, tracker)
     try:
-        with tracker, autocast(precision, device):
+        with tracker, torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t), autocast(precision, device):
             tracker.part = "loss"
             losses = diffusion.training_losses(
                 lambda x_t, tt, labels: model(x_t, tt, labels, force_drop_ids=drop), x, t, y, noise=noise
@@ -109,13 +117,13 @@ def alive_after_forward(
             loss = losses["loss"].mean()
         del losses
         gc.collect()
-        by_part = tracker.alive()
+        tracker.alive_by_part = tracker.alive()
     finally:
         for h in handles:
             h.remove()
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return by_part, tracker.attention_ops
+    return tracker
 
 
 @dataclass
@@ -126,6 +134,7 @@ class SavedBytes:
     fixed: int
     per_image_by_part: dict[str, int] = field(default_factory=dict)
     attention_ops: set[str] = field(default_factory=set)  # fused attention kernels that ran
+    hooks_per_image: int = 0  # what saved_tensors_hooks see: misses selective checkpointing's kept products
 
     def per_block(self) -> list[int]:
         return [v for k, v in self.per_image_by_part.items() if k.startswith("block ")]
@@ -135,15 +144,21 @@ def saved_bytes(model, diffusion, cfg, precision: str, device: torch.device) -> 
     """Measure what one training forward keeps for backward, per image, at batches 1 and 2."""
     shape = (model.in_channels, model.input_size, model.input_size)
     g = torch.Generator().manual_seed(0)
-    runs, attention_ops = [], set()
-    for n in (1, 2):
+
+    def run(n: int) -> _StorageTracker:
         x = torch.randn((n, *shape), generator=g).to(device)
         y = torch.randint(0, model.num_classes, (n,), generator=g).to(device)
-        by_part, ops = alive_after_forward(model, diffusion, cfg, x, y, precision)
-        runs.append(by_part)
-        attention_ops |= ops
-    parts = list(dict.fromkeys([*runs[1], *runs[0]]))
-    by_part = {p: runs[1].get(p, 0) - runs[0].get(p, 0) for p in parts}
-    ordered = {p: by_part[p] for p in ["embedders", *[f"block {i}" for i in range(len(model.blocks))], "final layer", "loss"] if p in by_part}
+        return alive_after_forward(model, diffusion, cfg, x, y, precision)
+
+    run(1)  # fills lazy caches (the diffusion's coefficient tables), which would count as kept
+    one, two = run(1), run(2)
+    by_part = {p: two.alive_by_part.get(p, 0) - one.alive_by_part.get(p, 0) for p in {**two.alive_by_part, **one.alive_by_part}}
+    order = ["embedders", *[f"block {i}" for i in range(len(model.blocks))], "final layer", "loss"]
     per_image = sum(by_part.values())
-    return SavedBytes(per_image, sum(runs[0].values()) - per_image, ordered, attention_ops)
+    return SavedBytes(
+        per_image,
+        sum(one.alive_by_part.values()) - per_image,
+        {p: by_part[p] for p in order if p in by_part},
+        one.attention_ops | two.attention_ops,
+        sum(two.packed.values()) - sum(one.packed.values()),
+    )
