@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--precision", default="bf16", help="our best setting to compare (the peer always runs fp32)")
     p.add_argument("--compile", action="store_true", help="also try ours with torch.compile")
-    p.add_argument("--grad-checkpoint", default="ops", help="ours: what blocks keep for backward (models/recompute.py)")
+    p.add_argument("--grad-checkpoint", default="none", help="ours: what blocks keep for backward (models/recompute.py)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternate peer and ours this many times")

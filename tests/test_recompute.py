@@ -85,7 +85,7 @@ def test_config_of_earlier_versions_still_loads(tmp_path):
         path = tmp_path / f"{old}.json"
         path.write_text(json.dumps({"grad_checkpoint": old}))
         assert TrainConfig.load(path).grad_checkpoint == new
-    assert TrainConfig().grad_checkpoint == "ops"
+    assert TrainConfig().grad_checkpoint == "none"
     assert TrainConfig(grad_checkpoint="attn:1").grad_checkpoint == "attn"
     with pytest.raises(ValueError, match="'sometimes'"):
         TrainConfig(grad_checkpoint="sometimes")

@@ -149,7 +149,7 @@ def run_benchmark(
     batch: int = 8,
     precision: str = "auto",
     compile: bool = False,
-    grad_checkpoint: str = "ops",
+    grad_checkpoint: str = "none",
     steps: int = 10,
     warmup: int = 3,
 ) -> BenchResult:

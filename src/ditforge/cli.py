@@ -187,7 +187,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch", type=int, default=8, help="batch size")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    _add_grad_checkpoint(p, "ops", None)
+    _add_grad_checkpoint(p, "none", None)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--json", help="also write the result to this JSON file (default: none)")

@@ -108,9 +108,9 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard) for models too big for one device
     compile: bool = False  # torch.compile the model
     # what blocks keep for backward (models/recompute.py): none | ops | mlp | attn | full [:FRACTION];
-    # "ops" recomputes only the cheap ops (half the memory of none, no matrix product twice);
-    # earlier versions wrote true (= full) or false (= none)
-    grad_checkpoint: str = "ops"
+    # "ops" recomputes only the cheap ops (half the memory of none, no matrix product twice, but
+    # slower on CPU); earlier versions wrote true (= full) or false (= none)
+    grad_checkpoint: str = "none"
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 200

@@ -9,10 +9,10 @@ GPU; `benchmarks/saved_bytes.py` measures them):
 =========  ====================================================================  ===========
 mode       recomputed in backward                                                kept / block
 =========  ====================================================================  ===========
-``none``   nothing (plain autograd)                                              ~14.7 MB
-``ops``    the cheap ops only: every matrix product's output is kept, so no       ~7.1 MB
+``none``   nothing (plain autograd)                                              ~14.2 MB
+``ops``    the cheap ops only: every matrix product's output is kept, so no       ~6.5 MB
            product is computed twice (selective activation checkpointing with
-           torch's op-level policy, the "SAC" of torchtitan)
+           torch's op-level policy, the "SAC" of torchtitan; blocks in pairs)
 ``mlp``    ``ops`` + the MLP half's matrix products (fc1, fc2)                   ~5.3 MB
 ``attn``   ``ops`` + the attention half's matrix products (qkv, attention, proj) ~5.3 MB
 ``full``   the whole block from its input (the old ``--grad-checkpoint``)          ~1.2 MB
@@ -30,10 +30,10 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["MODES", "DEFAULT_MODE", "parse_spec", "normalize_spec", "block_modes", "block_groups", "save_products_policy", "keep_products", "run_blocks", "run_halves"]
+__all__ = ["MODES", "REST_MODE", "parse_spec", "normalize_spec", "block_modes", "block_groups", "save_products_policy", "keep_products", "run_blocks", "run_halves"]
 
 MODES = ("none", "ops", "mlp", "attn", "full")
-DEFAULT_MODE = "ops"
+REST_MODE = "ops"
 HALF_MODES = ("attn", "mlp")
 OPS_GROUP = 2  # blocks per region in ``ops`` mode
 
@@ -86,7 +86,7 @@ def block_modes(spec: str | bool, depth: int) -> list[str]:
     """The mode of each of `depth` blocks: the first round(fraction * depth) get MODE, the rest ``ops``."""
     mode, fraction = parse_spec(spec)
     k = round(fraction * depth)
-    return [mode] * k + [DEFAULT_MODE] * (depth - k)
+    return [mode] * k + [REST_MODE] * (depth - k)
 
 
 def block_groups(spec: str | bool, depth: int) -> list[tuple[tuple[int, ...], str]]:
