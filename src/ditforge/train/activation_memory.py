@@ -68,23 +68,20 @@ class _StorageTracker(TorchDispatchMode):
         return by_part
 
 
-def _part_names(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    parts = {"embedders": [model.x_embedder, model.t_embedder, model.y_embedder], "final layer": [model.final_layer]}
-    parts.update({f"block {i}": [b] for i, b in enumerate(model.blocks)})
-    return parts
-
-
 def _label_parts(model: torch.nn.Module, tracker: _StorageTracker) -> list:
-    handles = []
-    for name, modules in _part_names(model).items():
-        for m in modules:
+    """Forward hooks that tell the tracker which part of the model runs: the embedders (and the
+    positional add that follows them), each block, the final layer, then the loss."""
+    parts = [("embedders", m) for m in (model.x_embedder, model.t_embedder, model.y_embedder)]
+    parts += [(f"block {i}", b) for i, b in enumerate(model.blocks)] + [("final layer", model.final_layer)]
 
-            def enter(module, args, name=name):
-                tracker.part = name
+    def label(name):
+        def hook(*_):
+            tracker.part = name
 
-            handles.append(m.register_forward_pre_hook(enter))
-    # what follows the final layer (unpatchify, the loss terms) is the loss's
-    handles.append(model.final_layer.register_forward_hook(lambda module, args, output: setattr(tracker, "part", "loss")))
+        return hook
+
+    handles = [m.register_forward_pre_hook(label(name)) for name, m in parts]
+    handles.append(model.final_layer.register_forward_hook(label("loss")))
     return handles
 
 
