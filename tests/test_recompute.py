@@ -120,3 +120,11 @@ def test_saved_bytes_follow_the_accounting():
 
 def test_modes_cover_the_documented_choices():
     assert MODES == ("none", "ops", "mlp", "attn", "full")
+
+
+def test_bad_mode_on_the_command_line_is_one_line():
+    from conftest import run_cli
+
+    proc = run_cli("train", "--grad-checkpoint", "full:2", "--run-dir", "unused", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "'full:2'" in proc.stderr and "(0, 1]" in proc.stderr
