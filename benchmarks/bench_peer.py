@@ -76,7 +76,7 @@ def peer_images_per_s(model_name: str, input_size: int, channels: int, batch: in
         loss.backward()
         opt.step()
 
-    return steps * batch / time_steps(step, steps, warmup, device)
+    return steps * batch / time_steps(step, steps, warmup, device)[0]
 
 
 def measure(which: str, args: argparse.Namespace) -> float:
@@ -89,7 +89,7 @@ def measure(which: str, args: argparse.Namespace) -> float:
                                  args.warmup, args.peer, args.official, which.endswith(":compile"))
     _, precision, *opts = which.split(":")
     return run_benchmark(args.model, args.input_size, args.channels, 1000, args.batch, precision, "compile" in opts,
-                         False, args.steps, args.warmup).images_per_s
+                         args.grad_checkpoint, args.steps, args.warmup).images_per_s
 
 
 def main() -> None:
@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--precision", default="bf16", help="our best setting to compare (the peer always runs fp32)")
     p.add_argument("--compile", action="store_true", help="also try ours with torch.compile")
+    p.add_argument("--grad-checkpoint", default="none", help="ours: what blocks keep for backward (models/recompute.py)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternate peer and ours this many times")

@@ -8,8 +8,9 @@
 #   2. the trainer's GPU path as a user runs it: train, resume, sample (bulk and grid), and
 #      `torchrun --nproc_per_node 1`;
 #   3. DiT-XL/2 at 256 px (4x32x32 latents), bf16 autocast, batch 256: ours eager and compiled,
-#      against the official implementation's model + loss and diffusers' DiTTransformer2DModel
-#      (each under bf16 autocast like ours; eager and compiled), images/s and MFU.
+#      with `--grad-checkpoint ops` at batch 256 and 512, against the official implementation's
+#      model + loss and diffusers' DiTTransformer2DModel (each under bf16 autocast like ours;
+#      eager and compiled): images/s, MFU, attention kernel, saved MB per image, compile time.
 #
 # Bring along (the machine reaches no network; its python3 has torch, numpy, safetensors,
 # scikit-learn, pillow, tqdm, tensorboard). In the repository root, before the run:
@@ -71,6 +72,8 @@ log "## 3. $MODEL bf16 at batch $BATCH: ours against the official DiT and diffus
 bench() { run timeout 150 $PY -m ditforge bench --model "$MODEL" --input-size "$INPUT" --batch "$BATCH" --precision bf16 --steps "$STEPS" --warmup "$WARMUP" "$@"; }
 bench
 bench --compile
+bench --grad-checkpoint ops                            # no matrix product twice, half the saved activations
+bench --grad-checkpoint ops --batch "$((BATCH * 2))"   # twice the batch in the same memory?
 peer() {
     run timeout 200 $PY benchmarks/bench_peer.py --model "$MODEL" --input-size "$INPUT" --batch "$BATCH" --precision bf16 \
         --peer-precision bf16 --peer-compile --no-malloc-row --steps "$STEPS" --warmup "$WARMUP" --rounds 1 "$@"

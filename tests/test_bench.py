@@ -33,10 +33,16 @@ def test_xl2_at_512_and_training_flops():
 def test_bench_command_reports_throughput(tmp_path):
     out = run_cli("bench", "--model", "DiT-Ti/4", "--input-size", "8", "--channels", "1", "--num-classes", "10",
                   "--batch", "4", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "b.json")).stdout
-    assert "images/s" in out and "ms/step" in out
+    assert "images/s" in out and "ms/step" in out and "MFU" in out and "attention" in out and "MB/image" in out
     result = json.loads((tmp_path / "b.json").read_text())
-    assert result["images_per_s"] > 0 and result["model_tflops"] > 0 and result["device"] == "cpu"
-    assert "MFU n/a" in out  # no dense peak is known for a CPU (run_cli keeps the GPU out)
+    assert result["images_per_s"] > 0 and result["model_tflops"] > 0
+    assert result["device"] == "cpu" and "MFU n/a" in out  # run_cli keeps the GPU out; no known peak for a CPU
+    assert result["grad_checkpoint"] == "none" and result["compile_s"] is None
+    assert result["attention"].startswith(("SDPA", "explicit"))
+    # DiT-Ti/4 on 1x8x8: 4 tokens of 192 values; every mode but 'full' keeps at least qkv,
+    # attention, proj, fc1 and fc2 (10 x 4 x 192 values) of each of the 6 blocks
+    assert result["saved_mb_per_image"] * 1e6 >= 6 * 10 * 4 * 192 * (4 if result["precision"] == "fp32" else 2)
+
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -16,6 +16,8 @@ import torch
 
 from ditforge.config import TrainConfig
 from ditforge.models import DiT, create_model
+from ditforge.models.dit import uses_explicit_attention
+from ditforge.train.activation_memory import saved_bytes
 from ditforge.train import distributed
 from ditforge.train.device import enable_tf32, keep_freed_host_memory, pick_device, resolve_precision
 from ditforge.train.step import TrainStep
@@ -67,45 +69,76 @@ class BenchResult:
     batch: int
     precision: str
     compile: bool
-    grad_checkpoint: bool
+    grad_checkpoint: str
     device: str
     images_per_s: float
     step_ms: float
-    peak_memory_gb: float | None
+    peak_memory_gb: float | None  # GiB (2**30 bytes), as torch.cuda.max_memory_allocated counts
     model_tflops: float
     mfu: float | None
+    attention: str  # the attention kernel that runs
+    saved_mb_per_image: float  # activations kept for backward, MB (1e6 bytes) per image, eager
+    compile_s: float | None  # first step's time beyond a timed step's, with --compile
 
     def line(self) -> str:
-        mem = f"{self.peak_memory_gb:.1f} GB" if self.peak_memory_gb is not None else "n/a"
+        mem = f"{self.peak_memory_gb:.1f} GiB" if self.peak_memory_gb is not None else "n/a"
         mfu = f"{100 * self.mfu:.1f}%" if self.mfu is not None else "n/a (no known peak)"
-        opts = [o for o, on in (("compile", self.compile), ("grad-checkpoint", self.grad_checkpoint)) if on]
+        opts = ["compile"] if self.compile else []
+        compiled = f", compile {self.compile_s:.1f} s" if self.compile_s is not None else ""
         return (
             f"{self.model} {self.channels}x{self.input_size}x{self.input_size} batch {self.batch} {self.precision}"
-            f"{' ' + '+'.join(opts) if opts else ''} on {self.device}: {self.images_per_s:.1f} images/s, "
-            f"{self.step_ms:.1f} ms/step, peak memory {mem}, {self.model_tflops:.2f} model TFLOP/s, MFU {mfu}"
+            f"{' ' + '+'.join(opts) if opts else ''} grad-checkpoint {self.grad_checkpoint} on {self.device}: "
+            f"{self.images_per_s:.1f} images/s, {self.step_ms:.1f} ms/step, peak memory {mem}, "
+            f"{self.model_tflops:.2f} model TFLOP/s, MFU {mfu}; attention {self.attention}; "
+            f"saved for backward {self.saved_mb_per_image:.1f} MB/image (eager){compiled}"
         )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds for `steps` calls of step_fn(i) after `warmup` untimed ones (GPU work included)."""
+def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """Seconds for `steps` calls of step_fn(i) after `warmup` untimed ones (GPU work included),
+    and the seconds of the first call (which compiles, with torch.compile)."""
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    first = 0.0
     for i in range(warmup):
+        t0 = time.perf_counter()
         step_fn(i)
-    sync()
+        sync()
+        first = first or time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for i in range(steps):
         step_fn(warmup + i)
     sync()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, first
+
+
+# The fused attention kernels of F.scaled_dot_product_attention, by their aten names.
+SDPA_KERNELS = {
+    "_scaled_dot_product_flash_attention": "SDPA flash",
+    "_scaled_dot_product_flash_attention_for_cpu": "SDPA flash (CPU)",
+    "_scaled_dot_product_efficient_attention": "SDPA memory-efficient",
+    "_scaled_dot_product_cudnn_attention": "SDPA cuDNN",
+    "_scaled_dot_product_fused_attention_overrideable": "SDPA fused (device backend)",
+}
+
+
+def attention_backend(attention_ops: set[str], model: DiT, precision: str, device: torch.device) -> str:
+    """Name of the attention computation that ran, from the fused kernels seen in a forward."""
+    names = sorted({SDPA_KERNELS[op] for op in attention_ops if op in SDPA_KERNELS})
+    if names:
+        return " + ".join(names)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if uses_explicit_attention(torch.empty(0, dtype=dtype, device=device), model.x_embedder.num_patches):
+        return "explicit matrix products (CPU bf16)"
+    return "SDPA math"
 
 
 def run_benchmark(
@@ -116,7 +149,7 @@ def run_benchmark(
     batch: int = 8,
     precision: str = "auto",
     compile: bool = False,
-    grad_checkpoint: bool = False,
+    grad_checkpoint: str = "none",
     steps: int = 10,
     warmup: int = 3,
 ) -> BenchResult:
@@ -133,16 +166,19 @@ def run_benchmark(
     torch.manual_seed(0)
     model = create_model(model_name, input_size=input_size, in_channels=channels, num_classes=num_classes)
     stepper = TrainStep(cfg, model, distributed.Dist(device=device), precision)
+    saved = saved_bytes(model, stepper.diffusion, cfg, precision, device)  # eager, batches 1 and 2
     x = torch.randn(batch, channels, input_size, input_size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
-    seconds = time_steps(lambda i: stepper(i, [(x, y)], [0]), steps, warmup, device)
+    seconds, first = time_steps(lambda i: stepper(i, [(x, y)], [0]), steps, warmup, device)
     images_per_s = steps * batch / seconds
     flops = train_flops_per_image(model) * images_per_s
     peak = device_peak(device, precision)
     return BenchResult(
-        model_name, input_size, channels, batch, precision, compile, grad_checkpoint,
+        model_name, input_size, channels, batch, precision, compile, cfg.grad_checkpoint,
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         images_per_s, 1000 * seconds / steps,
         torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         flops / 1e12, flops / peak if peak else None,
+        attention_backend(saved.attention_ops, model, precision, device), saved.per_image / 1e6,
+        max(0.0, first - seconds / steps) if compile and warmup else None,
     )

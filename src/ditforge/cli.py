@@ -45,6 +45,20 @@ def _tiny_default(field: str):
     return value
 
 
+def _add_grad_checkpoint(p, default: str | None, shown: str | None) -> None:
+    """--grad-checkpoint [MODE[:FRACTION]] (earlier versions: a plain switch, which still means full)."""
+    from ditforge.models.recompute import MODES
+
+    p.add_argument(
+        "--grad-checkpoint", nargs="?", const="full", default=default, metavar="MODE[:FRACTION]",
+        help=f"what blocks keep for backward: {' | '.join(MODES)}; 'ops' recomputes only cheap ops (half the "
+        "memory of 'none', no matrix product twice), 'attn'/'mlp' also that half's products, 'full' whole "
+        "blocks; MODE:FRACTION applies MODE to that share of the blocks and 'ops' to the rest; "
+        f"the flag alone means full (default: {shown or '%(default)s'})",
+    )
+    p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_const", const="none", default=argparse.SUPPRESS, help="same as --grad-checkpoint none")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -79,7 +93,7 @@ def _add_train(sub) -> None:
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help=f"under torchrun: DDP, or FSDP2 sharding for models too big for one device (default: {d('parallel')})")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help=f"torch.compile the model (default: {d('compile')})")
     p.add_argument("--prefetch", choices=["auto", "on", "off"], help=f"read the next steps' batches in a background thread; auto = on a GPU, with pinned memory (default: {d('prefetch')})")
-    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, help=f"recompute block activations in backward: less memory, slower (default: {d('grad_checkpoint')})")
+    _add_grad_checkpoint(p, None, d("grad_checkpoint"))  # None: the preset's value
     p.add_argument("--precision", choices=PRECISIONS, help=f"autocast precision; auto = bf16 on GPU, fp32 on CPU (default: {d('precision')})")
     p.add_argument("--seed", type=int, help=f"seed of weights, data order, noise (default: {d('seed')})")
     p.add_argument("--log-every", type=int, help=f"log line and TensorBoard every N steps (default: {d('log_every')})")
@@ -180,7 +194,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch", type=int, default=8, help="batch size")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
+    _add_grad_checkpoint(p, "none", None)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--json", help="also write the result to this JSON file (default: none)")

@@ -111,7 +111,10 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard) for models too big for one device
     compile: bool = False  # torch.compile the model
     prefetch: str = "auto"  # read the next steps' batches in a background thread; auto: on a GPU (pinned)
-    grad_checkpoint: bool = False  # recompute block activations in backward (less memory, ~30% slower)
+    # what blocks keep for backward (models/recompute.py): none | ops | mlp | attn | full [:FRACTION];
+    # "ops" recomputes only the cheap ops (half the memory of none, no matrix product twice, but
+    # slower on CPU); earlier versions wrote true (= full) or false (= none)
+    grad_checkpoint: str = "none"
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 200
@@ -160,6 +163,9 @@ class TrainConfig:
                 f"{self.diffusion.diffusion_steps}, got {self.sample_steps!r}"
             )
         self.sample_steps = steps
+        from ditforge.models.recompute import normalize_spec
+
+        self.grad_checkpoint = normalize_spec(self.grad_checkpoint)
         if self.sample_cfg < 0:
             raise UserError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
 

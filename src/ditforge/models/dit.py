@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
+
+from ditforge.models.recompute import HALF_MODES, block_groups, keep_products, normalize_spec, run_blocks, run_halves
 
 __all__ = [
     "DiT",
@@ -220,6 +221,12 @@ class LabelEmbedder(nn.Module):
 CPU_EXPLICIT_ATTENTION_MAX_TOKENS = 256
 
 
+def uses_explicit_attention(q: torch.Tensor, tokens: int) -> bool:
+    """Whether Attention computes softmax(q k^T / sqrt(d)) v with two explicit products (bf16 on
+    CPU, few tokens) rather than F.scaled_dot_product_attention."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and tokens <= CPU_EXPLICIT_ATTENTION_MAX_TOKENS
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm layout), computed with
     ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where available), or,
@@ -253,7 +260,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (N, h, T, d)
         q, k = self.q_norm(q), self.k_norm(k)  # (N, h, T, d)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= CPU_EXPLICIT_ATTENTION_MAX_TOKENS:
+        if uses_explicit_attention(q, T):
             # PyTorch's CPU flash kernel is slow in bf16: two batched matrix products are 2x
             # faster there (benchmarks/README.md). Scores in bf16, like the outputs of the
             # linear layers around them under autocast.
@@ -299,15 +306,25 @@ class DiTBlock(nn.Module):
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         self.mlp = Mlp(in_features=hidden_size, hidden_features=mlp_hidden_dim, drop=0)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.recompute = "none"  # or "attn" / "mlp" (models/recompute.py); set through DiT.grad_checkpointing
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """c (N, D) -> shift, scale, gate of attention, then of the MLP (the checkpoints' order)."""
+        return self.adaLN_modulation(c).chunk(6, dim=1)  # six of (N, D)
+
+    def attn_residual(self, x, shift, scale, gate) -> torch.Tensor:
+        return x + gate.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift, scale))  # (N, T, D)
+
+    def mlp_residual(self, x, shift, scale, gate) -> torch.Tensor:
+        return x + gate.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift, scale))  # (N, T, D)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x (N, T, D) tokens, c (N, D) conditioning; chunk order is the checkpoints' order
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
-            6, dim=1
-        )  # six of (N, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
-        return x  # (N, T, D)
+        # x (N, T, D) tokens, c (N, D) conditioning
+        if self.training and self.recompute != "none":
+            return run_halves(self, x, c, self.recompute)  # (N, T, D), the same values
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)  # six of (N, D)
+        x = self.attn_residual(x, shift_msa, scale_msa, gate_msa)  # (N, T, D)
+        return self.mlp_residual(x, shift_mlp, scale_mlp, gate_mlp)  # (N, T, D)
 
 
 class FinalLayer(nn.Module):
@@ -318,8 +335,14 @@ class FinalLayer(nn.Module):
         self.norm_final = LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.recompute = "none"  # "none", or any other mode: recompute the cheap ops in backward
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.training and self.recompute != "none":
+            return keep_products(self.plain_forward, x, c)  # (N, T, p*p*C'), keeps only x of the cheap ops
+        return self.plain_forward(x, c)  # (N, T, p*p*C')
+
+    def plain_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # two of (N, D)
         x = modulate(self.norm_final(x), shift, scale)  # (N, T, D)
         return self.linear(x)  # (N, T, p*p*C')
@@ -378,7 +401,6 @@ class DiT(nn.Module):
             raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob!r}")
 
         self.learn_sigma = bool(learn_sigma)
-        self.grad_checkpointing = False  # training memory option: recompute block activations in backward
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.input_size = input_size
@@ -399,7 +421,23 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.grad_checkpointing = "none"  # training memory option: what blocks keep for backward
         self.initialize_weights()
+
+    @property
+    def grad_checkpointing(self) -> str:
+        """What each block keeps for backward in training: a spec of models/recompute.py
+        ("none", "ops", "mlp", "attn", "full", or MODE:FRACTION; True means "full")."""
+        return self._grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, spec: str | bool) -> None:
+        self._grad_checkpointing = normalize_spec(spec)
+        self._block_groups = block_groups(spec, len(self.blocks))  # [(block indices, mode)]
+        for indices, mode in self._block_groups:
+            for i in indices:
+                self.blocks[i].recompute = mode if mode in HALF_MODES else "none"
+        self.final_layer.recompute = "none" if self._grad_checkpointing == "none" else "ops"
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -477,12 +515,8 @@ class DiT(nn.Module):
         t = self.t_embedder(t)  # (N, D)
         y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t + y  # (N, D)
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training:
-                # keep only block inputs; recompute the block's activations in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)  # (N, T, D)
-            else:
-                x = block(x, c)  # (N, T, D)
+        for indices, mode in self._block_groups:
+            x = run_blocks([self.blocks[i] for i in indices], x, c, mode if self.training else "none")  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C')
         x = self.unpatchify(x)  # (N, C', H, W)
         return x  # (N, C', H, W)
