@@ -2,7 +2,7 @@
 
 The solvers need only the model's epsilon channels: the learned-variance channels ``v`` of a
 ``learn_sigma`` model (the second half of its output) are dropped. Data prediction from epsilon
-(Ho et al. 2020, eq. 15; Lu et al. 2022b, "DPM-Solver++", eq. 5):
+(Ho et al. 2020, eq. 15; Lu et al. 2022b, "DPM-Solver++", Sec. 2):
 
     x_theta(x_s, s) = (x_s - sigma_s eps_theta(x_s, s)) / alpha_s.
 """
@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..samplers import DenoiseFn
 from .vp_schedule import VPSchedule
 
 __all__ = ["data_predictor", "solver_steps"]
@@ -21,7 +22,7 @@ __all__ = ["data_predictor", "solver_steps"]
 DataFn = Callable[[Tensor, float], Tensor]
 
 
-def data_predictor(schedule: VPSchedule, denoise: Callable[[Tensor, Tensor], Tensor]) -> DataFn:
+def data_predictor(schedule: VPSchedule, denoise: DenoiseFn) -> DataFn:
     """``denoise(x_s, t_model) -> (N, C or 2C, H, W)`` -> ``x0(x_s, s) -> (N, C, H, W)``.
 
     The model is called with ``t_model`` = ``s`` for every sample, a float tensor (N,):

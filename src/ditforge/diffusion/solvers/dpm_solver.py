@@ -2,11 +2,11 @@
 
 Lu, Zhou, Bao, Chen, Li, Zhu 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
 Probabilistic Models" (arXiv 2211.01095). The exact solution of the probability-flow ODE from
-``s`` to ``t`` (eq. 8), with lambda the half log-SNR and x_theta the data prediction:
+``s`` to ``t`` (their Sec. 4, from the variation-of-constants formula), with lambda the half log-SNR and x_theta the data prediction:
 
     x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x_theta(x_lambda, lambda) dlambda.
 
-With x_theta held constant it gives DPM-Solver++(1), which is DDIM (eq. 9):
+With x_theta held constant it gives DPM-Solver++(1), which is DDIM (Sec. 4):
 
     x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x_theta(x_s, s),   h = lambda_t - lambda_s.
 
@@ -26,11 +26,11 @@ first-order update, whose limit h -> inf is x_theta itself (DDIM's last step; th
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from ..samplers import DenoiseFn
 from .data_prediction import data_predictor, solver_steps
 from .vp_schedule import VPSchedule
 
@@ -40,7 +40,7 @@ __all__ = ["dpm_solver_pp_2m"]
 @torch.no_grad()
 def dpm_solver_pp_2m(
     schedule: VPSchedule,
-    denoise: Callable[[Tensor, Tensor], Tensor],
+    denoise: DenoiseFn,
     noise: Tensor,
     steps: int,
     *,

@@ -9,13 +9,14 @@ Sec. 3 and Appendix (hh = -h there):
 
 where m are data predictions x_theta, and D_k = (m_{s_k} - m_s) / r_k are differences to earlier
 (or, for the corrector, the new) evaluations at lambda_{s_k} = lambda_s + r_k h. The weights solve
-the order conditions (their Theorem 3.1, eq. 6-8; here with B(h) multiplied in):
+the order conditions (their Sec. 3, UniP-p and UniC-p with the vector a_p; written here with B(h) multiplied in):
 
     sum_k c_k r_k^{j-1} = (-h) phi_{j+1}(-h) j!,   j = 1..K,
     phi_1(z) = (e^z - 1) / z,   phi_{j+1}(z) = (phi_j(z) - 1 / j!) / z.
 
 That makes the step exact for a data prediction that is a polynomial of degree K in lambda
-(the Taylor expansion of eq. 8's integral, term by term), so its local error is O(h^{K+2}).
+(expand x_theta in a Taylor series in lambda inside the integral of the exact solution, see
+``dpm_solver.py``, and match term by term), so its local error is O(h^{K+2}).
 With K equations and K unknowns the paper's B(h) (their bh1 / bh2 variants) cancels:
 c = B(h) a_K with a_K = R_K^{-1} g_K / B(h).
 
@@ -32,12 +33,12 @@ in ``dpm_solver.py``. ``steps`` is the number of model evaluations.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..samplers import DenoiseFn
 from .data_prediction import data_predictor, solver_steps
 from .vp_schedule import VPSchedule
 
@@ -90,7 +91,7 @@ def _uni_step(
 @torch.no_grad()
 def unipc(
     schedule: VPSchedule,
-    denoise: Callable[[Tensor, Tensor], Tensor],
+    denoise: DenoiseFn,
     noise: Tensor,
     steps: int,
     *,

@@ -1,6 +1,7 @@
 """A discrete DDPM chain seen as a continuous variance-preserving (VP) process, for ODE solvers.
 
-The fast solvers integrate the probability-flow ODE (Song et al. 2021, eq. 13) of the process
+The fast solvers integrate the probability-flow ODE (Song, Sohl-Dickstein et al. 2021, "Score-Based Generative
+Modeling through Stochastic Differential Equations", eq. 13) of the process
 
     x_s = alpha_s x_0 + sigma_s eps,   alpha_s^2 + sigma_s^2 = 1,
 
@@ -15,7 +16,7 @@ name                   symbol (Lu et al. 2022a, Sec. 2-3)
 =====================  ==========================================================
 ``log_alpha(s)``       log alpha_t
 ``sigma(s)``           sigma_t = sqrt(1 - alpha_t^2)
-``lam(s)``             lambda_t = log(alpha_t / sigma_t), half the log-SNR (eq. 3.3)
+``lam(s)``             lambda_t = log(alpha_t / sigma_t), half the log-SNR (Sec. 3.1)
 ``s_of_lam(l)``        t_lambda(.), the inverse of lambda_t
 =====================  ==========================================================
 
