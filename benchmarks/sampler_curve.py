@@ -94,6 +94,7 @@ def _heldout_npz(out: Path, images: torch.Tensor) -> Path:
 
 def plot(results: Path, png: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,6 +117,9 @@ def plot(results: Path, png: Path) -> None:
                         label = sampler.upper() + (f" ({spacing})" if spacing else "")
                         ax.plot(*zip(*pts), color=color, marker=marker, ls=ls, label=label)
             ax.set_xscale("log")
+            ax.set_xticks(sorted({r["nfe"] for r in mine}))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("model evaluations per sample (NFE)")
             ax.set_ylabel({"fid": "FID (Inception, vs 359 held-out)", "class_accuracy": "class accuracy (SVC)"}[metric])
             ax.set_title(f"digits, DiT-Ti/2, cfg {cfg:g}")
@@ -123,6 +127,19 @@ def plot(results: Path, png: Path) -> None:
         axes[0][j].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
+
+
+def table(results: Path) -> str:
+    """The results as a markdown table, one row per (cfg, point), in the order measured."""
+    rows = [json.loads(l) for l in results.read_text().splitlines()]
+    lines = ["| cfg | sampler | spacing | NFE | FID | class accuracy | MLP Frechet | precision | recall | sampling s | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["cfg"], r["sampler"], r["spacing"] or "", r["nfe"])):
+        lines.append(
+            f"| {r['cfg']:g} | {r['sampler']} | {r['spacing'] or '-'} | {r['nfe']} | {r['fid']:.2f} | {r['class_accuracy']:.3f} | "
+            f"{r['frechet_mlp']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['sampling_seconds']:.0f} | {r['load_average']:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -134,9 +151,12 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", help="also draw the curves into this PNG")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: print the table (and --plot) of OUT/results.jsonl")
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    measure(args)
+    if not args.report_only:
+        measure(args)
+    print(table(Path(args.out) / "results.jsonl"))
     if args.plot:
         plot(Path(args.out) / "results.jsonl", Path(args.plot))
 
