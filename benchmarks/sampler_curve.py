@@ -122,7 +122,7 @@ def plot(results: Path, png: Path) -> None:
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("model evaluations per sample (NFE)")
             ax.set_ylabel({"fid": "FID (Inception, vs 359 held-out)", "class_accuracy": "class accuracy (SVC)"}[metric])
-            ax.set_title(f"digits, DiT-Ti/2, cfg {cfg:g}")
+            ax.set_title(f"digits, DiT-Ti/2 at step {mine[0]['step']}, cfg {cfg:g}")
             ax.grid(alpha=0.3)
         axes[0][j].legend(fontsize=7)
     fig.tight_layout()
