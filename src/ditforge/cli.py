@@ -22,6 +22,7 @@ from pathlib import Path
 from ditforge import __version__
 from ditforge.config import PRECISIONS, PRESETS, TrainConfig, preset
 from ditforge.errors import UserError
+from ditforge.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS
 
 EXIT_DIVERGED = 1
 EXIT_USER_ERROR = 2
@@ -104,7 +105,18 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-per-class", type=int, help=f"samples per class for --eval-every (default: {d('eval_per_class')})")
     p.add_argument("--sample-steps", help=f"sampling steps of the previews and --eval-every, at most --diffusion-steps (default: {d('sample_steps')})")
     p.add_argument("--sample-cfg", type=float, help=f"guidance scale of the previews (default: {d('sample_cfg')})")
+    p.add_argument("--sample-sampler", choices=SAMPLERS, help=f"sampler of the previews and --eval-every (default: {d('sample_sampler')})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only) (default: False)")
+
+
+def _add_sampler_options(p, sampler_help: str) -> None:
+    """--sampler, --spacing and --cfg-interval, shared by sample and eval."""
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=sampler_help + "; --steps counts model evaluations")
+    p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SPACING,
+                   help="time grid of dpm++2m and unipc: uniform in log-SNR or in time (DDPM / DDIM: ADM's respacing)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="guide only while t/T is in [LO, HI] (0 = data, 1 = noise); elsewhere the conditional model alone "
+                   "(default: guide at every step)")
 
 
 def _add_sample(sub) -> None:
@@ -115,7 +127,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--cfg", type=float, default=SAMPLE_CFG, help="classifier-free guidance scale; 1 = none (the paper: 4.0 for pictures, 1.5 for FID)")
     p.add_argument("--legacy-three-channel-guidance", action="store_true", help="guide only the first 3 channels, as the original DiT code did")
     p.add_argument("--steps", type=int, default=250, help="sampling steps (respaced from the training steps)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="DDPM ancestral sampling or deterministic DDIM")
+    _add_sampler_options(p, "DDPM ancestral sampling, deterministic DDIM, or the fast ODE solvers DPM-Solver++(2M) and UniPC")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first (pays off for many samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise: same seed, same picture")
     p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--model", help="model name, required for an official .pt file (e.g. DiT-XL/2)")
@@ -143,7 +156,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--per-class", type=int, default=50, help="generated samples per class")
     p.add_argument("--cfg", type=float, default=EVAL_CFG, help="guidance scale (the paper's FID setting is 1.5; pictures use 4.0)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler")
+    _add_sampler_options(p, "sampler")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--raw-weights", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision of the network; auto = bf16 on GPU, fp32 on CPU (as train)")
@@ -228,7 +241,7 @@ _OVERRIDES = {
     "diffusion_steps": "diffusion.diffusion_steps", "precision": "precision", "seed": "seed",
     "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "prefetch": "prefetch", "grad_checkpoint": "grad_checkpoint",
     "log_every": "log_every", "ckpt_every": "ckpt_every", "keep_last": "keep_last",
-    "sample_every": "sample_every", "sample_steps": "sample_steps", "sample_cfg": "sample_cfg", "eval_every": "eval_every",
+    "sample_every": "sample_every", "sample_steps": "sample_steps", "sample_cfg": "sample_cfg", "sample_sampler": "sample_sampler", "eval_every": "eval_every",
     "eval_per_class": "eval_per_class",
 }
 
@@ -280,6 +293,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interval(args: argparse.Namespace) -> tuple[float, float] | None:
+    return tuple(args.cfg_interval) if args.cfg_interval is not None else None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from ditforge.pictures import make_grid, save_png_atomic
     from ditforge.sample import generate, load_for_sampling
@@ -299,6 +316,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         precision = resolve_precision(args.precision, d.device)
         enable_tf32()
         model = sm.model.to(d.device)
+        if args.compile:
+            import torch
+
+            model = torch.compile(model)
         decode = None
         if args.vae is not None or sm.autoencoder.get("kind") != "identity":
             from ditforge.data.autoencoder import load_autoencoder
@@ -309,7 +330,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             summary = sample_to_npz(
                 sm, out, n, args.cfg, args.steps, args.sampler, args.seed, args.balanced, args.batch_size,
                 args.shard_size, decode=decode, legacy_three_channel=args.legacy_three_channel_guidance, d=d,
-                precision=precision,
+                spacing=args.spacing, cfg_interval=_interval(args), precision=precision,
             )
             if d.is_main:
                 print(f"wrote {out}: {n} samples, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}, "
@@ -321,7 +342,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         x, _ = generate(
             model, classes, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
             sm.noise_schedule, sm.diffusion_steps, args.legacy_three_channel_guidance, args.batch_size, progress=True,
-            precision=precision,
+            spacing=args.spacing, cfg_interval=_interval(args), precision=precision,
         )
         if decode is not None:
             x = decode(x.to(d.device)).cpu()
@@ -364,7 +385,8 @@ def _eval_builtin(args: argparse.Namespace) -> dict:
     enable_tf32()
     report = evaluate_builtin(
         sm.model.to(device), data_name, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
-        sm.noise_schedule, sm.diffusion_steps, progress=True, precision=precision,
+        sm.noise_schedule, sm.diffusion_steps, progress=True, spacing=args.spacing, cfg_interval=_interval(args),
+        precision=precision,
     )
     print(f"{ckpt} (step {sm.step}, {precision} on {device.type}): {report.line()}")
     return dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step, precision=precision)

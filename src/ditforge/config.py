@@ -122,6 +122,7 @@ class TrainConfig:
     sample_every: int = 0  # preview grid every N steps (0 = only at the end)
     sample_steps: str = "50"  # respacing of the preview sampler
     sample_cfg: float = 4.0
+    sample_sampler: str = "ddpm"  # sampler of the previews and --eval-every: ddpm, ddim, dpm++2m, unipc
     eval_every: int = 0  # built-in sets: class accuracy and Frechet distance every N steps, to TensorBoard
     eval_per_class: int = 20  # samples per class for those evaluations
 
@@ -166,6 +167,10 @@ class TrainConfig:
         from ditforge.models.recompute import normalize_spec
 
         self.grad_checkpoint = normalize_spec(self.grad_checkpoint)
+        from ditforge.diffusion.sampling import SAMPLERS
+
+        if self.sample_sampler not in SAMPLERS:
+            raise UserError(f"unknown sample_sampler {self.sample_sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if self.sample_cfg < 0:
             raise UserError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ditforge.data.sources import ImageSet, is_builtin, load_data, unit_to_digits
+from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS
 from ditforge.errors import UserError
 from ditforge.models import DiT
 from ditforge.sample import generate
@@ -95,10 +96,15 @@ class BuiltinReport:
     fd_generated: float  # generated vs held-out
     fd_real: float  # real train sample of the same size vs held-out
     heldout_accuracy: float  # the classifier on real held-out images: the ceiling
+    spacing: str | None = None  # the solvers' time grid (None for DDPM / DDIM)
+    cfg_interval: tuple[float, float] | None = None  # guidance only for t / T in [lo, hi]
 
     def line(self) -> str:
+        how = f"{self.steps} {self.sampler.upper()} steps" + (f" ({self.spacing} spacing)" if self.spacing else "")
+        if self.cfg_interval is not None:
+            how += f", guided for t/T in [{self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
         return (
-            f"quality ({self.data}, cfg {self.cfg:g}, {self.steps} {self.sampler.upper()} steps, "
+            f"quality ({self.data}, cfg {self.cfg:g}, {how}, "
             f"{self.per_class} per class): class accuracy {self.class_accuracy:.3f} "
             f"(real held-out {self.heldout_accuracy:.3f}) | Frechet distance to held-out "
             f"{self.fd_generated:.2f} (real vs held-out {self.fd_real:.2f})"
@@ -119,6 +125,9 @@ def evaluate_builtin(
     noise_schedule: str = "linear",
     diffusion_steps: int = 1000,
     progress: bool = False,
+    *,
+    spacing: str = DEFAULT_SPACING,
+    cfg_interval: tuple[float, float] | None = None,
     precision: str = "fp32",
 ) -> BuiltinReport:
     if not is_builtin(data_name):
@@ -131,7 +140,7 @@ def evaluate_builtin(
     classes = list(range(train.num_classes))
     x, y = generate(
         model, classes, per_class, cfg_scale, steps, sampler, seed, noise_schedule, diffusion_steps, progress=progress,
-        precision=precision,
+        spacing=spacing, cfg_interval=cfg_interval, precision=precision,
     )
     accuracy = float((judge.predict(x) == y.numpy()).mean())
     heldout_accuracy = float((judge.predict(heldout.images) == heldout.labels.numpy()).mean())
@@ -143,4 +152,7 @@ def evaluate_builtin(
     labels = train.labels.numpy()
     idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=per_class > (labels == c).sum()) for c in classes])
     fd_real = frechet_distance(*feature_statistics(judge.features(train.images[idx])), *ref)
-    return BuiltinReport(data_name, cfg_scale, steps, sampler, per_class, accuracy, fd_generated, fd_real, heldout_accuracy)
+    return BuiltinReport(
+        data_name, cfg_scale, steps, sampler, per_class, accuracy, fd_generated, fd_real, heldout_accuracy,
+        spacing if sampler in SOLVERS else None, cfg_interval,
+    )

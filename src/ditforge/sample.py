@@ -13,13 +13,12 @@ from typing import Any
 
 import torch
 
-from ditforge.diffusion import create_diffusion, ddim_sample, ddpm_sample, guided_denoiser
+from ditforge.diffusion import guided_denoiser
+from ditforge.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS, Sampler
 from ditforge.errors import CheckpointError, UserError
 from ditforge.models import DiT, create_model
 from ditforge.train.checkpoint import SAMPLING_KEYS, latest_checkpoint, load_weights, read_state, read_tensors
 from ditforge.train.device import autocast
-
-SAMPLERS = ("ddpm", "ddim")
 
 
 @dataclass
@@ -116,9 +115,16 @@ def check_classes(classes: list[int], num_classes: int) -> None:
         raise UserError(f"class id {bad[0]} is out of range; this model knows classes 0..{num_classes - 1}")
 
 
-def check_sampling_args(model: DiT, steps: int, diffusion_steps: int, cfg_scale: float, sampler: str) -> None:
+def check_sampling_args(
+    model: DiT, steps: int, diffusion_steps: int, cfg_scale: float, sampler: str,
+    spacing: str = DEFAULT_SPACING, cfg_interval: tuple[float, float] | None = None,
+) -> None:
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if spacing not in SPACINGS:
+        raise UserError(f"unknown time spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
+    if cfg_interval is not None and not (len(cfg_interval) == 2 and 0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0):
+        raise UserError(f"cfg interval must be LO HI with 0 <= LO <= HI <= 1 (fractions of the diffusion time), got {cfg_interval}")
     if not 0 < steps <= diffusion_steps:
         raise UserError(f"steps must be between 1 and {diffusion_steps}, got {steps}")
     if cfg_scale < 0:
@@ -127,29 +133,39 @@ def check_sampling_args(model: DiT, steps: int, diffusion_steps: int, cfg_scale:
         raise UserError(f"cfg {cfg_scale:g} needs a model trained with label dropout (it has no null class); use --cfg 1")
 
 
+def interval_timesteps(cfg_interval: tuple[float, float] | None, diffusion_steps: int) -> tuple[float, float] | None:
+    """A guidance interval in fractions of the diffusion time (0 = data, 1 = noise) -> model timesteps."""
+    if cfg_interval is None:
+        return None
+    return (cfg_interval[0] * diffusion_steps, cfg_interval[1] * diffusion_steps)
+
+
 @torch.no_grad()
 def sample_batch(
     model: DiT,
-    diffusion,
+    sampler: Sampler,
     y: torch.Tensor,  # (B,) on the model's device
     noise: torch.Tensor,  # (B, C, H, W) on the model's device
     generator: torch.Generator,
     cfg_scale: float,
-    sampler: str,
     legacy_three_channel: bool = False,
     progress: bool = False,
+    cfg_interval: tuple[float, float] | None = None,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """One batch through the guided sampler: (B, C, H, W) samples in data space. The network runs
+    """One batch through the guided sampler: (B, C, H, W) samples in data space.
+    ``cfg_interval``: guide only for t / T in [LO, HI] (None: at every step). The network runs
     in `precision` (autocast), the sampler's arithmetic in fp32."""
 
     def network(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(precision, x.device):
             return model(x, t, labels).float()
 
-    denoise = guided_denoiser(network, y, cfg_scale, model.num_classes, model.in_channels, legacy_three_channel)
-    loop = ddpm_sample if sampler == "ddpm" else ddim_sample
-    return loop(diffusion, denoise, noise, generator=generator, progress=progress)
+    denoise = guided_denoiser(
+        network, y, cfg_scale, model.num_classes, model.in_channels, legacy_three_channel,
+        interval=interval_timesteps(cfg_interval, sampler.diffusion_steps),
+    )
+    return sampler(denoise, noise, generator=generator, progress=progress)
 
 
 @torch.no_grad()
@@ -166,11 +182,15 @@ def generate(
     legacy_three_channel: bool = False,
     batch_size: int = 500,
     progress: bool = False,
+    *,
+    spacing: str = DEFAULT_SPACING,
+    cfg_interval: tuple[float, float] | None = None,
     precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples (N, C, H, W) in data space and their labels (N,), N = len(classes) * per_class,
-    grouped by class in the order given. Deterministic for a seed and batch size."""
-    check_sampling_args(model, steps, diffusion_steps, cfg_scale, sampler)
+    grouped by class in the order given. Deterministic for a seed and batch size.
+    ``sampler`` is one of ``SAMPLERS``; ``spacing`` the solvers' time grid."""
+    check_sampling_args(model, steps, diffusion_steps, cfg_scale, sampler, spacing, cfg_interval)
     if per_class <= 0:
         raise UserError(f"per-class must be a positive number of samples, got {per_class}")
     if batch_size <= 0:
@@ -178,7 +198,7 @@ def generate(
     check_classes(classes, model.num_classes)
     device = next(model.parameters()).device
     model.eval()
-    diffusion = create_diffusion(str(steps), noise_schedule, model.learn_sigma, diffusion_steps)
+    chosen = Sampler(sampler, steps, noise_schedule, diffusion_steps, model.learn_sigma, spacing)
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)  # (N,)
     shape = (labels.numel(), model.in_channels, model.input_size, model.input_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # (N, C, H, W), device-independent
@@ -187,6 +207,6 @@ def generate(
     for start in range(0, labels.numel(), batch_size):
         y = labels[start : start + batch_size].to(device)
         z = noise[start : start + batch_size].to(device)
-        x = sample_batch(model, diffusion, y, z, gen, cfg_scale, sampler, legacy_three_channel, progress, precision)
+        x = sample_batch(model, chosen, y, z, gen, cfg_scale, legacy_three_channel, progress, cfg_interval, precision)
         out.append(x.float().cpu())
     return torch.cat(out), labels

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ditforge.data.sources import to_uint8
-from ditforge.diffusion import create_diffusion
+from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS, Sampler
 from ditforge.errors import UserError
 from ditforge.npz import NpzStreamWriter, save_npz_atomic
 from ditforge.sample import SamplingModel, check_sampling_args, sample_batch
@@ -57,6 +57,9 @@ def sample_to_npz(
     legacy_three_channel: bool = False,
     progress: bool = True,
     d: distributed.Dist | None = None,
+    *,
+    spacing: str = DEFAULT_SPACING,
+    cfg_interval: tuple[float, float] | None = None,
     precision: str = "fp32",
 ) -> dict:
     """Write `num_samples` samples to `out`; return a summary (rank 0; other ranks: their part)."""
@@ -66,12 +69,16 @@ def sample_to_npz(
         raise UserError(f"num-samples must be positive, got {num_samples}")
     if batch_size <= 0 or shard_size <= 0 or shard_size % batch_size:
         raise UserError(f"shard size {shard_size} must be a positive multiple of the batch size {batch_size}")
-    check_sampling_args(model, steps, sm.diffusion_steps, cfg_scale, sampler)
+    check_sampling_args(model, steps, sm.diffusion_steps, cfg_scale, sampler, spacing, cfg_interval)
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     settings = dict(source=sm.source, num_samples=num_samples, cfg=cfg_scale, steps=steps, sampler=sampler,
                     seed=seed, balanced=balanced, batch_size=batch_size, shard_size=shard_size,
                     legacy_three_channel=legacy_three_channel, precision=precision)
+    if sampler in SOLVERS:
+        settings["spacing"] = spacing
+    if cfg_interval is not None:
+        settings["cfg_interval"] = list(cfg_interval)
     if d.is_main:
         parts.mkdir(parents=True, exist_ok=True)
         meta = parts / "settings.json"
@@ -81,7 +88,7 @@ def sample_to_npz(
     distributed.barrier(d)
 
     device = d.device
-    diffusion = create_diffusion(str(steps), sm.noise_schedule, model.learn_sigma, sm.diffusion_steps)
+    chosen = Sampler(sampler, steps, sm.noise_schedule, sm.diffusion_steps, model.learn_sigma, spacing)
     labels = sample_labels(num_samples, model.num_classes, seed, balanced)
     num_shards = math.ceil(num_samples / shard_size)
     mine = [k for k in range(d.rank, num_shards, d.world_size)]
@@ -102,8 +109,8 @@ def sample_to_npz(
             g = torch.Generator().manual_seed(seed * 1_000_003 + b0)  # this batch's noise, wherever it runs
             noise = torch.randn((y.numel(), *shape), generator=g)  # (B, C, H, W)
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b0 + 1)
-            x = sample_batch(model, diffusion, y.to(device), noise.to(device), gen, cfg_scale, sampler, legacy_three_channel,
-                             precision=precision)
+            x = sample_batch(model, chosen, y.to(device), noise.to(device), gen, cfg_scale, legacy_three_channel,
+                             cfg_interval=cfg_interval, precision=precision)
             if decode is not None:
                 x = decode(x)
             images.append(to_hwc_uint8(x))

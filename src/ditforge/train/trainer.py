@@ -37,6 +37,7 @@ log = logging.getLogger("ditforge.train")
 # Fields that may differ when a run is resumed: they change how it reports, not what it learns.
 RESUMABLE_CHANGES = {
     "steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps", "sample_cfg",
+    "sample_sampler",
     "eval_every", "eval_per_class",
     "grad_accum", "parallel", "compile", "grad_checkpoint", "prefetch",  # same math, other speed or memory
 }
@@ -143,6 +144,7 @@ def save_preview(model: DiT, cfg: TrainConfig, data: TrainingData, path: Path, d
         PREVIEW_PER_CLASS,
         cfg_scale=cfg.sample_cfg,
         steps=int(cfg.sample_steps),
+        sampler=cfg.sample_sampler,
         seed=cfg.seed,
         noise_schedule=cfg.diffusion.noise_schedule,
         diffusion_steps=cfg.diffusion.diffusion_steps,
@@ -265,7 +267,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
         if m is None:
             return
         report = evaluate_builtin(
-            m, cfg.data, cfg.eval_per_class, cfg.sample_cfg, int(cfg.sample_steps), seed=cfg.seed,
+            m, cfg.data, cfg.eval_per_class, cfg.sample_cfg, int(cfg.sample_steps), cfg.sample_sampler, seed=cfg.seed,
             noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps, precision=precision,
         )
         log.info("step %d | %s", step, report.line())
