@@ -30,6 +30,8 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ditforge.errors import UserError
+
 __all__ = ["MODES", "REST_MODE", "parse_spec", "normalize_spec", "block_modes", "block_groups", "save_products_policy", "keep_products", "run_blocks", "run_halves"]
 
 MODES = ("none", "ops", "mlp", "attn", "full")
@@ -64,7 +66,7 @@ def parse_spec(spec: str | bool) -> tuple[str, float]:
         return ("full" if spec else "none"), 1.0
     mode, _, frac = str(spec).partition(":")
     if mode not in MODES:
-        raise ValueError(f"unknown grad_checkpoint mode {mode!r} in {spec!r}; choose one of {', '.join(MODES)} (optionally MODE:FRACTION)")
+        raise UserError(f"unknown grad_checkpoint mode {mode!r} in {spec!r}; choose one of {', '.join(MODES)} (optionally MODE:FRACTION)")
     if not frac:
         return mode, 1.0
     try:
@@ -72,7 +74,7 @@ def parse_spec(spec: str | bool) -> tuple[str, float]:
     except ValueError:
         fraction = -1.0
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"grad_checkpoint fraction in {spec!r} must be a number in (0, 1], e.g. full:0.5")
+        raise UserError(f"grad_checkpoint fraction in {spec!r} must be a number in (0, 1], e.g. full:0.5")
     return mode, fraction
 
 
