@@ -82,7 +82,8 @@ def _add_train(sub) -> None:
     p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps (default: {d('ckpt_every')})")
     p.add_argument("--keep-last", type=int, help=f"checkpoints kept, 0 = all (default: {d('keep_last')})")
     p.add_argument("--sample-every", type=int, help=f"preview grid every N steps, 0 = only at the end (default: {d('sample_every')})")
-    p.add_argument("--eval-every", type=int, help=f"built-in sets: class accuracy and Frechet distance every N steps, logged to TensorBoard; 0 = off (default: {d('eval_every')})")
+    p.add_argument("--eval-every", type=int, help=f"class accuracy read by the judge (per class too; built-in sets: and Frechet distance) every N steps, logged to TensorBoard; 0 = off (default: {d('eval_every')})")
+    p.add_argument("--eval-fid", action=argparse.BooleanOptionalAction, help=f"image folders and latent stores: --eval-every also computes FID, precision, recall against the held-out split (Inception: about 1 min per 200 samples on 2 CPU cores) (default: {d('eval_fid')})")
     p.add_argument("--eval-per-class", type=int, help=f"samples per class for --eval-every (default: {d('eval_per_class')})")
     p.add_argument("--sample-cfg", type=float, help=f"guidance scale of the previews (default: {d('sample_cfg')})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only) (default: False)")
@@ -211,7 +212,7 @@ _OVERRIDES = {
     "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "grad_checkpoint": "grad_checkpoint",
     "log_every": "log_every", "ckpt_every": "ckpt_every", "keep_last": "keep_last",
     "sample_every": "sample_every", "sample_cfg": "sample_cfg", "eval_every": "eval_every",
-    "eval_per_class": "eval_per_class",
+    "eval_per_class": "eval_per_class", "eval_fid": "eval_fid",
 }
 
 
@@ -232,6 +233,41 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps"}
+
+
+def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """Model, precision and steps the user left out, chosen for the device and the data
+    (`train/auto.py`); a resumed run keeps the ones its folder recorded. Returns the config
+    and one line per choice."""
+    from ditforge.data.sources import is_builtin
+    from ditforge.train.auto import choose_defaults, describe_device, peek_data
+    from ditforge.train.device import pick_device
+
+    given = {k: getattr(args, k) for k in _AUTO_FIELDS if getattr(args, k) is not None}
+    values = cfg.to_dict()
+    saved_path = Path(cfg.run_dir) / "config.json"
+    if args.preset == "tiny" and not is_builtin(cfg.data) and saved_path.is_file():
+        saved = TrainConfig.load(saved_path)
+        kept = {"model": saved.model.name, "precision": saved.precision, "steps": saved.steps}
+        lines = [f"{k} {kept[k]}: kept from {saved_path}" for k in _AUTO_FIELDS if k not in given]
+        for k in _AUTO_FIELDS:
+            given.setdefault(k, kept[k])
+        values["model"]["name"], values["precision"], values["steps"] = given["model"], given["precision"], given["steps"]
+        return TrainConfig.from_dict(values), lines
+    if len(given) == len(_AUTO_FIELDS) or args.preset != "tiny" or is_builtin(cfg.data):
+        return cfg, []
+    shape, num_classes = peek_data(cfg.data, cfg.image_size)
+    ch = choose_defaults(describe_device(pick_device()), shape, num_classes, cfg.global_batch, given, args.preset, False)
+    for path, v in ch.as_overrides().items():
+        *parents, leaf = path.split(".")
+        node = values
+        for part in parents:
+            node = node[part]
+        node[leaf] = v
+    return TrainConfig.from_dict(values), ch.reasons
+
+
 def _check_writable(path: Path) -> None:
     parent = path.resolve().parent
     if not parent.is_dir():
@@ -245,7 +281,9 @@ def _check_writable(path: Path) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from ditforge.train.trainer import train
 
-    cfg = config_from_args(args)
+    cfg, chosen = auto_defaults(args, config_from_args(args))
+    for line in chosen:
+        print(f"chose {line} (flags given win)")
     result = train(cfg, progress=not args.no_progress)
     if not result.is_main:
         return 0

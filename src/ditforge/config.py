@@ -115,8 +115,9 @@ class TrainConfig:
     sample_every: int = 0  # preview grid every N steps (0 = only at the end)
     sample_steps: str = "50"  # respacing of the preview sampler
     sample_cfg: float = 4.0
-    eval_every: int = 0  # built-in sets: class accuracy and Frechet distance every N steps, to TensorBoard
+    eval_every: int = 0  # class accuracy (and Frechet distance or FID) every N steps, to TensorBoard
     eval_per_class: int = 20  # samples per class for those evaluations
+    eval_fid: bool = False  # image folders, latent stores: also FID/precision/recall (Inception: slow on CPU)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -139,14 +140,6 @@ class TrainConfig:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"unknown parallel strategy {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
-        if self.eval_every:
-            from ditforge.data.sources import is_builtin
-
-            if not is_builtin(self.data):
-                raise ValueError(
-                    f"eval_every works on built-in data sets (e.g. digits); {self.data!r} is an image folder: "
-                    "sample an .npz and use `ditforge eval --samples` instead"
-                )
         if self.sample_cfg < 0:
             raise ValueError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
 
