@@ -283,7 +283,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, chosen = auto_defaults(args, config_from_args(args))
     for line in chosen:
-        print(f"chose {line} (flags given win)")
+        print(f"chose {line}")
+    if chosen:
+        print("(--model, --precision and --steps given on the command line override these choices)")
     result = train(cfg, progress=not args.no_progress)
     if not result.is_main:
         return 0

@@ -132,7 +132,7 @@ class RunReport:
     class_accuracy: float  # share of samples read as their requested class
     heldout_accuracy: float  # the judge on real held-out images: the ceiling
     accuracy_ratio: float  # class_accuracy / heldout_accuracy (the goal: >= 0.8)
-    classes: list[dict[str, Any]]  # per class: name, samples (accuracy), heldout (accuracy)
+    classes: list[dict[str, Any]]  # per class: id, name, samples and heldout (accuracy), read_as (most common reading)
     judge: dict[str, Any]
     note: str
     fid: float | None = None
@@ -159,8 +159,8 @@ class RunReport:
         return text
 
     def table(self) -> str:
-        rows = [f"{'class':>12}  samples  real held-out"]
-        rows += [f"{c['name'][:12]:>12}  {c['samples']:7.3f}  {c['heldout']:13.3f}" for c in self.classes]
+        rows = [f"{'class':>12}  samples  real held-out  samples mostly read as"]
+        rows += [f"{c['name'][:12]:>12}  {c['samples']:7.3f}  {c['heldout']:13.3f}  {c['read_as']}" for c in self.classes]
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,7 +236,9 @@ def evaluate_run(
         data=Path(config["data"]).name, cfg=cfg_scale, steps=steps, sampler=sampler, per_class=per_class,
         class_accuracy=accuracy, heldout_accuracy=info.heldout_accuracy,
         accuracy_ratio=accuracy / info.heldout_accuracy if info.heldout_accuracy > 0 else float("nan"),
-        classes=[dict(id=c, name=names[c], samples=per[c], heldout=info.heldout_per_class[c]) for c in classes],
+        classes=[dict(id=c, name=names[c], samples=per[c], heldout=info.heldout_per_class[c],
+                      read_as=names[int(np.bincount(pred[y.numpy() == c], minlength=len(classes)).argmax())])
+                 for c in classes],
         judge=dict(kind="cnn", train_images=info.train_count, heldout_images=info.heldout_count,
                    steps=info.steps, train_seconds=round(info.seconds, 1), cache=str(run_dir / "judge")),
         note=real.note,
