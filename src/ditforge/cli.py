@@ -255,8 +255,8 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
             given.setdefault(k, kept[k])
         values["model"]["name"], values["precision"], values["steps"] = given["model"], given["precision"], given["steps"]
         return TrainConfig.from_dict(values), lines
-    if len(given) == len(_AUTO_FIELDS) or args.preset != "tiny" or is_builtin(cfg.data):
-        return cfg, []
+    if len(given) == len(_AUTO_FIELDS) or args.preset != "tiny" or is_builtin(cfg.data) or not Path(cfg.data).is_dir():
+        return cfg, []  # nothing to choose, or data that training will refuse with its own message
     shape, num_classes = peek_data(cfg.data, cfg.image_size)
     ch = choose_defaults(describe_device(pick_device()), shape, num_classes, cfg.global_batch, given, args.preset, False)
     for path, v in ch.as_overrides().items():
