@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -141,7 +141,6 @@ class RunReport:
     recall: float | None = None
     fid_real: float | None = None  # as many real training images vs held-out: the floor
     num_heldout: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def line(self) -> str:
         worst = sorted(self.classes, key=lambda c: c["samples"])[:3]
