@@ -67,6 +67,12 @@ def test_extract_train_resume_sample(folder_and_vae, tmp_path):
     run_cli("sample", str(run), "--steps", "2", "--num-samples", "4", "--batch-size", "2", "--shard-size", "2",
             "--out", str(tmp_path / "s.npz"))
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (4, 16, 16, 3)
+    # eval judges decoded samples; the judge trains on decoded records (20% of each class held out)
+    run_cli("eval", str(run), "--per-class", "2", "--steps", "2", "--no-fid", "--json", str(tmp_path / "e.json"))
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert "latent store" in report["note"] and len(report["classes"]) == 2
+    assert (report["judge"]["train_images"], report["judge"]["heldout_images"]) == (20, 4)
+    assert report["heldout_accuracy"] == 1.0  # dark vs light, decoded through the recorded VAE
     # the manifest fixes the input size: another one is a clear error
     bad = run_cli("train", "--data", str(feats), "--run-dir", str(tmp_path / "bad"), "--image-size", "32", "--steps", "1", "--no-progress", check=False)
     assert bad.returncode == 2 and "extracted at 16 px" in bad.stderr

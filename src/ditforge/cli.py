@@ -101,7 +101,8 @@ def _add_train(sub) -> None:
     p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps (default: {d('ckpt_every')})")
     p.add_argument("--keep-last", type=int, help=f"checkpoints kept, 0 = all (default: {d('keep_last')})")
     p.add_argument("--sample-every", type=int, help=f"preview grid every N steps, 0 = only at the end (default: {d('sample_every')})")
-    p.add_argument("--eval-every", type=int, help=f"built-in sets: class accuracy and Frechet distance every N steps, logged to TensorBoard; 0 = off (default: {d('eval_every')})")
+    p.add_argument("--eval-every", type=int, help=f"class accuracy read by the judge (per class too; built-in sets: and Frechet distance) every N steps, logged to TensorBoard; 0 = off (default: {d('eval_every')})")
+    p.add_argument("--eval-fid", action=argparse.BooleanOptionalAction, help=f"image folders and latent stores: --eval-every also computes FID, precision, recall against the held-out split (Inception: about 1 min per 200 samples on 2 CPU cores) (default: {d('eval_fid')})")
     p.add_argument("--eval-per-class", type=int, help=f"samples per class for --eval-every (default: {d('eval_per_class')})")
     p.add_argument("--sample-steps", help=f"sampling steps of the previews and --eval-every, at most --diffusion-steps (default: {d('sample_steps')})")
     p.add_argument("--sample-cfg", type=float, help=f"guidance scale of the previews (default: {d('sample_cfg')})")
@@ -145,14 +146,16 @@ def _add_sample(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="measure samples: a run on a built-in set (class accuracy, Frechet distance), or an .npz "
+        help="measure samples: a run (did it learn its classes? FID against its held-out split), or an .npz "
         "against a reference (FID, sFID, precision, recall)",
         formatter_class=_Formatter,
-        description="Two modes.\n  ditforge eval RUN                       built-in sets: samples, then class accuracy "
-        "and Frechet distance\n  ditforge eval --samples S.npz --ref REF  ADM metrics with Inception-v3; REF is an image "
+        description="Two modes.\n  ditforge eval RUN                       samples of every class read by a judge "
+        "trained on the run's own data (cached in RUN/judge/), per-class accuracy, FID / precision / recall against "
+        "the held-out split (built-in sets: SVC accuracy and MLP Frechet distance)"
+        "\n  ditforge eval --samples S.npz --ref REF  ADM metrics with Inception-v3; REF is an image "
         "folder, an .npz of images, or a statistics file from --save-ref",
     )
-    p.add_argument("checkpoint", nargs="?", help="run folder (latest checkpoint) or checkpoint folder (built-in mode)")
+    p.add_argument("checkpoint", nargs="?", help="run folder (latest checkpoint) or checkpoint folder (run mode)")
     p.add_argument("--per-class", type=int, default=50, help="generated samples per class")
     p.add_argument("--cfg", type=float, default=EVAL_CFG, help="guidance scale (the paper's FID setting is 1.5; pictures use 4.0)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
@@ -160,6 +163,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--raw-weights", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision of the network; auto = bf16 on GPU, fp32 on CPU (as train)")
+    p.add_argument("--no-fid", action="store_true", help="run mode: class accuracy only, no Inception (FID costs ~1 min per 500 images on 2 CPU cores)")
     p.add_argument("--samples", help="ADM mode: .npz of generated images (arr_0 uint8 N x H x W x 3)")
     p.add_argument("--ref", help="ADM mode: reference image folder, .npz of images, or statistics file")
     p.add_argument("--save-ref", help="write the reference statistics to this file, to reuse as --ref (default: none)")
@@ -242,7 +246,7 @@ _OVERRIDES = {
     "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "prefetch": "prefetch", "grad_checkpoint": "grad_checkpoint",
     "log_every": "log_every", "ckpt_every": "ckpt_every", "keep_last": "keep_last",
     "sample_every": "sample_every", "sample_steps": "sample_steps", "sample_cfg": "sample_cfg", "sample_sampler": "sample_sampler", "eval_every": "eval_every",
-    "eval_per_class": "eval_per_class",
+    "eval_per_class": "eval_per_class", "eval_fid": "eval_fid",
 }
 
 
@@ -261,6 +265,41 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         name = Path(values.get("data", "digits")).name or "run"
         values["run_dir"] = str(Path("runs") / name)
     return TrainConfig.from_dict(values)
+
+
+_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps"}
+
+
+def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """Model, precision and steps the user left out, chosen for the device and the data
+    (`train/auto.py`); a resumed run keeps the ones its folder recorded. Returns the config
+    and one line per choice."""
+    from ditforge.data.sources import is_builtin
+    from ditforge.train.auto import choose_defaults, describe_device, peek_data
+    from ditforge.train.device import pick_device
+
+    given = {k: getattr(args, k) for k in _AUTO_FIELDS if getattr(args, k) is not None}
+    values = cfg.to_dict()
+    saved_path = Path(cfg.run_dir) / "config.json"
+    if args.preset == "tiny" and not is_builtin(cfg.data) and saved_path.is_file():
+        saved = TrainConfig.load(saved_path)
+        kept = {"model": saved.model.name, "precision": saved.precision, "steps": saved.steps}
+        lines = [f"{k} {kept[k]}: kept from {saved_path}" for k in _AUTO_FIELDS if k not in given]
+        for k in _AUTO_FIELDS:
+            given.setdefault(k, kept[k])
+        values["model"]["name"], values["precision"], values["steps"] = given["model"], given["precision"], given["steps"]
+        return TrainConfig.from_dict(values), lines
+    if len(given) == len(_AUTO_FIELDS) or args.preset != "tiny" or is_builtin(cfg.data) or not Path(cfg.data).is_dir():
+        return cfg, []  # nothing to choose, or data that training will refuse with its own message
+    shape, num_classes = peek_data(cfg.data, cfg.image_size)
+    ch = choose_defaults(describe_device(pick_device()), shape, num_classes, cfg.global_batch, given, args.preset, False)
+    for path, v in ch.as_overrides().items():
+        *parents, leaf = path.split(".")
+        node = values
+        for part in parents:
+            node = node[part]
+        node[leaf] = v
+    return TrainConfig.from_dict(values), ch.reasons
 
 
 def _check_writable(path: Path) -> None:
@@ -284,7 +323,11 @@ def _check_writable(path: Path) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from ditforge.train.trainer import train
 
-    cfg = config_from_args(args)
+    cfg, chosen = auto_defaults(args, config_from_args(args))
+    for line in chosen:
+        print(f"chose {line}")
+    if chosen:
+        print("(--model, --precision and --steps given on the command line override these choices)")
     result = train(cfg, progress=not args.no_progress)
     if not result.is_main:
         return 0
@@ -370,6 +413,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_builtin(args: argparse.Namespace) -> dict:
+    from ditforge.data.sources import is_builtin
     from ditforge.evaluate import evaluate_builtin
     from ditforge.sample import load_for_sampling, resolve_checkpoint
     from ditforge.train.checkpoint import read_state
@@ -378,8 +422,11 @@ def _eval_builtin(args: argparse.Namespace) -> dict:
     ckpt = resolve_checkpoint(args.checkpoint)
     if ckpt.is_file():
         raise UserError(f"eval needs a ditforge run or checkpoint folder, got the file {args.checkpoint!r}")
-    data_name = read_state(ckpt, ("config",))["config"].get("data", "")
+    config = read_state(ckpt, ("config",))["config"]
+    data_name = config.get("data", "")
     sm = load_for_sampling(ckpt, use_ema=not args.raw_weights)
+    if not is_builtin(data_name):
+        return _eval_run(args, ckpt, sm, config)
     device = pick_device()
     precision = resolve_precision(args.precision, device)
     enable_tf32()
@@ -388,6 +435,28 @@ def _eval_builtin(args: argparse.Namespace) -> dict:
         sm.noise_schedule, sm.diffusion_steps, progress=True, spacing=args.spacing, cfg_interval=_interval(args),
         precision=precision,
     )
+    print(f"{ckpt} (step {sm.step}, {precision} on {device.type}): {report.line()}")
+    return dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step, precision=precision)
+
+
+def _eval_run(args: argparse.Namespace, ckpt: Path, sm, config: dict) -> dict:
+    from ditforge.evaluate_run import evaluate_run
+    from ditforge.train.device import enable_tf32, pick_device, resolve_precision
+
+    device = pick_device()
+    precision = resolve_precision(args.precision, device)
+    enable_tf32()
+    decode = None
+    if sm.autoencoder.get("kind") != "identity":
+        from ditforge.data.autoencoder import load_autoencoder
+
+        decode = load_autoencoder(sm.autoencoder, device=device).decode
+    report = evaluate_run(
+        sm.model.to(device), config, ckpt.parent.parent, sm.class_names, args.per_class, args.cfg, args.steps,
+        args.sampler, args.seed, sm.noise_schedule, sm.diffusion_steps, decode, with_fid=not args.no_fid,
+        inception_path=args.inception, progress=True, spacing=args.spacing, cfg_interval=_interval(args), precision=precision,
+    )
+    print(report.table())
     print(f"{ckpt} (step {sm.step}, {precision} on {device.type}): {report.line()}")
     return dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step, precision=precision)
 

@@ -123,8 +123,9 @@ class TrainConfig:
     sample_steps: str = "50"  # respacing of the preview sampler
     sample_cfg: float = 4.0
     sample_sampler: str = "ddpm"  # sampler of the previews and --eval-every: ddpm, ddim, dpm++2m, unipc
-    eval_every: int = 0  # built-in sets: class accuracy and Frechet distance every N steps, to TensorBoard
+    eval_every: int = 0  # class accuracy (and Frechet distance or FID) every N steps, to TensorBoard
     eval_per_class: int = 20  # samples per class for those evaluations
+    eval_fid: bool = False  # image folders, latent stores: also FID/precision/recall (Inception: slow on CPU)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -149,14 +150,6 @@ class TrainConfig:
             raise UserError(f"unknown prefetch setting {self.prefetch!r}; choose one of: {', '.join(PREFETCH)}")
         if self.parallel not in PARALLEL:
             raise UserError(f"unknown parallel strategy {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
-        if self.eval_every:
-            from ditforge.data.sources import is_builtin
-
-            if not is_builtin(self.data):
-                raise UserError(
-                    f"eval_every works on built-in data sets (e.g. digits); {self.data!r} is an image folder: "
-                    "sample an .npz and use `ditforge eval --samples` instead"
-                )
         steps = str(self.sample_steps)
         if not (steps.isdigit() and 1 <= int(steps) <= self.diffusion.diffusion_steps):
             raise UserError(

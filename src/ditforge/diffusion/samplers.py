@@ -33,7 +33,7 @@ def _steps(diffusion: GaussianDiffusion, progress: bool, desc: str):
     if progress:
         from tqdm.auto import tqdm
 
-        return tqdm(indices, desc=desc, total=diffusion.num_timesteps)
+        return tqdm(indices, desc=desc, total=diffusion.num_timesteps, disable=None)  # off when not a terminal
     return indices
 
 

@@ -435,7 +435,7 @@ def accumulate_features(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="img", desc="inception features")
+        bar = tqdm(total=total, unit="img", desc="inception features", disable=None)  # off when not a terminal
     try:
         for batch in _batches(images, batch_size):
             acc.add(inception(batch))

@@ -21,11 +21,13 @@ import torch
 from ditforge import __version__
 from ditforge.config import TrainConfig
 from ditforge.data.loader import InfiniteLoader, Prefetcher, StoreSource, TensorSource
-from ditforge.data.sources import load_data
+from ditforge.data.sources import is_builtin, load_data
 from ditforge.errors import NonFiniteLossError, UserError
 from ditforge.evaluate import evaluate_builtin
+from ditforge.evaluate_run import evaluate_run
 from ditforge.models import DiT, count_parameters, create_model
 from ditforge.pictures import make_grid, save_png_atomic
+from ditforge.progress import PLAIN_INTERVAL_S, Progress
 from ditforge.sample import generate
 from ditforge.train import distributed
 from ditforge.train.checkpoint import check_weights, latest_checkpoint, read_training_state, save_checkpoint
@@ -38,7 +40,7 @@ log = logging.getLogger("ditforge.train")
 RESUMABLE_CHANGES = {
     "steps", "log_every", "ckpt_every", "keep_last", "sample_every", "sample_steps", "sample_cfg",
     "sample_sampler",
-    "eval_every", "eval_per_class",
+    "eval_every", "eval_per_class", "eval_fid",
     "grad_accum", "parallel", "compile", "grad_checkpoint", "prefetch",  # same math, other speed or memory
 }
 PREVIEW_CLASSES = 10
@@ -156,6 +158,19 @@ def save_preview(model: DiT, cfg: TrainConfig, data: TrainingData, path: Path, d
     return save_png_atomic(make_grid(x, [data.class_names[c] for c in classes], PREVIEW_PER_CLASS), path)
 
 
+def log_run_report(writer, report, step: int) -> None:
+    """One log line and the TensorBoard scalars of an `evaluate_run` report."""
+    log.info("step %d | %s", step, report.line())
+    writer.add_scalar("eval/class_accuracy", report.class_accuracy, step)
+    writer.add_scalar("eval/accuracy_ratio", report.accuracy_ratio, step)
+    for c in report.classes:
+        writer.add_scalar(f"eval/class_accuracy/{c['name']}", c["samples"], step)
+    if report.fid is not None:
+        writer.add_scalar("eval/fid", report.fid, step)
+        writer.add_scalar("eval/precision", report.precision, step)
+        writer.add_scalar("eval/recall", report.recall, step)
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     d = distributed.init()
     try:
@@ -222,10 +237,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        # a bar on a terminal, a line a minute in a log; the duration estimate either way
+        bar = Progress(cfg.steps, step, "train", log.info, tty=None if progress else False,
+                       interval_s=PLAIN_INTERVAL_S if progress else float("inf"))
 
     def checkpoint_now() -> Path | None:
         states = (
@@ -252,19 +266,32 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
 
     decoder = []  # the autoencoder, loaded on rank 0 at the first preview of a latent run
 
+    def decode():
+        if data.autoencoder.get("kind") == "identity":
+            return None
+        if not decoder:
+            from ditforge.data.autoencoder import load_autoencoder
+
+            decoder.append(load_autoencoder(data.autoencoder, device=device))
+        return decoder[0].decode
+
     def preview(path: Path) -> Path | None:
         m = sampling_model()
         if m is None:
             return None
-        if data.autoencoder.get("kind") != "identity" and not decoder:
-            from ditforge.data.autoencoder import load_autoencoder
-
-            decoder.append(load_autoencoder(data.autoencoder, device=device))
-        return save_preview(m, cfg, data, path, decoder[0].decode if decoder else None, precision)
+        return save_preview(m, cfg, data, path, decode(), precision)
 
     def evaluate_now() -> None:
         m = sampling_model()
         if m is None:
+            return
+        if not is_builtin(cfg.data):
+            report = evaluate_run(
+                m, cfg.to_dict(), run_dir, data.class_names, cfg.eval_per_class, cfg.sample_cfg, int(cfg.sample_steps),
+                cfg.sample_sampler, seed=cfg.seed, noise_schedule=cfg.diffusion.noise_schedule,
+                diffusion_steps=cfg.diffusion.diffusion_steps, decode=decode(), with_fid=cfg.eval_fid, precision=precision,
+            )
+            log_run_report(writer, report, step)
             return
         report = evaluate_builtin(
             m, cfg.data, cfg.eval_per_class, cfg.sample_cfg, int(cfg.sample_steps), cfg.sample_sampler, seed=cfg.seed,
