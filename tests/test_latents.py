@@ -22,8 +22,8 @@ from ditforge.data.latents import (
     rank_range,
 )
 from ditforge.data.loader import InfiniteLoader, StoreSource
-from ditforge.data.sources import center_crop_arr
-from ditforge.errors import UserError
+from ditforge.data.sources import center_crop_arr, open_image
+from ditforge.errors import UnreadableImage, UserError
 
 SIZE = 16  # image side; the test VAE downsamples by 2 -> latents (4, 8, 8)
 
@@ -62,7 +62,7 @@ def make_items(n=23, bad=(5, 17), seed=0):
 
     def load(key):
         if key in bad_keys:
-            raise OSError(f"image file is truncated ({key})")
+            raise UnreadableImage(f"OSError: image file is truncated ({key})")  # as data.sources.open_image says it
         return pixels[key]
 
     return items, load, pixels
@@ -394,8 +394,7 @@ def test_unreadable_files_are_skipped_and_listed(ae, tmp_path):
     (src / "3.png").write_bytes(b"not an image")
 
     def load(path):
-        with Image.open(path) as im:
-            return center_crop_arr(im.convert("RGB"), SIZE)
+        return center_crop_arr(open_image(path).convert("RGB"), SIZE)
 
     summary = extract(files, load, ae, tmp_path / "store", batch_size=2)
     manifest = finalize_store(tmp_path / "store", {**meta_for(ae), "class_names": ["even", "odd"]})
@@ -422,7 +421,7 @@ def test_pixel_space_store_through_the_identity_autoencoder(tmp_path):
         extract(items, odd.__getitem__, ident, tmp_path / "odd", batch_size=2)
     # nothing readable: no store
     def unreadable(key):
-        raise OSError("cannot identify image file")
+        raise UnreadableImage("UnidentifiedImageError: cannot identify image file")
 
     extract(items, unreadable, ident, tmp_path / "none", batch_size=2)
     with pytest.raises(UserError, match="no image could be encoded; all 5 were skipped"):

@@ -436,7 +436,7 @@ def _eval_builtin(args: argparse.Namespace) -> dict:
         precision=precision,
     )
     print(f"{ckpt} (step {sm.step}, {precision} on {device.type}): {report.line()}")
-    return dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step, precision=precision)
+    return dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step, sampling_precision=precision)
 
 
 def _eval_run(args: argparse.Namespace, ckpt: Path, sm, config: dict) -> dict:
@@ -458,7 +458,7 @@ def _eval_run(args: argparse.Namespace, ckpt: Path, sm, config: dict) -> dict:
     )
     print(report.table())
     print(f"{ckpt} (step {sm.step}, {precision} on {device.type}): {report.line()}")
-    return dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step, precision=precision)
+    return dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step, sampling_precision=precision)
 
 
 def _eval_adm(args: argparse.Namespace) -> dict | None:

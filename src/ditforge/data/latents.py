@@ -674,8 +674,9 @@ def items_digest(items: Sequence[tuple[Any, int]]) -> str:
 def _load_one(load: Callable[[Any], Any], key: Any, skip_errors: tuple[type[BaseException], ...]) -> tuple[bool, Any]:
     try:
         return True, load(key)
-    except skip_errors as e:
-        return False, " ".join(f"{type(e).__name__}: {e}".split())
+    except skip_errors as e:  # UnreadableImage already names the decoder's error
+        reason = str(e) if isinstance(e, UnreadableImage) else f"{type(e).__name__}: {e}"
+        return False, " ".join(reason.split())
 
 
 def _to_unit(image: Any, in_channels: int, key: Any) -> torch.Tensor:

@@ -204,13 +204,16 @@ def load_image_folder(root: str | Path, image_size: int | None = None) -> ImageS
 # -- sources for extraction: a list of items and a loader for one ---------------------------
 
 # What PIL raises for a file it cannot decode: UnidentifiedImageError and "truncated" are
-# OSErrors, some plugins raise SyntaxError, ValueError or EOFError, oversized images
+# OSErrors, some plugins raise SyntaxError, ValueError, EOFError or struct.error (a chunk cut
+# short), oversized images
 # DecompressionBombError. Only the decoder runs under this catch (`open_image`), so an error
 # of ours is never taken for a broken file.
 def _decoder_errors() -> tuple[type[BaseException], ...]:
+    import struct
+
     from PIL import Image
 
-    return (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+    return (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 def open_image(source):
