@@ -22,7 +22,11 @@ from pathlib import Path
 from ditforge import __version__
 from ditforge.config import PRECISIONS, PRESETS, TrainConfig, preset
 from ditforge.errors import UserError
-from ditforge.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS
+from ditforge.diffusion.sampling import DEFAULT_SPACING, SPACINGS
+from ditforge.flow import PATHS, PREDICTIONS, TIME_DISTRIBUTIONS
+from ditforge.objectives import OBJECTIVES, default_sampler, default_steps, samplers_of
+
+ALL_SAMPLERS = (*samplers_of("diffusion"), *samplers_of("flow"))
 
 EXIT_DIVERGED = 1
 EXIT_USER_ERROR = 2
@@ -88,8 +92,15 @@ def _add_train(sub) -> None:
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help=f"EMA decay min(decay, (1+step)/(10+step)) (default: {d('ema_warmup')})")
     p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, help=f"learned variance, output 2C channels (default: {d('model.learn_sigma')})")
     p.add_argument("--class-dropout", type=float, help=f"label dropout probability for guidance (default: {d('model.class_dropout_prob')})")
-    p.add_argument("--noise-schedule", choices=["linear", "cosine"], help=f"beta schedule (default: {d('diffusion.noise_schedule')})")
-    p.add_argument("--diffusion-steps", type=int, help=f"diffusion steps T (default: {d('diffusion.diffusion_steps')})")
+    p.add_argument("--objective", choices=OBJECTIVES, help=f"what the model learns: DiT's Gaussian diffusion (epsilon, learned variance) or SiT's flow matching (velocity) (default: {d('objective')})")
+    p.add_argument("--noise-schedule", choices=["linear", "cosine"], help=f"diffusion: beta schedule (default: {d('diffusion.noise_schedule')})")
+    p.add_argument("--diffusion-steps", type=int, help=f"diffusion: steps T (default: {d('diffusion.diffusion_steps')})")
+    p.add_argument("--path", choices=PATHS, help=f"flow: interpolant, linear (1-t) x0 + t eps or SiT's GVP cos/sin (default: {d('flow.path')})")
+    p.add_argument("--prediction", choices=PREDICTIONS, help=f"flow: what the network predicts (default: {d('flow.prediction')})")
+    p.add_argument("--time-dist", choices=TIME_DISTRIBUTIONS, help=f"flow: training times, uniform or SD3's logit-normal (default: {d('flow.time_distribution')})")
+    p.add_argument("--time-mean", type=float, help=f"flow: logit-normal mean (default: {d('flow.time_mean')})")
+    p.add_argument("--time-std", type=float, help=f"flow: logit-normal std (default: {d('flow.time_std')})")
+    p.add_argument("--time-shift", type=float, help=f"flow: SD3's shift of the training times towards noise, 1 = none (default: {d('flow.time_shift')})")
     p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step and process (default: {d('grad_accum')})")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help=f"under torchrun: DDP, or FSDP2 sharding for models too big for one device (default: {d('parallel')})")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help=f"torch.compile the model (default: {d('compile')})")
@@ -104,31 +115,38 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-every", type=int, help=f"class accuracy read by the judge (per class too; built-in sets: and Frechet distance) every N steps, logged to TensorBoard; 0 = off (default: {d('eval_every')})")
     p.add_argument("--eval-fid", action=argparse.BooleanOptionalAction, help=f"image folders and latent stores: --eval-every also computes FID, precision, recall against the held-out split (Inception: about 1 min per 200 samples on 2 CPU cores) (default: {d('eval_fid')})")
     p.add_argument("--eval-per-class", type=int, help=f"samples per class for --eval-every (default: {d('eval_per_class')})")
-    p.add_argument("--sample-steps", help=f"sampling steps of the previews and --eval-every, at most --diffusion-steps (default: {d('sample_steps')})")
+    p.add_argument("--sample-steps", help=f"sampling steps of the previews and --eval-every (diffusion: at most --diffusion-steps) (default: {d('sample_steps')})")
     p.add_argument("--sample-cfg", type=float, help=f"guidance scale of the previews (default: {d('sample_cfg')})")
-    p.add_argument("--sample-sampler", choices=SAMPLERS, help=f"sampler of the previews and --eval-every (default: {d('sample_sampler')})")
+    p.add_argument("--sample-sampler", choices=ALL_SAMPLERS, help="sampler of the previews and --eval-every (default: ddpm; flow: heun)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only) (default: False)")
 
 
 def _add_sampler_options(p, sampler_help: str) -> None:
     """--sampler, --spacing and --cfg-interval, shared by sample and eval."""
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help=sampler_help + "; --steps counts model evaluations")
+    p.add_argument("--sampler", choices=ALL_SAMPLERS, default=None,
+                   help=sampler_help + f" (default: {default_sampler('diffusion')}; flow: {default_sampler('flow')})")
     p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SPACING,
                    help="time grid of dpm++2m and unipc: uniform in log-SNR or in time (DDPM / DDIM: ADM's respacing)")
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="guide only while t/T is in [LO, HI] (0 = data, 1 = noise); elsewhere the conditional model alone "
-                   "(default: guide at every step)")
+                   help="guide only while the noise level is in [LO, HI] (0 = data, 1 = noise); elsewhere the conditional model "
+                   "alone (default: guide at every step)")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="what an official .pt file was trained with: diffusion (DiT) or flow (SiT) (default: what the run "
+                   "recorded; .pt files: diffusion)")
 
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw a labelled grid of samples from a run or checkpoint", formatter_class=_Formatter)
-    p.add_argument("checkpoint", help="run folder (latest checkpoint), checkpoint folder, or official DiT .pt file")
+    p.add_argument("checkpoint", help="run folder (latest checkpoint), checkpoint folder, or official DiT / SiT .pt file")
     p.add_argument("--classes", type=int, nargs="+", help="class ids, one grid row each (default: all classes, at most 10 spread over the range)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class (grid columns)")
     p.add_argument("--cfg", type=float, default=SAMPLE_CFG, help="classifier-free guidance scale; 1 = none (the paper: 4.0 for pictures, 1.5 for FID)")
     p.add_argument("--legacy-three-channel-guidance", action="store_true", help="guide only the first 3 channels, as the original DiT code did")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (respaced from the training steps)")
-    _add_sampler_options(p, "DDPM ancestral sampling, deterministic DDIM, or the fast ODE solvers DPM-Solver++(2M) and UniPC")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps: model evaluations (diffusion: respaced from "
+                   f"the training steps), or intervals for flow solvers (Heun: 2 evaluations each) (default: "
+                   f"{default_steps('diffusion')}; flow: {default_steps('flow')})")
+    _add_sampler_options(p, "diffusion: DDPM ancestral sampling, deterministic DDIM, the fast ODE solvers DPM-Solver++(2M) "
+                         "and UniPC; flow: Euler, Heun, Adams-Bashforth 2 (ODE) or SiT's Euler-Maruyama SDE")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first (pays off for many samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise: same seed, same picture")
     p.add_argument("--raw-weights", action="store_true", help="sample the raw weights instead of the EMA")
@@ -159,7 +177,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--per-class", type=int, default=50, help="generated samples per class")
     p.add_argument("--cfg", type=float, default=EVAL_CFG, help="guidance scale (the paper's FID setting is 1.5; pictures use 4.0)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    _add_sampler_options(p, "sampler")
+    _add_sampler_options(p, "sampler of the run's objective")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--raw-weights", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision of the network; auto = bf16 on GPU, fp32 on CPU (as train)")
@@ -241,7 +259,9 @@ _OVERRIDES = {
     "hflip": "hflip", "steps": "steps", "global_batch": "global_batch", "lr": "optim.lr",
     "betas": "optim.betas", "weight_decay": "optim.weight_decay", "grad_clip": "optim.grad_clip",
     "ema_decay": "ema_decay", "ema_warmup": "ema_warmup", "learn_sigma": "model.learn_sigma",
-    "class_dropout": "model.class_dropout_prob", "noise_schedule": "diffusion.noise_schedule",
+    "class_dropout": "model.class_dropout_prob", "objective": "objective", "noise_schedule": "diffusion.noise_schedule",
+    "path": "flow.path", "prediction": "flow.prediction", "time_dist": "flow.time_distribution", "time_mean": "flow.time_mean",
+    "time_std": "flow.time_std", "time_shift": "flow.time_shift",
     "diffusion_steps": "diffusion.diffusion_steps", "precision": "precision", "seed": "seed",
     "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "prefetch": "prefetch", "grad_checkpoint": "grad_checkpoint",
     "log_every": "log_every", "ckpt_every": "ckpt_every", "keep_last": "keep_last",
@@ -353,7 +373,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     bulk = out.suffix == ".npz"
     if args.num_samples is not None and not bulk:
         raise UserError(f"--num-samples needs an .npz output (ADM format), got --out {args.out!r}")
-    sm = load_for_sampling(args.checkpoint, args.model, use_ema=not args.raw_weights)
+    sm = load_for_sampling(args.checkpoint, args.model, use_ema=not args.raw_weights, objective=args.objective)
+    sampler = args.sampler or default_sampler(sm.objective)
+    steps = args.steps if args.steps is not None else default_steps(sm.objective)
     d = distributed.init()
     try:
         precision = resolve_precision(args.precision, d.device)
@@ -371,27 +393,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if bulk:
             n = args.num_samples if args.num_samples is not None else 50_000
             summary = sample_to_npz(
-                sm, out, n, args.cfg, args.steps, args.sampler, args.seed, args.balanced, args.batch_size,
+                sm, out, n, args.cfg, steps, sampler, args.seed, args.balanced, args.batch_size,
                 args.shard_size, decode=decode, legacy_three_channel=args.legacy_three_channel_guidance, d=d,
                 spacing=args.spacing, cfg_interval=_interval(args), precision=precision,
             )
             if d.is_main:
-                print(f"wrote {out}: {n} samples, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}, "
+                print(f"wrote {out}: {n} samples, cfg {args.cfg:g}, {steps} {sampler.upper()} steps, seed {args.seed}, "
                       f"{precision} on {d.device.type}; "
                       f"{summary['sampled_here']} sampled by this run"
                       + (f" at {summary['images_per_s']:.1f} images/s" if summary["images_per_s"] else ""))
             return 0
         classes = args.classes if args.classes is not None else preview_classes(model.num_classes)
         x, _ = generate(
-            model, classes, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
-            sm.noise_schedule, sm.diffusion_steps, args.legacy_three_channel_guidance, args.batch_size, progress=True,
+            model, classes, args.per_class, args.cfg, steps, sampler, args.seed,
+            sm.objective, args.legacy_three_channel_guidance, args.batch_size, progress=True,
             spacing=args.spacing, cfg_interval=_interval(args), precision=precision,
         )
         if decode is not None:
             x = decode(x.to(d.device)).cpu()
         names = [sm.class_names[c] if c < len(sm.class_names) else str(c) for c in classes]
         save_png_atomic(make_grid(x, names, args.per_class), out)
-        print(f"wrote {out}: classes {classes}, {args.per_class} each, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, "
+        print(f"wrote {out}: classes {classes}, {args.per_class} each, cfg {args.cfg:g}, {steps} {sampler.upper()} steps, "
               f"seed {args.seed}, {precision} on {d.device.type}")
         return 0
     finally:
@@ -424,7 +446,7 @@ def _eval_builtin(args: argparse.Namespace) -> dict:
         raise UserError(f"eval needs a ditforge run or checkpoint folder, got the file {args.checkpoint!r}")
     config = read_state(ckpt, ("config",))["config"]
     data_name = config.get("data", "")
-    sm = load_for_sampling(ckpt, use_ema=not args.raw_weights)
+    sm = load_for_sampling(ckpt, use_ema=not args.raw_weights, objective=args.objective)
     if not is_builtin(data_name):
         return _eval_run(args, ckpt, sm, config)
     device = pick_device()
@@ -432,7 +454,7 @@ def _eval_builtin(args: argparse.Namespace) -> dict:
     enable_tf32()
     report = evaluate_builtin(
         sm.model.to(device), data_name, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
-        sm.noise_schedule, sm.diffusion_steps, progress=True, spacing=args.spacing, cfg_interval=_interval(args),
+        sm.objective, progress=True, spacing=args.spacing, cfg_interval=_interval(args),
         precision=precision,
     )
     print(f"{ckpt} (step {sm.step}, {precision} on {device.type}): {report.line()}")
@@ -453,7 +475,7 @@ def _eval_run(args: argparse.Namespace, ckpt: Path, sm, config: dict) -> dict:
         decode = load_autoencoder(sm.autoencoder, device=device).decode
     report = evaluate_run(
         sm.model.to(device), config, ckpt.parent.parent, sm.class_names, args.per_class, args.cfg, args.steps,
-        args.sampler, args.seed, sm.noise_schedule, sm.diffusion_steps, decode, with_fid=not args.no_fid,
+        args.sampler, args.seed, sm.objective, decode, with_fid=not args.no_fid,
         inception_path=args.inception, progress=True, spacing=args.spacing, cfg_interval=_interval(args), precision=precision,
     )
     print(report.table())

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from ditforge.errors import UserError
+from ditforge.flow import FlowObjective
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PREFETCH = ("auto", "on", "off")
 PARALLEL = ("ddp", "fsdp")
 NOISE_SCHEDULES = ("linear", "cosine")
+OBJECTIVES = ("diffusion", "flow")
 
 
 def _positive_int(name: str, value: int) -> None:
@@ -100,7 +102,10 @@ class TrainConfig:
     image_size: int | None = None  # pixels; None keeps a built-in set's own size
     hflip: bool = False  # random horizontal flips (the paper: yes for ImageNet; digits: no)
     model: ModelConfig = field(default_factory=ModelConfig)
+    # what the model learns (objectives.py): DiT's Gaussian diffusion, or SiT's flow matching
+    objective: str = "diffusion"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    flow: FlowObjective = field(default_factory=FlowObjective)  # path, prediction, training times (flow only)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 800
     global_batch: int = 128
@@ -122,7 +127,8 @@ class TrainConfig:
     sample_every: int = 0  # preview grid every N steps (0 = only at the end)
     sample_steps: str = "50"  # respacing of the preview sampler
     sample_cfg: float = 4.0
-    sample_sampler: str = "ddpm"  # sampler of the previews and --eval-every: ddpm, ddim, dpm++2m, unipc
+    # sampler of the previews and --eval-every; "" = the objective's default (ddpm; heun for flows)
+    sample_sampler: str = ""
     eval_every: int = 0  # class accuracy (and Frechet distance or FID) every N steps, to TensorBoard
     eval_per_class: int = 20  # samples per class for those evaluations
     eval_fid: bool = False  # image folders, latent stores: also FID/precision/recall (Inception: slow on CPU)
@@ -134,6 +140,13 @@ class TrainConfig:
             self.diffusion = DiffusionConfig(**self.diffusion)
         if isinstance(self.optim, dict):
             self.optim = OptimConfig(**self.optim)
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+        if isinstance(self.flow, dict):
+            try:
+                self.flow = FlowObjective(**self.flow)
+            except (TypeError, ValueError) as e:
+                raise UserError(f"flow settings: {e}") from None
         if not self.data:
             raise UserError("data must name a built-in data set (e.g. 'digits') or an image folder")
         if self.image_size is not None:
@@ -151,19 +164,22 @@ class TrainConfig:
         if self.parallel not in PARALLEL:
             raise UserError(f"unknown parallel strategy {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
         steps = str(self.sample_steps)
-        if not (steps.isdigit() and 1 <= int(steps) <= self.diffusion.diffusion_steps):
-            raise UserError(
-                f"sample_steps (the previews' sampling steps) must be a whole number from 1 to diffusion_steps = "
-                f"{self.diffusion.diffusion_steps}, got {self.sample_steps!r}"
-            )
+        top = self.diffusion.diffusion_steps if self.objective == "diffusion" else None
+        if not (steps.isdigit() and 1 <= int(steps) <= (top or int(steps))):
+            limit = f"from 1 to diffusion_steps = {top}" if top else "of at least 1"
+            raise UserError(f"sample_steps (the previews' sampling steps) must be a whole number {limit}, got {self.sample_steps!r}")
         self.sample_steps = steps
         from ditforge.models.recompute import normalize_spec
 
         self.grad_checkpoint = normalize_spec(self.grad_checkpoint)
-        from ditforge.diffusion.sampling import SAMPLERS
+        from ditforge.objectives import default_sampler, samplers_of
 
-        if self.sample_sampler not in SAMPLERS:
-            raise UserError(f"unknown sample_sampler {self.sample_sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        self.sample_sampler = self.sample_sampler or default_sampler(self.objective)
+        if self.sample_sampler not in samplers_of(self.objective):
+            raise UserError(
+                f"sample_sampler {self.sample_sampler!r} does not sample a {self.objective}-objective model; "
+                f"choose one of: {', '.join(samplers_of(self.objective))}"
+            )
         if self.sample_cfg < 0:
             raise UserError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
 

@@ -25,6 +25,7 @@ from ditforge.data.sources import ImageSet, is_builtin, load_data, unit_to_digit
 from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS
 from ditforge.errors import UserError
 from ditforge.models import DiT
+from ditforge.objectives import DiffusionObjective, Objective, default_sampler
 from ditforge.sample import generate
 
 FEATURE_SEED = 0
@@ -120,10 +121,9 @@ def evaluate_builtin(
     per_class: int = 50,
     cfg_scale: float = 1.5,
     steps: int = 100,
-    sampler: str = "ddpm",
+    sampler: str | None = None,
     seed: int = 0,
-    noise_schedule: str = "linear",
-    diffusion_steps: int = 1000,
+    objective: Objective = DiffusionObjective(),
     progress: bool = False,
     *,
     spacing: str = DEFAULT_SPACING,
@@ -135,11 +135,12 @@ def evaluate_builtin(
             f"built-in metrics need a model trained on a built-in set; this one was trained on {data_name!r}. "
             "For FID: ditforge sample RUN --num-samples N --out s.npz, then ditforge eval --samples s.npz --ref REF"
         )
+    sampler = sampler or default_sampler(objective)
     train, heldout = load_data(data_name, "train"), load_data(data_name, "heldout")
     judge = DigitJudge(train)
     classes = list(range(train.num_classes))
     x, y = generate(
-        model, classes, per_class, cfg_scale, steps, sampler, seed, noise_schedule, diffusion_steps, progress=progress,
+        model, classes, per_class, cfg_scale, steps, sampler, seed, objective, progress=progress,
         spacing=spacing, cfg_interval=cfg_interval, precision=precision,
     )
     accuracy = float((judge.predict(x) == y.numpy()).mean())

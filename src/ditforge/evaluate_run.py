@@ -38,6 +38,7 @@ from ditforge.data.sources import ImageSet, load_data, split_indices, to_uint8
 from ditforge.diffusion.sampling import DEFAULT_SPACING
 from ditforge.judge import Judge, load_judge, per_class_accuracy, score_heldout, train_judge
 from ditforge.models import DiT
+from ditforge.objectives import DiffusionObjective, Objective, default_sampler
 from ditforge.sample import generate
 
 MAX_TRAIN = 20_000
@@ -209,10 +210,9 @@ def evaluate_run(
     per_class: int = 50,
     cfg_scale: float = 1.5,
     steps: int = 50,
-    sampler: str = "ddpm",
+    sampler: str | None = None,
     seed: int = 0,
-    noise_schedule: str = "linear",
-    diffusion_steps: int = 1000,
+    objective: Objective = DiffusionObjective(),
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     with_fid: bool = True,
     inception_path: str | None = None,
@@ -224,10 +224,11 @@ def evaluate_run(
 ) -> RunReport:
     """Judge `per_class` samples of every class of `model`, trained with `config` in `run_dir`."""
     run_dir = Path(run_dir)
+    sampler = sampler or default_sampler(objective)
     device = next(model.parameters()).device
     real = RealImages(config, device, progress)
     classes = list(range(model.num_classes))
-    x, y = generate(model, classes, per_class, cfg_scale, steps, sampler, seed, noise_schedule, diffusion_steps, progress=progress,
+    x, y = generate(model, classes, per_class, cfg_scale, steps, sampler, seed, objective, progress=progress,
                     spacing=spacing, cfg_interval=cfg_interval, precision=precision)
     if decode is not None:
         x = torch.cat([decode(x[s : s + DECODE_BATCH].to(device)).float().cpu() for s in range(0, len(x), DECODE_BATCH)])

@@ -1,8 +1,9 @@
 """Checkpoint -> samples -> pictures.
 
 `load_for_sampling` accepts a run folder (its latest checkpoint), a checkpoint folder, or an
-official DiT checkpoint (a flat state dict `.pt` as published with the paper, given its model
-name); `generate` draws class-conditional samples with classifier-free guidance.
+official DiT or SiT checkpoint (a flat state dict `.pt` as published with the papers, given its
+model name, and `objective="flow"` for SiT); `generate` draws class-conditional samples with
+classifier-free guidance, with a sampler of the model's objective (``objectives.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 import torch
 
 from ditforge.diffusion import guided_denoiser
-from ditforge.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS, Sampler
+from ditforge.diffusion.sampling import DEFAULT_SPACING, SPACINGS, Sampler
 from ditforge.errors import CheckpointError, UserError
+from ditforge.flow import FlowSampler
 from ditforge.models import DiT, create_model
+from ditforge.objectives import OBJECTIVES, DiffusionObjective, Objective, objective_from_config, objective_sampler
 from ditforge.train.checkpoint import SAMPLING_KEYS, latest_checkpoint, load_weights, read_state, read_tensors
 from ditforge.train.device import autocast
 
@@ -25,8 +28,7 @@ from ditforge.train.device import autocast
 class SamplingModel:
     model: DiT
     class_names: list[str]
-    noise_schedule: str = "linear"
-    diffusion_steps: int = 1000
+    objective: Objective = field(default_factory=DiffusionObjective)
     source: str = ""
     step: int | None = None
     autoencoder: dict[str, Any] = field(default_factory=lambda: {"kind": "identity"})
@@ -63,9 +65,17 @@ def model_args_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, Any]
     )
 
 
-def _load_official(path: Path, model_name: str | None) -> SamplingModel:
+#: SiT's networks are DiT's (same modules, same state-dict keys); only the objective differs.
+SIT_PREFIX = "SiT-"
+
+
+def _load_official(path: Path, model_name: str | None, objective: str | None) -> SamplingModel:
     if model_name is None:
-        raise UserError(f"{str(path)!r} is a plain weights file; name its model with --model (e.g. --model DiT-XL/2)")
+        raise UserError(
+            f"{str(path)!r} is a plain weights file; name its model with --model (e.g. --model DiT-XL/2, or SiT-XL/2 for SiT weights)"
+        )
+    if model_name.startswith(SIT_PREFIX):
+        model_name, objective = "DiT-" + model_name[len(SIT_PREFIX) :], objective or "flow"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
@@ -79,30 +89,39 @@ def _load_official(path: Path, model_name: str | None) -> SamplingModel:
     load_weights(model, state, str(path))
     names = [str(i) for i in range(args["num_classes"])]
     autoencoder = {"kind": "sd-vae", "scale": 0.18215} if args["in_channels"] == 4 else {"kind": "identity"}
-    return SamplingModel(model, names, source=str(path), autoencoder=autoencoder)
+    # DiT: the paper's diffusion (linear betas, T = 1000); SiT: the linear path, velocity prediction
+    chosen = objective_from_config({"objective": objective or "diffusion"}, args["learn_sigma"])
+    return SamplingModel(model, names, chosen, source=str(path), autoencoder=autoencoder)
 
 
-def load_for_sampling(path: str | Path, model_name: str | None = None, use_ema: bool = True) -> SamplingModel:
+def load_for_sampling(
+    path: str | Path, model_name: str | None = None, use_ema: bool = True, objective: str | None = None
+) -> SamplingModel:
+    """The model of a run or checkpoint folder (its objective from the recorded config), or of an
+    official weights file (``model_name`` and ``objective`` say what it is: a DiT by default, a
+    SiT for the names ``SiT-XL/2`` etc., whose flat state dicts have DiT's keys)."""
+    if objective is not None and objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     path = resolve_checkpoint(path)
     if path.is_file():
-        return _load_official(path, model_name)
+        return _load_official(path, model_name, objective)
     state = read_state(path, SAMPLING_KEYS)
     try:
         args = state["model_args"]
-        diffusion = state["config"]["diffusion"]
-        noise_schedule, diffusion_steps = diffusion["noise_schedule"], diffusion["diffusion_steps"]
+        trained = objective_from_config(state["config"], args.get("learn_sigma", True))
         model = create_model(**args)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable state.json ({type(e).__name__}: {e})") from None
     if model_name is not None and model_name != args["name"]:
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {args['name']}, not the requested {model_name}; drop --model or name {args['name']}")
+    if objective is not None and objective != trained.name:
+        raise CheckpointError(f"checkpoint {str(path)!r} was trained with the {trained.name} objective, not {objective}; drop --objective")
     weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
     load_weights(model, read_tensors(weights), str(weights))
     return SamplingModel(
         model,
         state["data"]["class_names"],
-        noise_schedule,
-        diffusion_steps,
+        trained,
         source=str(path),
         step=state["step"],
         autoencoder=state.get("autoencoder", {"kind": "identity"}),
@@ -115,35 +134,27 @@ def check_classes(classes: list[int], num_classes: int) -> None:
         raise UserError(f"class id {bad[0]} is out of range; this model knows classes 0..{num_classes - 1}")
 
 
-def check_sampling_args(
-    model: DiT, steps: int, diffusion_steps: int, cfg_scale: float, sampler: str,
+def choose_sampler(
+    model: DiT, objective: Objective, steps: int, cfg_scale: float, sampler: str | None,
     spacing: str = DEFAULT_SPACING, cfg_interval: tuple[float, float] | None = None,
-) -> None:
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+) -> Sampler | FlowSampler:
+    """The sampler for these arguments (None: the objective's default), after checking them all."""
     if spacing not in SPACINGS:
         raise UserError(f"unknown time spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
     if cfg_interval is not None and not (len(cfg_interval) == 2 and 0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0):
-        raise UserError(f"cfg interval must be LO HI with 0 <= LO <= HI <= 1 (fractions of the diffusion time), got {cfg_interval}")
-    if not 0 < steps <= diffusion_steps:
-        raise UserError(f"steps must be between 1 and {diffusion_steps}, got {steps}")
+        raise UserError(f"cfg interval must be LO HI with 0 <= LO <= HI <= 1 (fractions of the noise level: 0 = data, 1 = noise), got {cfg_interval}")
+    chosen = objective_sampler(objective, sampler, steps, spacing)
     if cfg_scale < 0:
         raise UserError(f"cfg must be >= 0 (1 = no guidance), got {cfg_scale}")
     if cfg_scale != 1.0 and not model.y_embedder.has_null_class:
         raise UserError(f"cfg {cfg_scale:g} needs a model trained with label dropout (it has no null class); use --cfg 1")
-
-
-def interval_timesteps(cfg_interval: tuple[float, float] | None, diffusion_steps: int) -> tuple[float, float] | None:
-    """A guidance interval in fractions of the diffusion time (0 = data, 1 = noise) -> model timesteps."""
-    if cfg_interval is None:
-        return None
-    return (cfg_interval[0] * diffusion_steps, cfg_interval[1] * diffusion_steps)
+    return chosen
 
 
 @torch.no_grad()
 def sample_batch(
     model: DiT,
-    sampler: Sampler,
+    sampler: Sampler | FlowSampler,
     y: torch.Tensor,  # (B,) on the model's device
     noise: torch.Tensor,  # (B, C, H, W) on the model's device
     generator: torch.Generator,
@@ -154,7 +165,7 @@ def sample_batch(
     precision: str = "fp32",
 ) -> torch.Tensor:
     """One batch through the guided sampler: (B, C, H, W) samples in data space.
-    ``cfg_interval``: guide only for t / T in [LO, HI] (None: at every step). The network runs
+    ``cfg_interval``: guide only at noise levels in [LO, HI] (None: at every step). The network runs
     in `precision` (autocast), the sampler's arithmetic in fp32."""
 
     def network(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -163,7 +174,7 @@ def sample_batch(
 
     denoise = guided_denoiser(
         network, y, cfg_scale, model.num_classes, model.in_channels, legacy_three_channel,
-        interval=interval_timesteps(cfg_interval, sampler.diffusion_steps),
+        interval=sampler.guidance_times(cfg_interval),
     )
     return sampler(denoise, noise, generator=generator, progress=progress)
 
@@ -175,10 +186,9 @@ def generate(
     per_class: int,
     cfg_scale: float = 4.0,
     steps: int = 250,
-    sampler: str = "ddpm",
+    sampler: str | None = None,
     seed: int = 0,
-    noise_schedule: str = "linear",
-    diffusion_steps: int = 1000,
+    objective: Objective = DiffusionObjective(),
     legacy_three_channel: bool = False,
     batch_size: int = 500,
     progress: bool = False,
@@ -189,8 +199,9 @@ def generate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples (N, C, H, W) in data space and their labels (N,), N = len(classes) * per_class,
     grouped by class in the order given. Deterministic for a seed and batch size.
-    ``sampler`` is one of ``SAMPLERS``; ``spacing`` the solvers' time grid."""
-    check_sampling_args(model, steps, diffusion_steps, cfg_scale, sampler, spacing, cfg_interval)
+    ``sampler`` names a sampler of ``objective`` (None: its default); ``spacing`` the diffusion
+    solvers' time grid."""
+    chosen = choose_sampler(model, objective, steps, cfg_scale, sampler, spacing, cfg_interval)
     if per_class <= 0:
         raise UserError(f"per-class must be a positive number of samples, got {per_class}")
     if batch_size <= 0:
@@ -198,7 +209,6 @@ def generate(
     check_classes(classes, model.num_classes)
     device = next(model.parameters()).device
     model.eval()
-    chosen = Sampler(sampler, steps, noise_schedule, diffusion_steps, model.learn_sigma, spacing)
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)  # (N,)
     shape = (labels.numel(), model.in_channels, model.input_size, model.input_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # (N, C, H, W), device-independent

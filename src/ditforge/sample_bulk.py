@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ditforge.data.sources import to_uint8
-from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS, Sampler
+from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS
 from ditforge.errors import UserError
 from ditforge.npz import NpzStreamWriter, save_npz_atomic
-from ditforge.sample import SamplingModel, check_sampling_args, sample_batch
+from ditforge.sample import SamplingModel, choose_sampler, sample_batch
 from ditforge.train import distributed
 
 
@@ -48,7 +48,7 @@ def sample_to_npz(
     num_samples: int,
     cfg_scale: float = 1.5,
     steps: int = 250,
-    sampler: str = "ddpm",
+    sampler: str | None = None,
     seed: int = 0,
     balanced: bool = False,
     batch_size: int = 64,
@@ -69,7 +69,8 @@ def sample_to_npz(
         raise UserError(f"num-samples must be positive, got {num_samples}")
     if batch_size <= 0 or shard_size <= 0 or shard_size % batch_size:
         raise UserError(f"shard size {shard_size} must be a positive multiple of the batch size {batch_size}")
-    check_sampling_args(model, steps, sm.diffusion_steps, cfg_scale, sampler, spacing, cfg_interval)
+    chosen = choose_sampler(model, sm.objective, steps, cfg_scale, sampler, spacing, cfg_interval)
+    sampler = chosen.name
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     settings = dict(source=sm.source, num_samples=num_samples, cfg=cfg_scale, steps=steps, sampler=sampler,
@@ -77,6 +78,8 @@ def sample_to_npz(
                     legacy_three_channel=legacy_three_channel, precision=precision)
     if sampler in SOLVERS:
         settings["spacing"] = spacing
+    if sm.objective.name != "diffusion":
+        settings["objective"] = sm.objective.name
     if cfg_interval is not None:
         settings["cfg_interval"] = list(cfg_interval)
     if d.is_main:
@@ -88,7 +91,6 @@ def sample_to_npz(
     distributed.barrier(d)
 
     device = d.device
-    chosen = Sampler(sampler, steps, sm.noise_schedule, sm.diffusion_steps, model.learn_sigma, spacing)
     labels = sample_labels(num_samples, model.num_classes, seed, balanced)
     num_shards = math.ceil(num_samples / shard_size)
     mine = [k for k in range(d.rank, num_shards, d.world_size)]

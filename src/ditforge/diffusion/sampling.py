@@ -69,6 +69,10 @@ class Sampler:
     def schedule(self) -> VPSchedule:
         return VPSchedule(self.diffusion.alphas_cumprod)
 
+    def guidance_times(self, interval: tuple[float, float] | None) -> tuple[float, float] | None:
+        """A guidance interval in fractions of the noise level (0 = data, 1 = noise) -> model timesteps."""
+        return None if interval is None else (interval[0] * self.diffusion_steps, interval[1] * self.diffusion_steps)
+
     def describe(self) -> str:
         """E.g. ``50 DDPM steps`` or ``20 DPM++2M steps (logsnr spacing)``."""
         text = f"{self.steps} {self.name.upper()} steps"

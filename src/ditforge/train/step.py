@@ -1,4 +1,4 @@
-"""One optimizer step of DiT training, shared by `train` and `bench` so the benchmark times
+"""One optimizer step of DiT training (either objective: ``objectives.py``), shared by `train` and `bench` so the benchmark times
 exactly what training runs.
 
 Holds the model and its wrappers (DDP / FSDP2, torch.compile), AdamW, the fp16 GradScaler and
@@ -12,19 +12,19 @@ from __future__ import annotations
 import torch
 
 from ditforge.config import TrainConfig
-from ditforge.diffusion import create_diffusion
 from ditforge.models import DiT
+from ditforge.objectives import Objective, objective_from_config
 from ditforge.train import distributed
 from ditforge.train.device import autocast
 from ditforge.train.ema import EMA, ema_decay_at
 
 
-def step_randomness(cfg: TrainConfig, step: int, shape: tuple[int, ...], num_timesteps: int, device: torch.device):
-    """Timesteps (G,), noise (G, C, H, W) and label-drop flags (G,) of the global batch of `step`."""
+def step_randomness(cfg: TrainConfig, step: int, shape: tuple[int, ...], objective: Objective, device: torch.device):
+    """Times (G,), noise (G, C, H, W) and label-drop flags (G,) of the global batch of `step`."""
     # (meta tensors hold no values: a dry run on the meta device draws without a generator)
     g = torch.Generator(device=device).manual_seed(cfg.seed * 2**32 + step) if device.type != "meta" else None
     n = cfg.global_batch
-    t = torch.randint(0, num_timesteps, (n,), generator=g, device=device)  # (G,)
+    t = objective.sample_time(n, g, device)  # (G,): diffusion steps, or flow times in [0, 1]
     noise = torch.randn((n, *shape), generator=g, device=device)  # (G, C, H, W)
     drop = torch.rand(n, generator=g, device=device) < cfg.model.class_dropout_prob  # (G,)
     return t, noise, drop
@@ -48,16 +48,14 @@ class TrainStep:
             fused=d.device.type != "meta",  # one kernel for all parameters, on GPU and CPU
         )
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
-        self.diffusion = create_diffusion(
-            "", cfg.diffusion.noise_schedule, cfg.model.learn_sigma, cfg.diffusion.diffusion_steps
-        )
+        self.objective = objective_from_config(cfg.to_dict(), cfg.model.learn_sigma)
         self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.data_shape = (model.in_channels, model.input_size, model.input_size)
 
     def __call__(self, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]], offsets: list[int]) -> torch.Tensor:
         """Run optimizer step `step` on this rank's micro-batches; return its loss (a 0-d tensor)."""
         cfg, device = self.cfg, self.d.device
-        t_all, noise_all, drop_all = step_randomness(cfg, step, self.data_shape, self.diffusion.num_timesteps, device)
+        t_all, noise_all, drop_all = step_randomness(cfg, step, self.data_shape, self.objective, device)
         use_drop = cfg.model.class_dropout_prob > 0
         total = torch.zeros((), device=device)
         self.opt.zero_grad(set_to_none=True)
@@ -73,7 +71,7 @@ class TrainStep:
             # forward, FSDP2 in the backward, so the context holds both.
             with distributed.no_sync(self.wrapped, self.d, skip=i < len(batches) - 1):
                 with autocast(self.precision, device):
-                    losses = self.diffusion.training_losses(forward, x, t_all[sl], y, noise=noise_all[sl])
+                    losses = self.objective.training_losses(forward, x, t_all[sl], y, noise_all[sl])
                     loss = losses["loss"].mean() / len(batches)  # this micro-batch's share of the step loss
                 self.scaler.scale(loss).backward()
             total += loss.detach()

@@ -28,6 +28,7 @@ from ditforge.evaluate_run import evaluate_run
 from ditforge.models import DiT, count_parameters, create_model
 from ditforge.pictures import make_grid, save_png_atomic
 from ditforge.progress import PLAIN_INTERVAL_S, Progress
+from ditforge.objectives import objective_from_config
 from ditforge.sample import generate
 from ditforge.train import distributed
 from ditforge.train.checkpoint import check_weights, latest_checkpoint, read_training_state, save_checkpoint
@@ -148,8 +149,7 @@ def save_preview(model: DiT, cfg: TrainConfig, data: TrainingData, path: Path, d
         steps=int(cfg.sample_steps),
         sampler=cfg.sample_sampler,
         seed=cfg.seed,
-        noise_schedule=cfg.diffusion.noise_schedule,
-        diffusion_steps=cfg.diffusion.diffusion_steps,
+        objective=objective_from_config(cfg.to_dict(), cfg.model.learn_sigma),
         precision=precision,
     )
     if decode is not None:
@@ -288,14 +288,14 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
         if not is_builtin(cfg.data):
             report = evaluate_run(
                 m, cfg.to_dict(), run_dir, data.class_names, cfg.eval_per_class, cfg.sample_cfg, int(cfg.sample_steps),
-                cfg.sample_sampler, seed=cfg.seed, noise_schedule=cfg.diffusion.noise_schedule,
-                diffusion_steps=cfg.diffusion.diffusion_steps, decode=decode(), with_fid=cfg.eval_fid, precision=precision,
+                cfg.sample_sampler, seed=cfg.seed, objective=objective_from_config(cfg.to_dict(), cfg.model.learn_sigma),
+                decode=decode(), with_fid=cfg.eval_fid, precision=precision,
             )
             log_run_report(writer, report, step)
             return
         report = evaluate_builtin(
             m, cfg.data, cfg.eval_per_class, cfg.sample_cfg, int(cfg.sample_steps), cfg.sample_sampler, seed=cfg.seed,
-            noise_schedule=cfg.diffusion.noise_schedule, diffusion_steps=cfg.diffusion.diffusion_steps, precision=precision,
+            objective=objective_from_config(cfg.to_dict(), cfg.model.learn_sigma), precision=precision,
         )
         log.info("step %d | %s", step, report.line())
         writer.add_scalar("eval/class_accuracy", report.class_accuracy, step)

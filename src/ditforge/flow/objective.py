@@ -1,0 +1,123 @@
+"""The flow-matching objective (SiT): train a network to predict the velocity of a path from data to
+noise; sample by integrating that velocity back from noise to data.
+
+Ma et al. 2024, "SiT" (arXiv 2401.08740), Sec. 2.1-2.3; Lipman et al. 2023, "Flow Matching for
+Generative Modeling", eq. 23 (the conditional flow-matching loss). With the path of ``paths.py``,
+x_t = a(t) x0 + b(t) eps, t drawn by ``timesteps.py``, the loss per sample is
+
+    velocity:  || F(x_t, s, y) - u ||^2,   u = -(a' x0 + b' eps)  (= x0 - eps on the linear path)
+    noise:     || F(x_t, s, y) - eps ||^2
+    score:     || b F(x_t, s, y) + eps ||^2      (SiT's score loss, F ~ -eps / b)
+
+averaged over the C channels and pixels (``mean_flat``), with s = 1 - t. The network sees SiT's
+time s (0 = noise, 1 = data) and a velocity prediction is SiT's u = dx/ds, so the published
+SiT-XL/2 weights load and sample as they were trained. When the network learns sigma (2C output
+channels, DiT's layout) only the first C are used, as SiT's ``forward`` does; the other C get no
+gradient.
+
+Noise and score predictions are singular at one end of the path, so SiT keeps their times inside
+[1e-3, 1 - 1e-3] in training and sampling (``EPS``); the velocity is regular everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from ditforge.diffusion.gaussian import mean_flat
+
+from .paths import Path
+from .timesteps import TIME_DISTRIBUTIONS, sample_times
+
+__all__ = ["FlowObjective", "PREDICTIONS"]
+
+PREDICTIONS = ("velocity", "noise", "score")
+#: SiT's train_eps / sample_eps for the noise and score predictions.
+EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class FlowObjective:
+    """Flow matching on one path with one prediction target and a training-time distribution."""
+
+    path: str = "linear"
+    prediction: str = "velocity"
+    time_distribution: str = "uniform"
+    time_mean: float = 0.0  # logit-normal mean
+    time_std: float = 1.0  # logit-normal std
+    time_shift: float = 1.0  # SD3's shift of the training times (1 = none)
+
+    name: ClassVar[str] = "flow"
+
+    def __post_init__(self) -> None:
+        Path(self.path)  # validates the name
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown flow prediction {self.prediction!r}; choose one of: {', '.join(PREDICTIONS)}")
+        if self.time_distribution not in TIME_DISTRIBUTIONS:
+            raise ValueError(
+                f"unknown time distribution {self.time_distribution!r}; choose one of: {', '.join(TIME_DISTRIBUTIONS)}"
+            )
+        if not self.time_std > 0:
+            raise ValueError(f"time_std (the logit-normal's std) must be > 0, got {self.time_std!r}")
+        if not self.time_shift > 0:
+            raise ValueError(f"time_shift must be > 0 (1 = no shift), got {self.time_shift!r}")
+
+    @property
+    def interpolant(self) -> Path:
+        return Path(self.path)
+
+    @property
+    def eps(self) -> float:
+        """How far training and sampling times stay from the ends of [0, 1]."""
+        return 0.0 if self.prediction == "velocity" else EPS
+
+    # -- training -----------------------------------------------------------------------------
+    def sample_time(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """(n,) training times in [0, 1] (0 = data)."""
+        return sample_times(
+            n, self.time_distribution, generator, device,
+            mean=self.time_mean, std=self.time_std, shift=self.time_shift, eps=self.eps,
+        )
+
+    @staticmethod
+    def network_time(t: Tensor) -> Tensor:
+        """The network's time input: SiT's s = 1 - t (module docstring)."""
+        return 1 - t
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """What the network's first C channels are trained towards (module docstring)."""
+        if self.prediction == "velocity":
+            return -self.interpolant.velocity(x0, eps, t)
+        return eps if self.prediction == "noise" else -eps
+
+    def training_losses(
+        self,
+        model: Callable[[Tensor, Tensor, Tensor], Tensor],
+        x0: Tensor,  # (N, C, H, W) data
+        t: Tensor,  # (N,) times in [0, 1]
+        y: Tensor,  # (N,) labels
+        noise: Tensor,  # (N, C, H, W) eps
+    ) -> dict[str, Tensor]:
+        """Per-sample losses (N,): ``loss`` (the flow-matching MSE of the module docstring)."""
+        x_t = self.interpolant.interpolate(x0, noise, t)  # (N, C, H, W)
+        out = model(x_t, self.network_time(t), y)[:, : x0.shape[1]]  # (N, C, H, W): the first C channels
+        if self.prediction == "score":
+            out = -self.interpolant.noise_from_score(out, t)  # b * score ~ -eps
+        loss = mean_flat((out - self.target(x0, noise, t)) ** 2)  # (N,)
+        return {"loss": loss, "mse": loss}
+
+    # -- sampling -----------------------------------------------------------------------------
+    def velocity(self, out: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """dx_t/dt (N, C, H, W) from the network's first C channels ``out`` at x_t, times t (N,)."""
+        if self.prediction == "velocity":
+            return -out
+        path = self.interpolant
+        eps = out if self.prediction == "noise" else path.noise_from_score(out, t)
+        return path.velocity_from_noise(eps, x, t)
+
+    def time_grid(self, steps: int) -> Tensor:
+        """steps + 1 times from the noise end to the data end, uniform in t (float64)."""
+        return torch.linspace(1 - self.eps, self.eps, steps + 1, dtype=torch.float64)
