@@ -69,8 +69,8 @@ def measure(args: argparse.Namespace) -> None:
             sampler, steps, spacing = parse_point(point)
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
-            x, y = generate(sm.model, classes, args.per_class, cfg, steps, sampler, args.seed, sm.noise_schedule,
-                            sm.diffusion_steps, spacing=spacing or "logsnr")
+            x, y = generate(sm.model, classes, args.per_class, cfg, steps, sampler, args.seed, sm.objective,
+                            spacing=spacing or "logsnr")
             seconds = time.perf_counter() - t0
             adm = evaluate_batches(inception, to_hwc_uint8(x), ref)
             row = dict(

@@ -7,7 +7,8 @@ from ditforge.diffusion import create_diffusion, ddim_sample, ddpm_sample, guide
 from ditforge.diffusion.sampling import SAMPLERS, Sampler
 from ditforge.errors import UserError
 from ditforge.models import create_model
-from ditforge.sample import check_sampling_args, generate, interval_timesteps
+from ditforge.objectives import DiffusionObjective
+from ditforge.sample import choose_sampler, generate
 
 NULL = 10
 
@@ -87,14 +88,14 @@ def test_sampler_dispatch_runs_the_existing_loops_for_ddpm_and_ddim():
 
 
 def test_interval_fractions_and_bad_values():
-    assert interval_timesteps((0.2, 0.6), 1000) == (200.0, 600.0)
-    assert interval_timesteps(None, 1000) is None
+    assert Sampler("ddpm", 10).guidance_times((0.2, 0.6)) == (200.0, 600.0)
+    assert Sampler("ddpm", 10).guidance_times(None) is None
     model = create_model("DiT-Ti/4", input_size=8, in_channels=1, num_classes=10)
     for interval in [(0.6, 0.2), (-0.1, 0.5), (0.5, 1.5)]:
         with pytest.raises(UserError, match="0 <= LO <= HI <= 1"):
-            check_sampling_args(model, 10, 1000, 1.5, "ddpm", cfg_interval=interval)
+            choose_sampler(model, DiffusionObjective(), 10, 1.5, "ddpm", cfg_interval=interval)
     with pytest.raises(UserError, match="unknown time spacing"):
-        check_sampling_args(model, 10, 1000, 1.5, "unipc", spacing="edm")
+        choose_sampler(model, DiffusionObjective(), 10, 1.5, "unipc", spacing="edm")
 
 
 def test_generate_with_each_solver_counts_model_evaluations():

@@ -1,0 +1,202 @@
+"""Quality against training steps for the DiT recipe and the flow-matching recipes (issue 11).
+
+Each recipe trains with the same model, batch, data order and seed (the `tiny` preset's DiT-Ti/2
+unless flags say otherwise), saving checkpoints along the way; each checkpoint is then sampled
+with the same budget of model evaluations (NFE; the objective's deterministic sampler: DDIM for
+diffusion, Heun for flow) and measured:
+
+- class accuracy of the samples, read by a judge trained on the real training split (built-in
+  digits: evaluate.py's SVC; image folders: the run's CNN judge of evaluate_run.py);
+- FID (Inception-v3, ADM definitions) against the held-out real split.
+
+Results are appended to OUT/results.jsonl as they finish; a rerun resumes the training runs and
+skips the points already measured. `--plot PNG` draws FID and accuracy against training steps.
+
+    .venv/bin/python benchmarks/recipe_curve.py --data digits --out runs/recipes \\
+        --recipes dit:800 flow:400 flow-ln:400 --eval-at 100 200 250 400 800 --plot benchmarks/recipe_curve_digits.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: name -> `ditforge train` flags on top of the shared ones (the baseline is the tiny preset as is)
+RECIPES = {
+    "dit": [],
+    "flow": ["--objective", "flow"],
+    "flow-ln": ["--objective", "flow", "--time-dist", "logit-normal"],
+    "flow-ln-modern": ["--objective", "flow", "--time-dist", "logit-normal", "--norm", "rms", "--mlp", "swiglu",
+                       "--rope", "--qk-norm"],
+}
+SAMPLER = {"diffusion": "ddim", "flow": "heun"}  # deterministic, the same NFE budget
+EVALS_PER_STEP = {"ddim": 1, "heun": 2}
+
+
+def train(recipe: str, steps: int, args: argparse.Namespace) -> Path:
+    run = Path(args.out) / "runs" / recipe
+    every = math.gcd(*args.eval_at)  # a checkpoint at every step measured
+    cmd = [sys.executable, "-m", "ditforge", "train", "--data", args.data, "--run-dir", str(run), "--steps", str(steps),
+           "--ckpt-every", str(every), "--keep-last", "0", "--seed", str(args.seed), "--no-progress",
+           *args.train_flags, *RECIPES[recipe]]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"{recipe}: trained to step {steps} in {time.perf_counter() - t0:.0f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+    return run
+
+
+class Digits:
+    """The built-in digits: SVC judge, Inception reference of the 359 held-out digits."""
+
+    def __init__(self, out: Path):
+        from ditforge.data.sources import load_data
+        from ditforge.evaluate import DigitJudge
+        from ditforge.metrics import InceptionFeatures, reference_from_path, save_reference
+        from ditforge.metrics.inception import load_inception
+        from ditforge.sample_bulk import to_hwc_uint8
+
+        train, heldout = load_data("digits", "train"), load_data("digits", "heldout")
+        self.judge = DigitJudge(train)
+        self.heldout_accuracy = float((self.judge.predict(heldout.images) == heldout.labels.numpy()).mean())
+        self.inception = InceptionFeatures(load_inception(None, "cpu"), device="cpu", batch_size=32)
+        ref_file = out / "digits_ref.npz"
+        if not ref_file.exists():  # written under this process's own names, then renamed: runs may go in parallel
+            images, part = out / f"heldout-{os.getpid()}.npz", out / f"digits_ref-{os.getpid()}.npz"
+            np.savez(images, arr_0=to_hwc_uint8(heldout.images))
+            save_reference(part, reference_from_path(self.inception, images))
+            os.replace(part, ref_file)
+            images.unlink()
+        self.ref = reference_from_path(self.inception, ref_file)
+
+    def measure(self, sm, ckpt: Path, cfg: float, sampler: str, steps: int, per_class: int, seed: int) -> dict:
+        from ditforge.metrics import evaluate_batches
+        from ditforge.sample import generate
+        from ditforge.sample_bulk import to_hwc_uint8
+
+        x, y = generate(sm.model, list(range(10)), per_class, cfg, steps, sampler, seed, sm.objective)
+        accuracy = float((self.judge.predict(x) == y.numpy()).mean())
+        adm = evaluate_batches(self.inception, to_hwc_uint8(x), self.ref)
+        return dict(class_accuracy=accuracy, heldout_accuracy=self.heldout_accuracy, fid=adm["fid"],
+                    precision=adm["precision"], recall=adm["recall"])
+
+
+class Folder:
+    """An image folder: the run's own CNN judge and held-out split (evaluate_run.py)."""
+
+    def measure(self, sm, ckpt: Path, cfg: float, sampler: str, steps: int, per_class: int, seed: int) -> dict:
+        from ditforge.evaluate_run import evaluate_run
+        from ditforge.train.checkpoint import read_state
+
+        config = read_state(ckpt, ("config",))["config"]
+        r = evaluate_run(sm.model, config, ckpt.parent.parent, sm.class_names, per_class, cfg, steps, sampler, seed,
+                         sm.objective, with_fid=True)
+        return dict(class_accuracy=r.class_accuracy, heldout_accuracy=r.heldout_accuracy, fid=r.fid,
+                    precision=r.precision, recall=r.recall)
+
+
+def measure(args: argparse.Namespace) -> None:
+    from ditforge.data.sources import is_builtin
+    from ditforge.sample import load_for_sampling
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = set()
+    if results.exists():
+        done = {(r["recipe"], r["step"], r["cfg"]) for r in map(json.loads, results.read_text().splitlines())}
+    runs = {}
+    for spec in args.recipes:
+        recipe, steps = spec.split(":")
+        if recipe not in RECIPES:
+            raise SystemExit(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+        runs[recipe] = (train(recipe, int(steps), args), int(steps))
+    judge = Digits(out) if is_builtin(args.data) else Folder()
+    for recipe, (run, last) in runs.items():
+        for step in [s for s in args.eval_at if s <= last]:
+            ckpt = run / "checkpoints" / f"step-{step:07d}"
+            sm = load_for_sampling(ckpt)
+            sampler = SAMPLER[sm.objective.name]
+            steps = args.nfe // EVALS_PER_STEP[sampler]
+            for cfg in args.cfg:
+                if (recipe, step, cfg) in done:
+                    continue
+                t0 = time.perf_counter()
+                row = dict(recipe=recipe, step=step, cfg=cfg, sampler=sampler, sampler_steps=steps, nfe=args.nfe,
+                           data=args.data, per_class=args.per_class)
+                row.update(judge.measure(sm, ckpt, cfg, sampler, steps, args.per_class, args.seed))
+                row.update(seconds=round(time.perf_counter() - t0, 1), load_average=round(os.getloadavg()[0], 1))
+                print(json.dumps(row), flush=True)
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+def plot(results: Path, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in results.read_text().splitlines()]
+    cfgs = sorted({r["cfg"] for r in rows})
+    fig, axes = plt.subplots(2, len(cfgs), figsize=(5.5 * len(cfgs), 7.5), squeeze=False)
+    for j, cfg in enumerate(cfgs):
+        for i, metric in enumerate(("fid", "class_accuracy")):
+            ax = axes[i][j]
+            for recipe in RECIPES:
+                pts = sorted((r["step"], r[metric]) for r in rows if r["cfg"] == cfg and r["recipe"] == recipe)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=recipe)
+            ax.set_xlabel("training steps (batch 128)")
+            ax.set_ylabel({"fid": "FID vs held-out (Inception)", "class_accuracy": "class accuracy of samples"}[metric])
+            ax.set_title(f"{title}, cfg {cfg:g}, {rows[0]['nfe']} NFE")
+            ax.grid(alpha=0.3)
+        axes[0][j].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+
+
+def table(results: Path) -> str:
+    rows = [json.loads(l) for l in results.read_text().splitlines()]
+    lines = ["| recipe | step | cfg | sampler | NFE | FID | class accuracy | held-out accuracy | precision | recall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(RECIPES)
+    for r in sorted(rows, key=lambda r: (order.index(r["recipe"]), r["cfg"], r["step"])):
+        lines.append(f"| {r['recipe']} | {r['step']} | {r['cfg']:g} | {r['sampler']} {r['sampler_steps']} | {r['nfe']} | "
+                     f"{r['fid']:.2f} | {r['class_accuracy']:.3f} | {r['heldout_accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits", help="built-in set or image folder")
+    p.add_argument("--out", default="runs/recipes")
+    p.add_argument("--recipes", nargs="+", default=["dit:800", "flow:400", "flow-ln:400"], help="RECIPE:STEPS")
+    p.add_argument("--eval-at", type=int, nargs="+", default=[100, 200, 250, 400, 800], help="checkpoint steps to measure")
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5])
+    p.add_argument("--nfe", type=int, default=50, help="model evaluations per sample, for every recipe")
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[], help="extra `ditforge train` flags for every recipe (last)")
+    p.add_argument("--plot", help="also draw the curves into this PNG")
+    p.add_argument("--title", default="digits, DiT-Ti/2")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: print the table (and --plot)")
+    args = p.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if not args.report_only:
+        measure(args)
+    print(table(Path(args.out) / "results.jsonl"))
+    if args.plot:
+        plot(Path(args.out) / "results.jsonl", Path(args.plot), args.title)
+
+
+if __name__ == "__main__":
+    main()
