@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from ditforge.data.latents import LatentStore
+from ditforge.data.store import LatentStore
 from ditforge.data.loader import InfiniteLoader, StoreSource
 from ditforge.sample import load_for_sampling
 from ditforge.train.checkpoint import read_training_state
