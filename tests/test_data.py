@@ -138,11 +138,11 @@ def test_prefetcher_hands_out_the_loaders_batches_in_order():
 
 def test_prefetcher_raises_the_loaders_error_in_the_training_thread():
     class Failing(TensorSource):
-        def get_batch(self, idx, flip, noise=None):
+        def get_batch(self, idx, flip):
             if self.calls == 2:
                 raise OSError("shard 3 is unreadable")
             self.calls += 1
-            return super().get_batch(idx, flip, noise)
+            return super().get_batch(idx, flip)
 
     source = Failing(torch.zeros(10, 1, 2, 2), torch.zeros(10, dtype=torch.long))
     source.calls = 0

