@@ -16,7 +16,7 @@ import torch
 
 from ditforge.config import TrainConfig
 from ditforge.models import DiT, create_model
-from ditforge.models.dit import uses_explicit_attention
+from ditforge.models.attention import uses_explicit_attention
 from ditforge.train.activation_memory import saved_bytes
 from ditforge.train import distributed
 from ditforge.train.device import enable_tf32, keep_freed_host_memory, pick_device, resolve_precision
