@@ -50,8 +50,9 @@ class RMSNorm(nn.Module):
     """Root mean square layer norm (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization",
     Eq. 4): y = x / sqrt(mean(x^2) + eps) * g over the last dim, g a learned gain (init 1).
 
-    Normalised in at least float32 and cast back to x's dtype before the gain, as LightningDiT
-    (and LLaMA) do; no mean is subtracted and there is no bias.
+    Computed in at least float32 and returned in x's dtype (LightningDiT and LLaMA cast back
+    before the gain, so their bf16 inputs come out in the gain's float32); no mean is
+    subtracted and there is no bias.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -62,7 +63,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acc = x.to(torch.promote_types(x.dtype, torch.float32))  # (..., D)
         normed = acc * torch.rsqrt(acc.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., D)
-        return normed.to(x.dtype) * self.weight  # (..., D)
+        return (normed * self.weight).to(x.dtype)  # (..., D)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
