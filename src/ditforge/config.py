@@ -54,7 +54,8 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm on q and k of each head
 
     def __post_init__(self) -> None:
-        from ditforge.models.dit import MLPS, MODEL_NAMES, NORMS
+        from ditforge.models.blocks import BlockOptions
+        from ditforge.models.dit import MODEL_NAMES
 
         if self.name not in MODEL_NAMES:
             raise UserError(f"unknown model {self.name!r}; choose one of: {', '.join(MODEL_NAMES)}")
@@ -63,13 +64,10 @@ class ModelConfig:
                 f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r} "
                 "(0.1 is the paper's value; 0 disables classifier-free guidance)"
             )
-        if self.norm not in NORMS:
-            raise UserError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
-        if self.mlp not in MLPS:
-            raise UserError(f"unknown mlp {self.mlp!r}; choose one of: {', '.join(MLPS)}")
-        for name in ("rope", "qk_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        try:
+            BlockOptions(norm=self.norm, mlp=self.mlp, rope=self.rope, qk_norm=self.qk_norm)  # the model's own checks
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     def block_options(self) -> dict[str, Any]:
         """The block options that differ from the paper's DiT, as keyword arguments of
