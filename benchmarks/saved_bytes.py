@@ -17,7 +17,7 @@ import time
 
 import torch
 
-import ditforge.models.dit as dit
+import ditforge.models.attention as attention_kernels
 from ditforge.config import TrainConfig
 from ditforge.diffusion import create_diffusion
 from ditforge.models import create_model
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--per-block", action="store_true", help="also print every block's bytes")
     args = p.parse_args()
     if args.attention == "sdpa":
-        dit.CPU_EXPLICIT_ATTENTION_MAX_TOKENS = 0
+        attention_kernels.CPU_EXPLICIT_ATTENTION_MAX_TOKENS = 0
     torch.manual_seed(0)
     model = create_model(args.model, input_size=args.input_size, in_channels=args.channels)
     cfg = TrainConfig.from_dict(dict(model=dict(name=args.model), global_batch=2))

@@ -10,13 +10,9 @@ import pytest
 import torch
 
 from ditforge.models import MODEL_NAMES, DiT, count_parameters, create_model
-from ditforge.models.dit import (
-    Attention,
-    DiTBlock,
-    LabelEmbedder,
-    TimestepEmbedder,
-    get_2d_sincos_pos_embed,
-)
+from ditforge.models.blocks import Attention, DiTBlock
+from ditforge.models.layers import LabelEmbedder, TimestepEmbedder
+from ditforge.models.positions import get_2d_sincos_pos_embed
 
 DATA = Path(__file__).parent / "data"
 
@@ -232,7 +228,7 @@ def test_attention_sdpa_equals_explicit_softmax():
 def test_attention_bf16_on_cpu_within_bf16_error(tokens):
     """The bf16 path (autocast on CPU, as in training) against the same weights in float64:
     errors of the order of bf16 rounding (2^-8 relative), with and without explicit scores."""
-    from ditforge.models.dit import CPU_EXPLICIT_ATTENTION_MAX_TOKENS
+    from ditforge.models.attention import CPU_EXPLICIT_ATTENTION_MAX_TOKENS
 
     assert (tokens <= CPU_EXPLICIT_ATTENTION_MAX_TOKENS) == (tokens == 16)
     torch.manual_seed(0)

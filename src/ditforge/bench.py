@@ -16,7 +16,8 @@ import torch
 
 from ditforge.config import TrainConfig
 from ditforge.models import DiT, create_model
-from ditforge.models.dit import uses_explicit_attention
+from ditforge.models.attention import uses_explicit_attention
+from ditforge.models.blocks import swiglu_hidden
 from ditforge.train.activation_memory import saved_bytes
 from ditforge.train import distributed
 from ditforge.train.device import enable_tf32, keep_freed_host_memory, pick_device, resolve_precision
@@ -31,19 +32,57 @@ PEAK_FLOPS = {
 
 
 def forward_macs(model: DiT) -> int:
-    """Multiply-accumulates of one forward pass for one image (Peebles & Xie 2022, Table 4)."""
+    """Multiply-accumulates of one forward pass for one image (Peebles & Xie 2022, Table 4).
+
+    Counts the matrix products (patchify, linear layers, attention's two products), as the paper
+    and torch's FlopCounterMode do; elementwise work is excluded: norms (LayerNorm, RMSNorm,
+    qk-norm), modulation, activations, softmax and the RoPE rotation (O(T d) per block, under
+    0.1% of a block's products for every registry model). SwiGLU (``mlp="swiglu"``) counts
+    its three matrices at its own hidden width.
+    """
     p, c, d = model.patch_size, model.in_channels, model.hidden_size
     tokens = (model.input_size // p) ** 2
-    hidden_mlp = model.blocks[0].mlp.fc1.out_features
+    hidden_mlp = int(d * model.mlp_ratio)
+    if model.options.mlp == "swiglu":
+        mlp = 3 * tokens * d * swiglu_hidden(hidden_mlp)  # w12 (gate and value), w3
+    else:
+        mlp = 2 * tokens * d * hidden_mlp  # fc1, fc2
     embed = tokens * d * c * p * p + 256 * d + d * d  # patchify conv; timestep MLP
     per_block = (
         d * 6 * d  # adaLN modulation (once per image)
         + tokens * d * 3 * d  # fused q, k, v
         + 2 * tokens * tokens * d  # Q K^T and attention x V
         + tokens * d * d  # output projection
-        + 2 * tokens * d * hidden_mlp  # fc1, fc2
+        + mlp
     )
     final = d * 2 * d + tokens * d * p * p * model.out_channels
+    return embed + model.depth * per_block + final
+
+
+def parameter_count(model: DiT) -> int:
+    """Parameter values (trainable or not, pos_embed included) from the hyperparameters alone;
+    equal to ``count_parameters(model)`` for every block option (tests/test_modern_blocks.py)."""
+    p, c, d, h = model.patch_size, model.in_channels, model.hidden_size, model.num_heads
+    tokens = (model.input_size // p) ** 2
+    hidden_mlp = int(d * model.mlp_ratio)
+    opts = model.options
+    rows = model.num_classes + (1 if model.class_dropout_prob > 0 else 0)  # + the null class
+    embed = (d * c * p * p + d) + tokens * d + (256 * d + d + d * d + d) + rows * d  # patches, pos, t, y
+    if opts.mlp == "swiglu":
+        hs = swiglu_hidden(hidden_mlp)
+        mlp = (d * 2 * hs + 2 * hs) + (hs * d + d)  # w12, w3
+    else:
+        mlp = (d * hidden_mlp + hidden_mlp) + (hidden_mlp * d + d)  # fc1, fc2
+    gains = d if opts.norm == "rms" else 0  # an RMSNorm's gain; DiT's LayerNorms have none
+    per_block = (
+        (3 * d * d + 3 * d) + (d * d + d)  # qkv, proj
+        + mlp
+        + (6 * d * d + 6 * d)  # adaLN modulation
+        + 2 * gains  # norm1, norm2
+        + (2 * (d // h) if opts.qk_norm else 0)  # q_norm, k_norm gains
+    )
+    out = p * p * model.out_channels
+    final = (d * out + out) + (2 * d * d + 2 * d) + gains
     return embed + model.depth * per_block + final
 
 
@@ -152,8 +191,10 @@ def run_benchmark(
     grad_checkpoint: str = "none",
     steps: int = 10,
     warmup: int = 3,
+    block_options: dict | None = None,
 ) -> BenchResult:
-    """Time `steps` training steps (after `warmup`) of random latents through `TrainStep`."""
+    """Time `steps` training steps (after `warmup`) of random latents through `TrainStep`;
+    `block_options`: ModelConfig's norm / mlp / rope / qk_norm (default: the paper's blocks)."""
     if steps <= 0 or warmup < 0:
         raise ValueError(f"steps must be positive and warmup non-negative, got {steps} and {warmup}")
     device = pick_device()
@@ -161,10 +202,10 @@ def run_benchmark(
     enable_tf32()
     keep_freed_host_memory()
     cfg = TrainConfig.from_dict(
-        dict(model=dict(name=model_name), global_batch=batch, precision=precision, compile=compile, grad_checkpoint=grad_checkpoint)
+        dict(model=dict(name=model_name, **(block_options or {})), global_batch=batch, precision=precision, compile=compile, grad_checkpoint=grad_checkpoint)
     )
     torch.manual_seed(0)
-    model = create_model(model_name, input_size=input_size, in_channels=channels, num_classes=num_classes)
+    model = create_model(model_name, input_size=input_size, in_channels=channels, num_classes=num_classes, **cfg.model.block_options())
     stepper = TrainStep(cfg, model, distributed.Dist(device=device), precision)
     saved = saved_bytes(model, stepper.diffusion, cfg, precision, device)  # eager, batches 1 and 2
     x = torch.randn(batch, channels, input_size, input_size, device=device)

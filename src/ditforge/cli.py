@@ -92,6 +92,11 @@ def _add_train(sub) -> None:
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help=f"EMA decay min(decay, (1+step)/(10+step)) (default: {d('ema_warmup')})")
     p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, help=f"learned variance, output 2C channels (default: {d('model.learn_sigma')})")
     p.add_argument("--class-dropout", type=float, help=f"label dropout probability for guidance (default: {d('model.class_dropout_prob')})")
+    # block options (models/blocks.py); each off by default, keeping the paper's DiT and its official weights' layout
+    p.add_argument("--norm", choices=["layer", "rms"], help=f"norm before attention, MLP and final layer: LayerNorm or RMSNorm (default: {d('model.norm')})")
+    p.add_argument("--mlp", choices=["gelu", "swiglu"], help=f"MLP: GELU, or SwiGLU with 2/3 the hidden width (about the same parameters) (default: {d('model.mlp')})")
+    p.add_argument("--rope", action=argparse.BooleanOptionalAction, help=f"2-D rotary position embedding on queries and keys; the sin-cos pos_embed stays (default: {d('model.rope')})")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, help=f"RMSNorm on queries and keys of each head (default: {d('model.qk_norm')})")
     p.add_argument("--objective", choices=OBJECTIVES, help=f"what the model learns: DiT's Gaussian diffusion (epsilon, learned variance) or SiT's flow matching (velocity) (default: {d('objective')})")
     p.add_argument("--noise-schedule", choices=["linear", "cosine"], help=f"diffusion: beta schedule (default: {d('diffusion.noise_schedule')})")
     p.add_argument("--diffusion-steps", type=int, help=f"diffusion: steps T (default: {d('diffusion.diffusion_steps')})")
@@ -262,6 +267,7 @@ _OVERRIDES = {
     "class_dropout": "model.class_dropout_prob", "objective": "objective", "noise_schedule": "diffusion.noise_schedule",
     "path": "flow.path", "prediction": "flow.prediction", "time_dist": "flow.time_distribution", "time_mean": "flow.time_mean",
     "time_std": "flow.time_std", "time_shift": "flow.time_shift",
+    "norm": "model.norm", "mlp": "model.mlp", "rope": "model.rope", "qk_norm": "model.qk_norm",
     "diffusion_steps": "diffusion.diffusion_steps", "precision": "precision", "seed": "seed",
     "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "prefetch": "prefetch", "grad_checkpoint": "grad_checkpoint",
     "log_every": "log_every", "ckpt_every": "ckpt_every", "keep_last": "keep_last",

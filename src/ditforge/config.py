@@ -48,9 +48,16 @@ class ModelConfig:
     name: str = "DiT-Ti/2"
     learn_sigma: bool = True  # output 2C channels: epsilon and the variance interpolation v
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
+    # Block options of LightningDiT (models/blocks.py); the defaults are the paper's DiT and keep
+    # the official state-dict keys.
+    norm: str = "layer"  # "layer" (LayerNorm) or "rms" (RMSNorm with a gain)
+    mlp: str = "gelu"  # "gelu" (fc1, fc2) or "swiglu" (three matrices, 2/3 the hidden width)
+    rope: bool = False  # 2-D rotary position embedding on q and k (the sin-cos pos_embed stays)
+    qk_norm: bool = False  # RMSNorm on q and k of each head
 
     def __post_init__(self) -> None:
-        from ditforge.models import MODEL_NAMES
+        from ditforge.models.blocks import BlockOptions
+        from ditforge.models.dit import MODEL_NAMES
 
         if self.name not in MODEL_NAMES:
             raise UserError(f"unknown model {self.name!r}; choose one of: {', '.join(MODEL_NAMES)}")
@@ -59,6 +66,16 @@ class ModelConfig:
                 f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r} "
                 "(0.1 is the paper's value; 0 disables classifier-free guidance)"
             )
+        try:
+            BlockOptions(norm=self.norm, mlp=self.mlp, rope=self.rope, qk_norm=self.qk_norm)  # the model's own checks
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    def block_options(self) -> dict[str, Any]:
+        """The block options that differ from the paper's DiT, as keyword arguments of
+        `create_model`. Only those: a default run records the same model args as before."""
+        defaults = ModelConfig()
+        return {k: getattr(self, k) for k in ("norm", "mlp", "rope", "qk_norm") if getattr(self, k) != getattr(defaults, k)}
 
 
 @dataclass

@@ -111,6 +111,7 @@ def build_model(cfg: TrainConfig, data: TrainingData) -> tuple[DiT, dict[str, An
         num_classes=data.num_classes,
         learn_sigma=cfg.model.learn_sigma,
         class_dropout_prob=cfg.model.class_dropout_prob,
+        **cfg.model.block_options(),  # recorded in model_args, so sampling rebuilds the same blocks
     )
     try:
         return create_model(**args), args
