@@ -26,6 +26,10 @@ name                               symbol (paper, equation)
 ``vb``                             L_{t-1} (KL, Ho eq. 5) or L_0 (decoder NLL, Ho eq. 13), in bits
 =================================  ==================================================
 
+Why one module of ~450 lines: the forward process, the posterior, the learned-variance
+parameterisation and the VB loss share one set of coefficient tables and one definition of a
+timestep; split apart, each would re-derive them (ADM's own file is 900 lines).
+
 Coefficient tables are float64 numpy arrays, as in ADM; :meth:`GaussianDiffusion._extract`
 gathers the per-sample entries and casts them to the dtype/device of the tensor
 they multiply, so float64 inputs stay float64.
