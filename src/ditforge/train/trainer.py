@@ -20,8 +20,9 @@ import torch
 
 from ditforge import __version__
 from ditforge.config import TrainConfig
-from ditforge.data.loader import InfiniteLoader, Prefetcher, StoreSource, TensorSource
-from ditforge.data.sources import is_builtin, load_data
+from ditforge.data.loader import InfiniteLoader, Prefetcher
+from ditforge.data.sources import is_builtin
+from ditforge.data.training_data import TrainingData, open_training_data
 from ditforge.errors import NonFiniteLossError, UserError
 from ditforge.evaluate import evaluate_builtin
 from ditforge.evaluate_run import evaluate_run
@@ -55,49 +56,6 @@ class TrainResult:
     checkpoint: Path | None
     preview: Path | None
     is_main: bool = True  # rank 0 (the process that writes and reports)
-
-
-@dataclass
-class TrainingData:
-    """What training needs of its data, whether pixels in memory or a latent store."""
-
-    name: str
-    shape: tuple[int, int, int]  # (C, H, W) of the model's input
-    class_names: list[str]
-    source: Any  # for InfiniteLoader
-    autoencoder: dict[str, Any]  # how model inputs become pictures (recorded in every checkpoint)
-    skipped: list
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-
-def is_latent_store(data: str) -> bool:
-    return (Path(data) / "manifest.json").is_file()
-
-
-def open_training_data(cfg: TrainConfig) -> TrainingData:
-    """A latent store written by `ditforge extract`, or images (built-in set or folder) in memory."""
-    if is_latent_store(cfg.data):
-        from ditforge.data.latents import LatentStore
-
-        store = LatentStore(cfg.data)
-        size = store.manifest.get("image_size")
-        if cfg.image_size is not None and cfg.image_size != size:
-            raise UserError(
-                f"the latent store {cfg.data!r} was extracted at {size} px, not --image-size {cfg.image_size}; "
-                "leave --image-size out, or extract again at that size"
-            )
-        skipped = [(s.get("file"), s.get("reason")) for s in store.manifest.get("skipped", [])]
-        return TrainingData(Path(cfg.data).name, tuple(store.latent_shape), store.class_names,
-                            StoreSource(store), store.autoencoder, skipped)
-    images = load_data(cfg.data, "train", cfg.image_size)
-    return TrainingData(images.name, images.shape, images.class_names, TensorSource(images.images, images.labels),
-                        {"kind": "identity"}, images.skipped)
 
 
 def build_model(cfg: TrainConfig, data: TrainingData) -> tuple[DiT, dict[str, Any]]:
