@@ -346,7 +346,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ditforge.sample_bulk import sample_to_npz
     from ditforge.train import distributed
     from ditforge.train.device import enable_tf32, resolve_precision
-    from ditforge.train.trainer import preview_classes
+    from ditforge.train.previewer import preview_classes
 
     out = Path(args.out)
     _check_writable(out)
