@@ -341,61 +341,23 @@ def _interval(args: argparse.Namespace) -> tuple[float, float] | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ditforge.pictures import make_grid, save_png_atomic
-    from ditforge.sample import generate, load_for_sampling
-    from ditforge.sample_bulk import sample_to_npz
-    from ditforge.train import distributed
-    from ditforge.train.device import enable_tf32, resolve_precision
-    from ditforge.train.previewer import preview_classes
+    from ditforge.sample import SampleOptions, sample_grid
+    from ditforge.sample_bulk import sample_npz
 
     out = Path(args.out)
     _check_writable(out)
     bulk = out.suffix == ".npz"
     if args.num_samples is not None and not bulk:
         raise UserError(f"--num-samples needs an .npz output (ADM format), got --out {args.out!r}")
-    sm = load_for_sampling(args.checkpoint, args.model, use_ema=not args.raw_weights)
-    d = distributed.init()
-    try:
-        precision = resolve_precision(args.precision, d.device)
-        enable_tf32()
-        model = sm.model.to(d.device)
-        if args.compile:
-            import torch
-
-            model = torch.compile(model)
-        decode = None
-        if args.vae is not None or sm.autoencoder.get("kind") != "identity":
-            from ditforge.data.autoencoder import load_autoencoder
-
-            decode = load_autoencoder(args.vae if args.vae is not None else sm.autoencoder, device=d.device).decode
-        if bulk:
-            n = args.num_samples if args.num_samples is not None else 50_000
-            summary = sample_to_npz(
-                sm, out, n, args.cfg, args.steps, args.sampler, args.seed, args.balanced, args.batch_size,
-                args.shard_size, decode=decode, legacy_three_channel=args.legacy_three_channel_guidance, d=d,
-                spacing=args.spacing, cfg_interval=_interval(args), precision=precision,
-            )
-            if d.is_main:
-                print(f"wrote {out}: {n} samples, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, seed {args.seed}, "
-                      f"{precision} on {d.device.type}; "
-                      f"{summary['sampled_here']} sampled by this run"
-                      + (f" at {summary['images_per_s']:.1f} images/s" if summary["images_per_s"] else ""))
-            return 0
-        classes = args.classes if args.classes is not None else preview_classes(model.num_classes)
-        x, _ = generate(
-            model, classes, args.per_class, args.cfg, args.steps, args.sampler, args.seed,
-            sm.noise_schedule, sm.diffusion_steps, args.legacy_three_channel_guidance, args.batch_size, progress=True,
-            spacing=args.spacing, cfg_interval=_interval(args), precision=precision,
-        )
-        if decode is not None:
-            x = decode(x.to(d.device)).cpu()
-        names = [sm.class_names[c] if c < len(sm.class_names) else str(c) for c in classes]
-        save_png_atomic(make_grid(x, names, args.per_class), out)
-        print(f"wrote {out}: classes {classes}, {args.per_class} each, cfg {args.cfg:g}, {args.steps} {args.sampler.upper()} steps, "
-              f"seed {args.seed}, {precision} on {d.device.type}")
-        return 0
-    finally:
-        distributed.shutdown()
+    opts = SampleOptions(
+        args.checkpoint, args.out, args.classes, args.per_class, args.cfg, args.steps, args.sampler, args.spacing,
+        _interval(args), args.seed, args.legacy_three_channel_guidance, args.compile, not args.raw_weights, args.model,
+        args.vae, args.num_samples, args.balanced, args.batch_size, args.shard_size, args.precision,
+    )
+    result = sample_npz(opts) if bulk else sample_grid(opts)
+    if result.is_main:
+        print(result.line())
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -441,16 +403,13 @@ def _eval_builtin(args: argparse.Namespace) -> dict:
 
 def _eval_run(args: argparse.Namespace, ckpt: Path, sm, config: dict) -> dict:
     from ditforge.evaluate_run import evaluate_run
+    from ditforge.sample import load_decoder
     from ditforge.train.device import enable_tf32, pick_device, resolve_precision
 
     device = pick_device()
     precision = resolve_precision(args.precision, device)
     enable_tf32()
-    decode = None
-    if sm.autoencoder.get("kind") != "identity":
-        from ditforge.data.autoencoder import load_autoencoder
-
-        decode = load_autoencoder(sm.autoencoder, device=device).decode
+    decode = load_decoder(sm.autoencoder, device)
     report = evaluate_run(
         sm.model.to(device), config, ckpt.parent.parent, sm.class_names, args.per_class, args.cfg, args.steps,
         args.sampler, args.seed, sm.noise_schedule, sm.diffusion_steps, decode, with_fid=not args.no_fid,

@@ -20,7 +20,7 @@ from ditforge.evaluate import BuiltinReport, evaluate_builtin
 from ditforge.evaluate_run import RunReport, evaluate_run
 from ditforge.models import DiT, create_model
 from ditforge.pictures import make_grid, save_png_atomic
-from ditforge.sample import generate
+from ditforge.sample import generate, load_decoder
 from ditforge.train import distributed
 
 PREVIEW_CLASSES = 10
@@ -70,7 +70,7 @@ class Previewer:
         self.model_args, self.precision = model_args, precision
         self.run_dir = Path(cfg.run_dir)
         self.fsdp = d.enabled and cfg.parallel == "fsdp"
-        self._autoencoder = None  # loaded at the first picture of a latent run
+        self._decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # loaded at a latent run's first picture
 
     def sampling_model(self) -> DiT | None:
         """The EMA weights as a plain module on rank 0 (gathered from the shards under FSDP)."""
@@ -85,13 +85,9 @@ class Previewer:
 
     def decode(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Model inputs -> pictures in [-1, 1]; None when the model works on pixels."""
-        if self.data.autoencoder.get("kind") == "identity":
-            return None
-        if self._autoencoder is None:
-            from ditforge.data.autoencoder import load_autoencoder
-
-            self._autoencoder = load_autoencoder(self.data.autoencoder, device=self.d.device)
-        return self._autoencoder.decode
+        if self._decode is None:
+            self._decode = load_decoder(self.data.autoencoder, self.d.device)  # None again for pixels: cheap
+        return self._decode
 
     def preview(self, step: int) -> Path | None:
         """The preview grid of `step` in `RUN/samples/` (rank 0; None elsewhere)."""
