@@ -13,14 +13,16 @@ ours: its traceback, a line asking for a report, and status 3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import traceback
+import typing
 from pathlib import Path
 
 from ditforge import __version__
-from ditforge.config import PRECISIONS, PRESETS, TrainConfig, preset
+from ditforge.config import PRECISIONS, PRESETS, TrainConfig, option_fields, preset
 from ditforge.errors import UserError
 from ditforge.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS
 
@@ -46,18 +48,36 @@ def _tiny_default(field: str):
     return value
 
 
-def _add_grad_checkpoint(p, default: str | None, shown: str | None) -> None:
-    """--grad-checkpoint [MODE[:FRACTION]] (earlier versions: a plain switch, which still means full)."""
-    from ditforge.models.recompute import MODES
-
-    p.add_argument(
-        "--grad-checkpoint", nargs="?", const="full", default=default, metavar="MODE[:FRACTION]",
-        help=f"what blocks keep for backward: {' | '.join(MODES)}; 'ops' recomputes only cheap ops (half the "
-        "memory of 'none', no matrix product twice), 'attn'/'mlp' also that half's products, 'full' whole "
-        "blocks; MODE:FRACTION applies MODE to that share of the blocks and 'ops' to the rest; "
-        f"the flag alone means full (default: {shown or '%(default)s'})",
-    )
-    p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_const", const="none", default=argparse.SUPPRESS, help="same as --grad-checkpoint none")
+def _add_config_option(p: argparse.ArgumentParser, path: str, f: dataclasses.Field, kind: type, default=None) -> None:
+    """The option that `flag(...)` in config.py declares for the field at `path` (also its dest).
+    In `train` its default is None ("not given"), so the preset's value stands unless it is given."""
+    if "flag" not in f.metadata:
+        raise TypeError(f"config field {path} declares no option: give it metadata=flag(...) in config.py")
+    spec = dict(f.metadata["flag"])
+    name, help_text, shown = spec.pop("name"), spec.pop("help"), spec.pop("shown")
+    negation = spec.pop("negation", None)
+    help_text = help_text() if callable(help_text) else help_text
+    if callable(spec.get("choices")):
+        spec["choices"] = spec["choices"]()
+    if kind is bool:
+        spec.setdefault("action", argparse.BooleanOptionalAction)
+    elif typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        spec.setdefault("type", args[0])
+        spec.setdefault("nargs", len(args))
+    else:
+        base = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]  # X | None -> X
+        if base[0] is not str:
+            spec.setdefault("type", base[0])
+    if kind is not bool and "choices" not in spec:
+        spec.setdefault("metavar", name.lstrip("-").replace("-", "_").upper())  # --class-dropout CLASS_DROPOUT
+    if shown is None:  # train: the tiny preset's value; elsewhere the option's own default
+        shown = _tiny_default(path) if default is None else "%(default)s"
+    p.add_argument(name, dest=path, default=default, help=f"{help_text} (default: {shown})", **spec)
+    if negation is not None:
+        neg_name, neg_value = negation
+        p.add_argument(neg_name, dest=path, action="store_const", const=neg_value, default=argparse.SUPPRESS,
+                       help=f"same as {name} {neg_value}")
 
 
 def _add_train(sub) -> None:
@@ -71,42 +91,9 @@ def _add_train(sub) -> None:
             "'tiny' preset; the DiT-* presets follow the paper: batch 256, lr 1e-4, EMA 0.9999, flips)."
         ),
     )
-    d = _tiny_default
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="named recipe the options below override (default: tiny)")
-    p.add_argument("--data", help=f"built-in set name or image folder (ROOT/<class>/<image>) (default: {d('data')})")
-    p.add_argument("--run-dir", help="folder for config, checkpoints, logs, pictures (default: runs/<data name>, e.g. runs/digits)")
-    p.add_argument("--model", help=f"model name, e.g. DiT-XL/2, DiT-S/4, DiT-Ti/2 (default: {d('model.name')})")
-    p.add_argument("--image-size", type=int, help="centre-crop and resize image folders to N x N pixels (default: keep)")
-    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, help=f"random horizontal flips (default: {d('hflip')})")
-    p.add_argument("--steps", type=int, help=f"total optimizer steps (default: {d('steps')})")
-    p.add_argument("--batch-size", type=int, dest="global_batch", help=f"global batch size (default: {d('global_batch')})")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default: {d('optim.lr')})")
-    p.add_argument("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"), help=f"AdamW betas (default: {d('optim.betas')})")
-    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {d('optim.weight_decay')})")
-    p.add_argument("--grad-clip", type=float, help=f"max gradient norm, 0 = off (default: {d('optim.grad_clip')})")
-    p.add_argument("--ema-decay", type=float, help=f"EMA decay (default: {d('ema_decay')})")
-    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help=f"EMA decay min(decay, (1+step)/(10+step)) (default: {d('ema_warmup')})")
-    p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, help=f"learned variance, output 2C channels (default: {d('model.learn_sigma')})")
-    p.add_argument("--class-dropout", type=float, help=f"label dropout probability for guidance (default: {d('model.class_dropout_prob')})")
-    p.add_argument("--noise-schedule", choices=["linear", "cosine"], help=f"beta schedule (default: {d('diffusion.noise_schedule')})")
-    p.add_argument("--diffusion-steps", type=int, help=f"diffusion steps T (default: {d('diffusion.diffusion_steps')})")
-    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step and process (default: {d('grad_accum')})")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], help=f"under torchrun: DDP, or FSDP2 sharding for models too big for one device (default: {d('parallel')})")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help=f"torch.compile the model (default: {d('compile')})")
-    p.add_argument("--prefetch", choices=["auto", "on", "off"], help=f"read the next steps' batches in a background thread; auto = on a GPU, with pinned memory (default: {d('prefetch')})")
-    _add_grad_checkpoint(p, None, d("grad_checkpoint"))  # None: the preset's value
-    p.add_argument("--precision", choices=PRECISIONS, help=f"autocast precision; auto = bf16 on GPU, fp32 on CPU (default: {d('precision')})")
-    p.add_argument("--seed", type=int, help=f"seed of weights, data order, noise (default: {d('seed')})")
-    p.add_argument("--log-every", type=int, help=f"log line and TensorBoard every N steps (default: {d('log_every')})")
-    p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps (default: {d('ckpt_every')})")
-    p.add_argument("--keep-last", type=int, help=f"checkpoints kept, 0 = all (default: {d('keep_last')})")
-    p.add_argument("--sample-every", type=int, help=f"preview grid every N steps, 0 = only at the end (default: {d('sample_every')})")
-    p.add_argument("--eval-every", type=int, help=f"class accuracy read by the judge (per class too; built-in sets: and Frechet distance) every N steps, logged to TensorBoard; 0 = off (default: {d('eval_every')})")
-    p.add_argument("--eval-fid", action=argparse.BooleanOptionalAction, help=f"image folders and latent stores: --eval-every also computes FID, precision, recall against the held-out split (Inception: about 1 min per 200 samples on 2 CPU cores) (default: {d('eval_fid')})")
-    p.add_argument("--eval-per-class", type=int, help=f"samples per class for --eval-every (default: {d('eval_per_class')})")
-    p.add_argument("--sample-steps", help=f"sampling steps of the previews and --eval-every, at most --diffusion-steps (default: {d('sample_steps')})")
-    p.add_argument("--sample-cfg", type=float, help=f"guidance scale of the previews (default: {d('sample_cfg')})")
-    p.add_argument("--sample-sampler", choices=SAMPLERS, help=f"sampler of the previews and --eval-every (default: {d('sample_sampler')})")
+    for path, f, kind in option_fields():
+        _add_config_option(p, path, f, kind)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only) (default: False)")
 
 
@@ -211,7 +198,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch", type=int, default=8, help="batch size")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    _add_grad_checkpoint(p, "none", None)
+    path, f, kind = next(o for o in option_fields() if o[0] == "grad_checkpoint")
+    _add_config_option(p, path, f, kind, default="none")  # the same option as train's
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--json", help="also write the result to this JSON file (default: none)")
@@ -235,25 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- commands ------------------------------------------------------------------------------
 
-_OVERRIDES = {
-    # flag dest -> config path
-    "data": "data", "run_dir": "run_dir", "model": "model.name", "image_size": "image_size",
-    "hflip": "hflip", "steps": "steps", "global_batch": "global_batch", "lr": "optim.lr",
-    "betas": "optim.betas", "weight_decay": "optim.weight_decay", "grad_clip": "optim.grad_clip",
-    "ema_decay": "ema_decay", "ema_warmup": "ema_warmup", "learn_sigma": "model.learn_sigma",
-    "class_dropout": "model.class_dropout_prob", "noise_schedule": "diffusion.noise_schedule",
-    "diffusion_steps": "diffusion.diffusion_steps", "precision": "precision", "seed": "seed",
-    "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "prefetch": "prefetch", "grad_checkpoint": "grad_checkpoint",
-    "log_every": "log_every", "ckpt_every": "ckpt_every", "keep_last": "keep_last",
-    "sample_every": "sample_every", "sample_steps": "sample_steps", "sample_cfg": "sample_cfg", "sample_sampler": "sample_sampler", "eval_every": "eval_every",
-    "eval_per_class": "eval_per_class", "eval_fid": "eval_fid",
-}
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = preset(args.preset)
-    for dest, path in _OVERRIDES.items():
-        v = getattr(args, dest)
+    for path, _, _ in option_fields():
+        v = getattr(args, path)  # the option's dest is the field's path
         if v is None:
             continue
         *parents, leaf = path.split(".")
@@ -267,7 +240,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps"}
+_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps"}  # name -> config path
 
 
 def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
@@ -278,7 +251,7 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     from ditforge.train.auto import choose_defaults, describe_device, peek_data
     from ditforge.train.device import pick_device
 
-    given = {k: getattr(args, k) for k in _AUTO_FIELDS if getattr(args, k) is not None}
+    given = {k: getattr(args, path) for k, path in _AUTO_FIELDS.items() if getattr(args, path) is not None}
     values = cfg.to_dict()
     saved_path = Path(cfg.run_dir) / "config.json"
     if args.preset == "tiny" and not is_builtin(cfg.data) and saved_path.is_file():
