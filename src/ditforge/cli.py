@@ -13,17 +13,18 @@ ours: its traceback, a line asking for a report, and status 3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import traceback
+import typing
 from pathlib import Path
 
 from ditforge import __version__
-from ditforge.config import PRECISIONS, PRESETS, TrainConfig, preset
+from ditforge.config import PRECISIONS, PRESETS, TrainConfig, option_fields, preset
 from ditforge.errors import UserError
 from ditforge.diffusion.sampling import DEFAULT_SPACING, SPACINGS
-from ditforge.flow import PATHS, PREDICTIONS, TIME_DISTRIBUTIONS
 from ditforge.objectives import OBJECTIVES, default_sampler, default_steps, samplers_of
 
 ALL_SAMPLERS = (*samplers_of("diffusion"), *samplers_of("flow"))
@@ -50,18 +51,36 @@ def _tiny_default(field: str):
     return value
 
 
-def _add_grad_checkpoint(p, default: str | None, shown: str | None) -> None:
-    """--grad-checkpoint [MODE[:FRACTION]] (earlier versions: a plain switch, which still means full)."""
-    from ditforge.models.recompute import MODES
-
-    p.add_argument(
-        "--grad-checkpoint", nargs="?", const="full", default=default, metavar="MODE[:FRACTION]",
-        help=f"what blocks keep for backward: {' | '.join(MODES)}; 'ops' recomputes only cheap ops (half the "
-        "memory of 'none', no matrix product twice), 'attn'/'mlp' also that half's products, 'full' whole "
-        "blocks; MODE:FRACTION applies MODE to that share of the blocks and 'ops' to the rest; "
-        f"the flag alone means full (default: {shown or '%(default)s'})",
-    )
-    p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_const", const="none", default=argparse.SUPPRESS, help="same as --grad-checkpoint none")
+def _add_config_option(p: argparse.ArgumentParser, path: str, f: dataclasses.Field, kind: type, default=None) -> None:
+    """The option that `flag(...)` in config.py declares for the field at `path` (also its dest).
+    In `train` its default is None ("not given"), so the preset's value stands unless it is given."""
+    if "flag" not in f.metadata:
+        raise TypeError(f"config field {path} declares no option: give it metadata=flag(...) in config.py")
+    spec = dict(f.metadata["flag"])
+    name, help_text, shown = spec.pop("name"), spec.pop("help"), spec.pop("shown")
+    negation = spec.pop("negation", None)
+    help_text = help_text() if callable(help_text) else help_text
+    if callable(spec.get("choices")):
+        spec["choices"] = spec["choices"]()
+    if kind is bool:
+        spec.setdefault("action", argparse.BooleanOptionalAction)
+    elif typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        spec.setdefault("type", args[0])
+        spec.setdefault("nargs", len(args))
+    else:
+        base = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]  # X | None -> X
+        if base[0] is not str:
+            spec.setdefault("type", base[0])
+    if kind is not bool and "choices" not in spec:
+        spec.setdefault("metavar", name.lstrip("-").replace("-", "_").upper())  # --class-dropout CLASS_DROPOUT
+    if shown is None:  # train: the tiny preset's value; elsewhere the option's own default
+        shown = _tiny_default(path) if default is None else "%(default)s"
+    p.add_argument(name, dest=path, default=default, help=f"{help_text} (default: {shown})", **spec)
+    if negation is not None:
+        neg_name, neg_value = negation
+        p.add_argument(neg_name, dest=path, action="store_const", const=neg_value, default=argparse.SUPPRESS,
+                       help=f"same as {name} {neg_value}")
 
 
 def _add_train(sub) -> None:
@@ -75,54 +94,9 @@ def _add_train(sub) -> None:
             "'tiny' preset; the DiT-* presets follow the paper: batch 256, lr 1e-4, EMA 0.9999, flips)."
         ),
     )
-    d = _tiny_default
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="named recipe the options below override (default: tiny)")
-    p.add_argument("--data", help=f"built-in set name or image folder (ROOT/<class>/<image>) (default: {d('data')})")
-    p.add_argument("--run-dir", help="folder for config, checkpoints, logs, pictures (default: runs/<data name>, e.g. runs/digits)")
-    p.add_argument("--model", help=f"model name, e.g. DiT-XL/2, DiT-S/4, DiT-Ti/2 (default: {d('model.name')})")
-    p.add_argument("--image-size", type=int, help="centre-crop and resize image folders to N x N pixels (default: keep)")
-    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, help=f"random horizontal flips (default: {d('hflip')})")
-    p.add_argument("--steps", type=int, help=f"total optimizer steps (default: {d('steps')})")
-    p.add_argument("--batch-size", type=int, dest="global_batch", help=f"global batch size (default: {d('global_batch')})")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default: {d('optim.lr')})")
-    p.add_argument("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"), help=f"AdamW betas (default: {d('optim.betas')})")
-    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {d('optim.weight_decay')})")
-    p.add_argument("--grad-clip", type=float, help=f"max gradient norm, 0 = off (default: {d('optim.grad_clip')})")
-    p.add_argument("--ema-decay", type=float, help=f"EMA decay (default: {d('ema_decay')})")
-    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, help=f"EMA decay min(decay, (1+step)/(10+step)) (default: {d('ema_warmup')})")
-    p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, help=f"learned variance, output 2C channels (default: {d('model.learn_sigma')})")
-    p.add_argument("--class-dropout", type=float, help=f"label dropout probability for guidance (default: {d('model.class_dropout_prob')})")
-    # block options (models/blocks.py); each off by default, keeping the paper's DiT and its official weights' layout
-    p.add_argument("--norm", choices=["layer", "rms"], help=f"norm before attention, MLP and final layer: LayerNorm or RMSNorm (default: {d('model.norm')})")
-    p.add_argument("--mlp", choices=["gelu", "swiglu"], help=f"MLP: GELU, or SwiGLU with 2/3 the hidden width (about the same parameters) (default: {d('model.mlp')})")
-    p.add_argument("--rope", action=argparse.BooleanOptionalAction, help=f"2-D rotary position embedding on queries and keys; the sin-cos pos_embed stays (default: {d('model.rope')})")
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, help=f"RMSNorm on queries and keys of each head (default: {d('model.qk_norm')})")
-    p.add_argument("--objective", choices=OBJECTIVES, help=f"what the model learns: DiT's Gaussian diffusion (epsilon, learned variance) or SiT's flow matching (velocity) (default: {d('objective')})")
-    p.add_argument("--noise-schedule", choices=["linear", "cosine"], help=f"diffusion: beta schedule (default: {d('diffusion.noise_schedule')})")
-    p.add_argument("--diffusion-steps", type=int, help=f"diffusion: steps T (default: {d('diffusion.diffusion_steps')})")
-    p.add_argument("--path", choices=PATHS, help=f"flow: interpolant, linear (1-t) x0 + t eps or SiT's GVP cos/sin (default: {d('flow.path')})")
-    p.add_argument("--prediction", choices=PREDICTIONS, help=f"flow: what the network predicts (default: {d('flow.prediction')})")
-    p.add_argument("--time-dist", choices=TIME_DISTRIBUTIONS, help=f"flow: training times, uniform or SD3's logit-normal (default: {d('flow.time_distribution')})")
-    p.add_argument("--time-mean", type=float, help=f"flow: logit-normal mean (default: {d('flow.time_mean')})")
-    p.add_argument("--time-std", type=float, help=f"flow: logit-normal std (default: {d('flow.time_std')})")
-    p.add_argument("--time-shift", type=float, help=f"flow: SD3's shift of the training times towards noise, 1 = none (default: {d('flow.time_shift')})")
-    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step and process (default: {d('grad_accum')})")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], help=f"under torchrun: DDP, or FSDP2 sharding for models too big for one device (default: {d('parallel')})")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help=f"torch.compile the model (default: {d('compile')})")
-    p.add_argument("--prefetch", choices=["auto", "on", "off"], help=f"read the next steps' batches in a background thread; auto = on a GPU, with pinned memory (default: {d('prefetch')})")
-    _add_grad_checkpoint(p, None, d("grad_checkpoint"))  # None: the preset's value
-    p.add_argument("--precision", choices=PRECISIONS, help=f"autocast precision; auto = bf16 on GPU, fp32 on CPU (default: {d('precision')})")
-    p.add_argument("--seed", type=int, help=f"seed of weights, data order, noise (default: {d('seed')})")
-    p.add_argument("--log-every", type=int, help=f"log line and TensorBoard every N steps (default: {d('log_every')})")
-    p.add_argument("--ckpt-every", type=int, help=f"checkpoint every N steps (default: {d('ckpt_every')})")
-    p.add_argument("--keep-last", type=int, help=f"checkpoints kept, 0 = all (default: {d('keep_last')})")
-    p.add_argument("--sample-every", type=int, help=f"preview grid every N steps, 0 = only at the end (default: {d('sample_every')})")
-    p.add_argument("--eval-every", type=int, help=f"class accuracy read by the judge (per class too; built-in sets: and Frechet distance) every N steps, logged to TensorBoard; 0 = off (default: {d('eval_every')})")
-    p.add_argument("--eval-fid", action=argparse.BooleanOptionalAction, help=f"image folders and latent stores: --eval-every also computes FID, precision, recall against the held-out split (Inception: about 1 min per 200 samples on 2 CPU cores) (default: {d('eval_fid')})")
-    p.add_argument("--eval-per-class", type=int, help=f"samples per class for --eval-every (default: {d('eval_per_class')})")
-    p.add_argument("--sample-steps", help=f"sampling steps of the previews and --eval-every (diffusion: at most --diffusion-steps) (default: {d('sample_steps')})")
-    p.add_argument("--sample-cfg", type=float, help=f"guidance scale of the previews (default: {d('sample_cfg')})")
-    p.add_argument("--sample-sampler", choices=ALL_SAMPLERS, help="sampler of the previews and --eval-every (default: ddpm; flow: heun)")
+    for path, f, kind in option_fields():
+        _add_config_option(p, path, f, kind)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only) (default: False)")
 
 
@@ -137,7 +111,7 @@ def _add_sampler_options(p, sampler_help: str) -> None:
                    "alone (default: guide at every step)")
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="what an official .pt file was trained with: diffusion (DiT) or flow (SiT) (default: what the run "
-                   "recorded; .pt files: diffusion)")
+                   "recorded; .pt files: diffusion, or flow for a SiT-* --model)")
 
 
 def _add_sample(sub) -> None:
@@ -234,7 +208,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch", type=int, default=8, help="batch size")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    _add_grad_checkpoint(p, "none", None)
+    path, f, kind = next(o for o in option_fields() if o[0] == "grad_checkpoint")
+    _add_config_option(p, path, f, kind, default="none")  # the same option as train's
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--json", help="also write the result to this JSON file (default: none)")
@@ -258,28 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- commands ------------------------------------------------------------------------------
 
-_OVERRIDES = {
-    # flag dest -> config path
-    "data": "data", "run_dir": "run_dir", "model": "model.name", "image_size": "image_size",
-    "hflip": "hflip", "steps": "steps", "global_batch": "global_batch", "lr": "optim.lr",
-    "betas": "optim.betas", "weight_decay": "optim.weight_decay", "grad_clip": "optim.grad_clip",
-    "ema_decay": "ema_decay", "ema_warmup": "ema_warmup", "learn_sigma": "model.learn_sigma",
-    "class_dropout": "model.class_dropout_prob", "objective": "objective", "noise_schedule": "diffusion.noise_schedule",
-    "path": "flow.path", "prediction": "flow.prediction", "time_dist": "flow.time_distribution", "time_mean": "flow.time_mean",
-    "time_std": "flow.time_std", "time_shift": "flow.time_shift",
-    "norm": "model.norm", "mlp": "model.mlp", "rope": "model.rope", "qk_norm": "model.qk_norm",
-    "diffusion_steps": "diffusion.diffusion_steps", "precision": "precision", "seed": "seed",
-    "grad_accum": "grad_accum", "parallel": "parallel", "compile": "compile", "prefetch": "prefetch", "grad_checkpoint": "grad_checkpoint",
-    "log_every": "log_every", "ckpt_every": "ckpt_every", "keep_last": "keep_last",
-    "sample_every": "sample_every", "sample_steps": "sample_steps", "sample_cfg": "sample_cfg", "sample_sampler": "sample_sampler", "eval_every": "eval_every",
-    "eval_per_class": "eval_per_class", "eval_fid": "eval_fid",
-}
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = preset(args.preset)
-    for dest, path in _OVERRIDES.items():
-        v = getattr(args, dest)
+    for path, _, _ in option_fields():
+        v = getattr(args, path)  # the option's dest is the field's path
         if v is None:
             continue
         *parents, leaf = path.split(".")
@@ -293,7 +250,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps"}
+_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps"}  # name -> config path
 
 
 def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
@@ -304,7 +261,7 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     from ditforge.train.auto import choose_defaults, describe_device, peek_data
     from ditforge.train.device import pick_device
 
-    given = {k: getattr(args, k) for k in _AUTO_FIELDS if getattr(args, k) is not None}
+    given = {k: getattr(args, path) for k, path in _AUTO_FIELDS.items() if getattr(args, path) is not None}
     values = cfg.to_dict()
     saved_path = Path(cfg.run_dir) / "config.json"
     if args.preset == "tiny" and not is_builtin(cfg.data) and saved_path.is_file():
@@ -367,63 +324,23 @@ def _interval(args: argparse.Namespace) -> tuple[float, float] | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ditforge.pictures import make_grid, save_png_atomic
-    from ditforge.sample import generate, load_for_sampling
-    from ditforge.sample_bulk import sample_to_npz
-    from ditforge.train import distributed
-    from ditforge.train.device import enable_tf32, resolve_precision
-    from ditforge.train.trainer import preview_classes
+    from ditforge.sample import SampleOptions, sample_grid
+    from ditforge.sample_bulk import sample_npz
 
     out = Path(args.out)
     _check_writable(out)
     bulk = out.suffix == ".npz"
     if args.num_samples is not None and not bulk:
         raise UserError(f"--num-samples needs an .npz output (ADM format), got --out {args.out!r}")
-    sm = load_for_sampling(args.checkpoint, args.model, use_ema=not args.raw_weights, objective=args.objective)
-    sampler = args.sampler or default_sampler(sm.objective)
-    steps = args.steps if args.steps is not None else default_steps(sm.objective)
-    d = distributed.init()
-    try:
-        precision = resolve_precision(args.precision, d.device)
-        enable_tf32()
-        model = sm.model.to(d.device)
-        if args.compile:
-            import torch
-
-            model = torch.compile(model)
-        decode = None
-        if args.vae is not None or sm.autoencoder.get("kind") != "identity":
-            from ditforge.data.autoencoder import load_autoencoder
-
-            decode = load_autoencoder(args.vae if args.vae is not None else sm.autoencoder, device=d.device).decode
-        if bulk:
-            n = args.num_samples if args.num_samples is not None else 50_000
-            summary = sample_to_npz(
-                sm, out, n, args.cfg, steps, sampler, args.seed, args.balanced, args.batch_size,
-                args.shard_size, decode=decode, legacy_three_channel=args.legacy_three_channel_guidance, d=d,
-                spacing=args.spacing, cfg_interval=_interval(args), precision=precision,
-            )
-            if d.is_main:
-                print(f"wrote {out}: {n} samples, cfg {args.cfg:g}, {steps} {sampler.upper()} steps, seed {args.seed}, "
-                      f"{precision} on {d.device.type}; "
-                      f"{summary['sampled_here']} sampled by this run"
-                      + (f" at {summary['images_per_s']:.1f} images/s" if summary["images_per_s"] else ""))
-            return 0
-        classes = args.classes if args.classes is not None else preview_classes(model.num_classes)
-        x, _ = generate(
-            model, classes, args.per_class, args.cfg, steps, sampler, args.seed,
-            sm.objective, args.legacy_three_channel_guidance, args.batch_size, progress=True,
-            spacing=args.spacing, cfg_interval=_interval(args), precision=precision,
-        )
-        if decode is not None:
-            x = decode(x.to(d.device)).cpu()
-        names = [sm.class_names[c] if c < len(sm.class_names) else str(c) for c in classes]
-        save_png_atomic(make_grid(x, names, args.per_class), out)
-        print(f"wrote {out}: classes {classes}, {args.per_class} each, cfg {args.cfg:g}, {steps} {sampler.upper()} steps, "
-              f"seed {args.seed}, {precision} on {d.device.type}")
-        return 0
-    finally:
-        distributed.shutdown()
+    opts = SampleOptions(
+        args.checkpoint, args.out, args.classes, args.per_class, args.cfg, args.steps, args.sampler, args.spacing,
+        _interval(args), args.seed, args.legacy_three_channel_guidance, args.compile, not args.raw_weights, args.model,
+        args.vae, args.num_samples, args.balanced, args.batch_size, args.shard_size, args.precision, args.objective,
+    )
+    result = sample_npz(opts) if bulk else sample_grid(opts)
+    if result.is_main:
+        print(result.line())
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -469,16 +386,13 @@ def _eval_builtin(args: argparse.Namespace) -> dict:
 
 def _eval_run(args: argparse.Namespace, ckpt: Path, sm, config: dict) -> dict:
     from ditforge.evaluate_run import evaluate_run
+    from ditforge.sample import load_decoder
     from ditforge.train.device import enable_tf32, pick_device, resolve_precision
 
     device = pick_device()
     precision = resolve_precision(args.precision, device)
     enable_tf32()
-    decode = None
-    if sm.autoencoder.get("kind") != "identity":
-        from ditforge.data.autoencoder import load_autoencoder
-
-        decode = load_autoencoder(sm.autoencoder, device=device).decode
+    decode = load_decoder(sm.autoencoder, device)
     report = evaluate_run(
         sm.model.to(device), config, ckpt.parent.parent, sm.class_names, args.per_class, args.cfg, args.steps,
         args.sampler, args.seed, sm.objective, decode, with_fid=not args.no_fid,
@@ -527,7 +441,7 @@ def _eval_adm(args: argparse.Namespace) -> dict | None:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from ditforge.data.autoencoder import load_autoencoder
-    from ditforge.data.store import extract, finalize_store
+    from ditforge.data.latents import extract, finalize_store
     from ditforge.data.sources import list_items
     from ditforge.train import distributed
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ditforge.errors import UserError
+from ditforge.flags import flag
 from ditforge.flow import FlowObjective
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -29,6 +30,39 @@ PREFETCH = ("auto", "on", "off")
 PARALLEL = ("ddp", "fsdp")
 NOISE_SCHEDULES = ("linear", "cosine")
 OBJECTIVES = ("diffusion", "flow")
+
+
+def _grad_checkpoint_help() -> str:
+    from ditforge.models.recompute import MODES
+
+    return (
+        f"what blocks keep for backward: {' | '.join(MODES)}; 'ops' recomputes only cheap ops (half the "
+        "memory of 'none', no matrix product twice), 'attn'/'mlp' also that half's products, 'full' whole "
+        "blocks; MODE:FRACTION applies MODE to that share of the blocks and 'ops' to the rest; the flag alone "
+        "means full"
+    )
+
+
+def _sampler_names() -> tuple[str, ...]:
+    from ditforge.objectives import samplers_of
+
+    return (*samplers_of("diffusion"), *samplers_of("flow"))
+
+
+def option_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
+    """(dotted path, field, resolved type) of every setting of `cls` (default `TrainConfig`),
+    nested sections (dataclass-typed fields) expanded in place."""
+    import typing
+
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += option_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, f, hints[f.name]))
+    return out
 
 
 def _positive_int(name: str, value: int) -> None:
@@ -45,15 +79,21 @@ def _non_negative_int(name: str, value: int) -> None:
 class ModelConfig:
     """Which network: a registry name plus the few choices that are not in the name."""
 
-    name: str = "DiT-Ti/2"
-    learn_sigma: bool = True  # output 2C channels: epsilon and the variance interpolation v
-    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
+    name: str = field(default="DiT-Ti/2", metadata=flag("--model", "model name, e.g. DiT-XL/2, DiT-S/4, DiT-Ti/2"))
+    # output 2C channels: epsilon and the variance interpolation v
+    learn_sigma: bool = field(default=True, metadata=flag("--learn-sigma", "learned variance, output 2C channels"))
+    class_dropout_prob: float = field(
+        default=0.1, metadata=flag("--class-dropout", "label dropout probability for guidance")
+    )  # label dropout for classifier-free guidance
     # Block options of LightningDiT (models/blocks.py); the defaults are the paper's DiT and keep
     # the official state-dict keys.
-    norm: str = "layer"  # "layer" (LayerNorm) or "rms" (RMSNorm with a gain)
-    mlp: str = "gelu"  # "gelu" (fc1, fc2) or "swiglu" (three matrices, 2/3 the hidden width)
-    rope: bool = False  # 2-D rotary position embedding on q and k (the sin-cos pos_embed stays)
-    qk_norm: bool = False  # RMSNorm on q and k of each head
+    norm: str = field(default="layer", metadata=flag(
+        "--norm", "norm before attention, MLP and final layer: LayerNorm or RMSNorm", choices=("layer", "rms")))
+    mlp: str = field(default="gelu", metadata=flag(
+        "--mlp", "MLP: GELU, or SwiGLU with 2/3 the hidden width (about the same parameters)", choices=("gelu", "swiglu")))
+    rope: bool = field(default=False, metadata=flag(
+        "--rope", "2-D rotary position embedding on queries and keys; the sin-cos pos_embed stays"))
+    qk_norm: bool = field(default=False, metadata=flag("--qk-norm", "RMSNorm on queries and keys of each head"))
 
     def __post_init__(self) -> None:
         from ditforge.models.blocks import BlockOptions
@@ -80,8 +120,9 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    noise_schedule: str = "linear"  # Ho et al. 2020 linear betas 1e-4..0.02, or Nichol & Dhariwal cosine
-    diffusion_steps: int = 1000
+    # Ho et al. 2020 linear betas 1e-4..0.02, or Nichol & Dhariwal cosine
+    noise_schedule: str = field(default="linear", metadata=flag("--noise-schedule", "beta schedule", choices=NOISE_SCHEDULES))
+    diffusion_steps: int = field(default=1000, metadata=flag("--diffusion-steps", "diffusion steps T"))
 
     def __post_init__(self) -> None:
         if self.noise_schedule not in NOISE_SCHEDULES:
@@ -93,10 +134,11 @@ class DiffusionConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # max global grad norm; 0 turns clipping off (the paper does not clip)
+    lr: float = field(default=1e-4, metadata=flag("--lr", "AdamW learning rate"))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=flag("--betas", "AdamW betas", metavar=("BETA1", "BETA2")))
+    weight_decay: float = field(default=0.0, metadata=flag("--weight-decay", "AdamW weight decay"))
+    # max global grad norm; 0 turns clipping off (the paper does not clip)
+    grad_clip: float = field(default=0.0, metadata=flag("--grad-clip", "max gradient norm, 0 = off"))
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists back
@@ -114,41 +156,59 @@ class OptimConfig:
 class TrainConfig:
     """Everything a training run needs; `run_dir/config.json` holds the resolved copy."""
 
-    data: str = "digits"  # a built-in set name or an image folder (one sub-folder a class)
-    run_dir: str = "runs/digits"
-    image_size: int | None = None  # pixels; None keeps a built-in set's own size
-    hflip: bool = False  # random horizontal flips (the paper: yes for ImageNet; digits: no)
+    data: str = field(default="digits", metadata=flag("--data", "built-in set name or image folder (ROOT/<class>/<image>)"))
+    run_dir: str = field(default="runs/digits", metadata=flag(
+        "--run-dir", "folder for config, checkpoints, logs, pictures", shown="runs/<data name>, e.g. runs/digits"))
+    image_size: int | None = field(default=None, metadata=flag(  # pixels; None keeps a built-in set's own size
+        "--image-size", "centre-crop and resize image folders to N x N pixels", shown="keep"))
+    # the paper: flips for ImageNet; digits: none
+    hflip: bool = field(default=False, metadata=flag("--hflip", "random horizontal flips"))
     model: ModelConfig = field(default_factory=ModelConfig)
     # what the model learns (objectives.py): DiT's Gaussian diffusion, or SiT's flow matching
-    objective: str = "diffusion"
+    objective: str = field(default="diffusion", metadata=flag(
+        "--objective", "what the model learns: DiT's Gaussian diffusion (epsilon, learned variance) or SiT's flow "
+        "matching (velocity)", choices=OBJECTIVES))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    flow: FlowObjective = field(default_factory=FlowObjective)  # path, prediction, training times (flow only)
+    flow: FlowObjective = field(default_factory=FlowObjective)  # path, prediction, training times (objective flow)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    steps: int = 800
-    global_batch: int = 128
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)); off = the paper's flat decay
-    precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
-    grad_accum: int = 1  # micro-batches per optimizer step and process
-    parallel: str = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard) for models too big for one device
-    compile: bool = False  # torch.compile the model
-    prefetch: str = "auto"  # read the next steps' batches in a background thread; auto: on a GPU (pinned)
+    steps: int = field(default=800, metadata=flag("--steps", "total optimizer steps"))
+    global_batch: int = field(default=128, metadata=flag("--batch-size", "global batch size"))
+    ema_decay: float = field(default=0.9999, metadata=flag("--ema-decay", "EMA decay"))
+    # off = the paper's flat decay
+    ema_warmup: bool = field(default=True, metadata=flag("--ema-warmup", "EMA decay min(decay, (1+step)/(10+step))"))
+    precision: str = field(default="auto", metadata=flag(
+        "--precision", "autocast precision; auto = bf16 on GPU, fp32 on CPU", choices=PRECISIONS))
+    grad_accum: int = field(default=1, metadata=flag("--grad-accum", "micro-batches per optimizer step and process"))
+    parallel: str = field(default="ddp", metadata=flag(
+        "--parallel", "under torchrun: DDP, or FSDP2 sharding for models too big for one device", choices=PARALLEL))
+    compile: bool = field(default=False, metadata=flag("--compile", "torch.compile the model"))
+    prefetch: str = field(default="auto", metadata=flag(
+        "--prefetch", "read the next steps' batches in a background thread; auto = on a GPU, with pinned memory",
+        choices=PREFETCH))
     # what blocks keep for backward (models/recompute.py): none | ops | mlp | attn | full [:FRACTION];
     # "ops" recomputes only the cheap ops (half the memory of none, no matrix product twice, but
     # slower on CPU); earlier versions wrote true (= full) or false (= none)
-    grad_checkpoint: str = "none"
-    seed: int = 0
-    log_every: int = 50
-    ckpt_every: int = 200
-    keep_last: int = 2  # checkpoints kept on disk (0 keeps all)
-    sample_every: int = 0  # preview grid every N steps (0 = only at the end)
-    sample_steps: str = "50"  # respacing of the preview sampler
-    sample_cfg: float = 4.0
-    # sampler of the previews and --eval-every; "" = the objective's default (ddpm; heun for flows)
-    sample_sampler: str = ""
-    eval_every: int = 0  # class accuracy (and Frechet distance or FID) every N steps, to TensorBoard
-    eval_per_class: int = 20  # samples per class for those evaluations
-    eval_fid: bool = False  # image folders, latent stores: also FID/precision/recall (Inception: slow on CPU)
+    grad_checkpoint: str = field(default="none", metadata=flag(
+        "--grad-checkpoint", _grad_checkpoint_help, nargs="?", const="full", metavar="MODE[:FRACTION]",
+        negation=("--no-grad-checkpoint", "none")))
+    seed: int = field(default=0, metadata=flag("--seed", "seed of weights, data order, noise"))
+    log_every: int = field(default=50, metadata=flag("--log-every", "log line and TensorBoard every N steps"))
+    ckpt_every: int = field(default=200, metadata=flag("--ckpt-every", "checkpoint every N steps"))
+    keep_last: int = field(default=2, metadata=flag("--keep-last", "checkpoints kept, 0 = all"))
+    sample_every: int = field(default=0, metadata=flag("--sample-every", "preview grid every N steps, 0 = only at the end"))
+    sample_steps: str = field(default="50", metadata=flag(  # the previews' respacing
+        "--sample-steps", "sampling steps of the previews and --eval-every (diffusion: at most --diffusion-steps)"))
+    sample_cfg: float = field(default=4.0, metadata=flag("--sample-cfg", "guidance scale of the previews"))
+    # "" = the objective's default sampler (ddpm; heun for flows)
+    sample_sampler: str = field(default="", metadata=flag(
+        "--sample-sampler", "sampler of the previews and --eval-every", choices=_sampler_names, shown="ddpm; flow: heun"))
+    eval_every: int = field(default=0, metadata=flag(
+        "--eval-every", "class accuracy read by the judge (per class too; built-in sets: and Frechet distance) every "
+        "N steps, logged to TensorBoard; 0 = off"))
+    eval_per_class: int = field(default=20, metadata=flag("--eval-per-class", "samples per class for --eval-every"))
+    eval_fid: bool = field(default=False, metadata=flag(
+        "--eval-fid", "image folders and latent stores: --eval-every also computes FID, precision, recall against the "
+        "held-out split (Inception: about 1 min per 200 samples on 2 CPU cores)"))
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ditforge.data.sources import ImageSet, load_data, split_indices, to_uint8
+from ditforge.data.training_data import is_latent_store
 from ditforge.diffusion.sampling import DEFAULT_SPACING
 from ditforge.judge import Judge, load_judge, per_class_accuracy, score_heldout, train_judge
 from ditforge.models import DiT
@@ -82,8 +83,6 @@ class RealImages:
     """The run's real training and held-out images, loaded (or decoded) on first use only."""
 
     def __init__(self, config: dict[str, Any], device: torch.device, progress: bool = False):
-        from ditforge.train.trainer import is_latent_store
-
         self.config, self.device, self.progress = config, device, progress
         self.latent = is_latent_store(config["data"])
         self._splits: tuple[ImageSet, ImageSet] | None = None

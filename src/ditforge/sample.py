@@ -8,9 +8,9 @@ classifier-free guidance, with a sampler of the model's objective (``objectives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,7 +19,9 @@ from ditforge.diffusion.sampling import DEFAULT_SPACING, SPACINGS, Sampler
 from ditforge.errors import CheckpointError, UserError
 from ditforge.flow import FlowSampler
 from ditforge.models import DiT, create_model
-from ditforge.objectives import OBJECTIVES, DiffusionObjective, Objective, objective_from_config, objective_sampler
+from ditforge.objectives import (
+    OBJECTIVES, DiffusionObjective, Objective, default_sampler, default_steps, objective_from_config, objective_sampler,
+)
 from ditforge.train.checkpoint import SAMPLING_KEYS, latest_checkpoint, load_weights, read_state, read_tensors
 from ditforge.train.device import autocast
 
@@ -220,3 +222,115 @@ def generate(
         x = sample_batch(model, chosen, y, z, gen, cfg_scale, legacy_three_channel, progress, cfg_interval, precision)
         out.append(x.float().cpu())
     return torch.cat(out), labels
+
+
+# -- the `sample` command's library side: options, set-up, the grid --------------------------
+
+
+@dataclass
+class SampleOptions:
+    """What `ditforge sample` asks for; `out` ending in .npz means many samples (`sample_bulk.sample_npz`)."""
+
+    checkpoint: str
+    out: str = "samples.png"
+    classes: list[int] | None = None  # grid rows (None: at most 10 spread over the classes)
+    per_class: int = 8
+    cfg: float = 4.0
+    steps: int | None = None  # None: the objective's default (250 DDPM steps; 50 Heun steps for flows)
+    sampler: str | None = None  # None: the objective's default
+    spacing: str = DEFAULT_SPACING
+    cfg_interval: tuple[float, float] | None = None
+    seed: int = 0
+    legacy_three_channel: bool = False
+    compile: bool = False
+    use_ema: bool = True
+    model_name: str | None = None  # required for an official .pt file
+    vae: str | None = None  # overrides the autoencoder the checkpoint records
+    num_samples: int | None = None  # .npz only (None: 50,000)
+    balanced: bool = False
+    batch_size: int = 64
+    shard_size: int = 1024
+    precision: str = "auto"
+    objective: str | None = None  # what an official .pt file was trained with (None: recorded / from the name)
+
+    def for_model(self, sm: SamplingModel) -> "SampleOptions":
+        """These options with the sampler and steps the model's objective picks where none were given."""
+        return replace(
+            self,
+            sampler=self.sampler or default_sampler(sm.objective),
+            steps=self.steps if self.steps is not None else default_steps(sm.objective),
+        )
+
+
+@dataclass
+class Sampling:
+    """A checkpoint ready to sample on this process's device."""
+
+    sm: SamplingModel
+    model: torch.nn.Module  # sm.model on the device, compiled when asked
+    decode: Callable[[torch.Tensor], torch.Tensor] | None  # latents -> pictures; None in pixel space
+    precision: str
+
+
+def load_decoder(autoencoder: dict[str, Any] | str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The decode function of a recorded autoencoder (`describe()` output) or a `--vae` string;
+    None for the identity recorded by pixel-space runs."""
+    if isinstance(autoencoder, dict) and autoencoder.get("kind") == "identity":
+        return None
+    from ditforge.data.autoencoder import load_autoencoder
+
+    return load_autoencoder(autoencoder, device=device).decode
+
+
+def prepare_sampling(sm: SamplingModel, opts: SampleOptions, device: torch.device) -> Sampling:
+    """Model on `device` (compiled if asked), the decoder (`opts.vae` over the recorded one), precision."""
+    from ditforge.train.device import enable_tf32, resolve_precision
+
+    precision = resolve_precision(opts.precision, device)
+    enable_tf32()
+    model = sm.model.to(device)
+    if opts.compile:
+        model = torch.compile(model)
+    decode = load_decoder(opts.vae if opts.vae is not None else sm.autoencoder, device)
+    return Sampling(sm, model, decode, precision)
+
+
+@dataclass
+class GridResult:
+    out: Path
+    classes: list[int]
+    opts: SampleOptions
+    precision: str
+    device: str
+    is_main: bool = True  # every rank writes the grid (the same one) and reports it
+
+    def line(self) -> str:
+        o = self.opts
+        return (f"wrote {self.out}: classes {self.classes}, {o.per_class} each, cfg {o.cfg:g}, {o.steps} {o.sampler.upper()} "
+                f"steps, seed {o.seed}, {self.precision} on {self.device}")
+
+
+def sample_grid(opts: SampleOptions) -> GridResult:
+    """`opts.per_class` samples of each class in `opts.classes` as a labelled PNG grid at `opts.out`."""
+    from ditforge.pictures import make_grid, save_png_atomic
+    from ditforge.train import distributed
+    from ditforge.train.previewer import preview_classes
+
+    sm = load_for_sampling(opts.checkpoint, opts.model_name, use_ema=opts.use_ema, objective=opts.objective)
+    opts = opts.for_model(sm)
+    d = distributed.init()
+    try:
+        s = prepare_sampling(sm, opts, d.device)
+        classes = opts.classes if opts.classes is not None else preview_classes(s.model.num_classes)
+        x, _ = generate(
+            s.model, classes, opts.per_class, opts.cfg, opts.steps, opts.sampler, opts.seed,
+            sm.objective, opts.legacy_three_channel, opts.batch_size, progress=True,
+            spacing=opts.spacing, cfg_interval=opts.cfg_interval, precision=s.precision,
+        )
+        if s.decode is not None:
+            x = s.decode(x.to(d.device)).cpu()
+        names = [sm.class_names[c] if c < len(sm.class_names) else str(c) for c in classes]
+        out = save_png_atomic(make_grid(x, names, opts.per_class), Path(opts.out))
+        return GridResult(out, classes, opts, s.precision, d.device.type)
+    finally:
+        distributed.shutdown()

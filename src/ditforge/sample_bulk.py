@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,7 @@ from ditforge.data.sources import to_uint8
 from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS
 from ditforge.errors import UserError
 from ditforge.npz import NpzStreamWriter, save_npz_atomic
-from ditforge.sample import SamplingModel, choose_sampler, sample_batch
+from ditforge.sample import SampleOptions, SamplingModel, choose_sampler, load_for_sampling, prepare_sampling, sample_batch
 from ditforge.train import distributed
 
 
@@ -135,3 +136,38 @@ def sample_to_npz(
         w.write("labels", labels.numpy())
     shutil.rmtree(parts)
     return summary
+
+
+@dataclass
+class NpzResult:
+    summary: dict  # sample_to_npz's: settings, sampled_here, images_per_s
+    precision: str
+    device: str
+    is_main: bool  # rank 0 (the process that reports)
+
+    def line(self) -> str:
+        s = self.summary
+        return (f"wrote {s['out']}: {s['num_samples']} samples, cfg {s['cfg']:g}, {s['steps']} {s['sampler'].upper()} steps, "
+                f"seed {s['seed']}, {self.precision} on {self.device}; {s['sampled_here']} sampled by this run"
+                + (f" at {s['images_per_s']:.1f} images/s" if s["images_per_s"] else ""))
+
+
+def sample_npz(opts: SampleOptions) -> NpzResult:
+    """`opts.num_samples` (default 50,000) samples of `opts.checkpoint` into the ADM .npz `opts.out`,
+    shared out over the ranks under torchrun."""
+    sm = load_for_sampling(opts.checkpoint, opts.model_name, use_ema=opts.use_ema, objective=opts.objective)
+    opts = opts.for_model(sm)
+    d = distributed.init()
+    try:
+        s = prepare_sampling(sm, opts, d.device)
+        n = opts.num_samples if opts.num_samples is not None else 50_000
+        # (sm.model, on the device now, uncompiled: --compile has never reached the bulk path)
+        summary = sample_to_npz(
+            sm, opts.out, n, opts.cfg, opts.steps, opts.sampler, opts.seed,
+            opts.balanced, opts.batch_size, opts.shard_size, decode=s.decode,
+            legacy_three_channel=opts.legacy_three_channel, d=d, spacing=opts.spacing, cfg_interval=opts.cfg_interval,
+            precision=s.precision,
+        )
+        return NpzResult(summary, s.precision, d.device.type, d.is_main)
+    finally:
+        distributed.shutdown()

@@ -21,15 +21,16 @@ Noise and score predictions are singular at one end of the path, so SiT keeps th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
 
 from ditforge.diffusion.gaussian import mean_flat
+from ditforge.flags import flag
 
-from .paths import Path
+from .paths import PATHS, Path
 from .timesteps import TIME_DISTRIBUTIONS, sample_times
 
 __all__ = ["FlowObjective", "PREDICTIONS"]
@@ -43,12 +44,16 @@ EPS = 1e-3
 class FlowObjective:
     """Flow matching on one path with one prediction target and a training-time distribution."""
 
-    path: str = "linear"
-    prediction: str = "velocity"
-    time_distribution: str = "uniform"
-    time_mean: float = 0.0  # logit-normal mean
-    time_std: float = 1.0  # logit-normal std
-    time_shift: float = 1.0  # SD3's shift of the training times (1 = none)
+    path: str = field(default="linear", metadata=flag(
+        "--path", "flow: interpolant, linear (1-t) x0 + t eps or SiT's GVP cos/sin", choices=PATHS))
+    prediction: str = field(default="velocity", metadata=flag(
+        "--prediction", "flow: what the network predicts", choices=PREDICTIONS))
+    time_distribution: str = field(default="uniform", metadata=flag(
+        "--time-dist", "flow: training times, uniform or SD3's logit-normal", choices=TIME_DISTRIBUTIONS))
+    time_mean: float = field(default=0.0, metadata=flag("--time-mean", "flow: logit-normal mean"))
+    time_std: float = field(default=1.0, metadata=flag("--time-std", "flow: logit-normal std"))
+    time_shift: float = field(default=1.0, metadata=flag(
+        "--time-shift", "flow: SD3's shift of the training times towards noise, 1 = none"))
 
     name: ClassVar[str] = "flow"
 

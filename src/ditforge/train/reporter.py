@@ -1,0 +1,96 @@
+"""What a running training tells: the log line, TensorBoard scalars, the progress bar, and the
+check that the loss stayed finite.
+
+The step losses are summed on the device (`add`), and read on the host only at a log line or a
+checkpoint (`log`, `check_finite`): the hot loop makes no host sync. Both reads are collectives
+under torchrun, so every rank calls them at the same steps; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ditforge.evaluate import BuiltinReport
+from ditforge.evaluate_run import RunReport
+from ditforge.errors import NonFiniteLossError
+from ditforge.progress import PLAIN_INTERVAL_S, Progress
+from ditforge.train import distributed
+
+log = logging.getLogger("ditforge.train")
+
+
+class Reporter:
+    """Counts steps from `step` to `total`; `progress` False gives no bar and no periodic line."""
+
+    def __init__(self, run_dir: Path, d: distributed.Dist, step: int, total: int, global_batch: int, progress: bool):
+        self.d, self.total, self.global_batch = d, total, global_batch
+        self.writer = self.bar = None
+        if d.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            # a bar on a terminal, a line a minute in a log; the duration estimate either way
+            self.bar = Progress(total, step, "train", log.info, tty=None if progress else False,
+                                interval_s=PLAIN_INTERVAL_S if progress else float("inf"))
+        self.running = torch.zeros((), device=d.device)  # sum of step losses since the last log line
+        self.finite = torch.ones((), dtype=torch.bool, device=d.device)  # every loss so far finite?
+        self.since, self.t_last, self.last_loss = 0, time.perf_counter(), float("nan")
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Count one step's loss (a 0-d device tensor) without reading it."""
+        self.running += loss
+        self.finite &= torch.isfinite(loss)
+        self.since += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def check_finite(self, step: int, last_good: Path | None) -> None:
+        """Raise `NonFiniteLossError` naming `last_good` if any rank's loss was NaN or Inf."""
+        if not distributed.all_true(self.finite, self.d):
+            msg = f"the loss became NaN or Inf before step {step}; stopped. "
+            msg += f"The last good checkpoint is {last_good}." if last_good else "No checkpoint had been written."
+            raise NonFiniteLossError(msg + " Try a lower --lr, --grad-clip 1.0, or --precision bf16 instead of fp16.")
+
+    def log(self, step: int) -> None:
+        """The mean loss across ranks since the last line, and the throughput."""
+        self.last_loss = (distributed.all_reduce_mean(self.running, self.d) / self.since).item()
+        now = time.perf_counter()
+        steps_per_s = self.since / (now - self.t_last)
+        imgs_per_s = steps_per_s * self.global_batch
+        if self.d.is_main:
+            log.info(
+                "step %d/%d | loss %.4f | %.2f steps/s | %.0f images/s",
+                step, self.total, self.last_loss, steps_per_s, imgs_per_s,
+            )
+            self.writer.add_scalar("train/loss", self.last_loss, step)
+            self.writer.add_scalar("train/steps_per_s", steps_per_s, step)
+            self.writer.add_scalar("train/images_per_s", imgs_per_s, step)
+        self.running.zero_()
+        self.since, self.t_last = 0, time.perf_counter()
+
+    def evaluation(self, step: int, report: RunReport | BuiltinReport | None) -> None:
+        """One log line and the TensorBoard scalars of an in-training evaluation (None off rank 0)."""
+        if report is None:
+            return
+        log.info("step %d | %s", step, report.line())
+        self.writer.add_scalar("eval/class_accuracy", report.class_accuracy, step)
+        if isinstance(report, BuiltinReport):
+            self.writer.add_scalar("eval/frechet_distance", report.fd_generated, step)
+            return
+        self.writer.add_scalar("eval/accuracy_ratio", report.accuracy_ratio, step)
+        for c in report.classes:
+            self.writer.add_scalar(f"eval/class_accuracy/{c['name']}", c["samples"], step)
+        if report.fid is not None:
+            self.writer.add_scalar("eval/fid", report.fid, step)
+            self.writer.add_scalar("eval/precision", report.precision, step)
+            self.writer.add_scalar("eval/recall", report.recall, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
