@@ -8,6 +8,7 @@ import torch
 
 from ditforge.config import TrainConfig
 from ditforge.diffusion import create_diffusion
+from ditforge.objectives import DiffusionObjective
 from ditforge.models import DiT
 from ditforge.models.recompute import MODES, block_groups, parse_spec
 from ditforge.train.activation_memory import saved_bytes
@@ -98,7 +99,7 @@ def _measure(spec, precision="fp32", **overrides):
     model = _model(**overrides)
     model.grad_checkpointing = spec
     cfg = TrainConfig.from_dict(dict(global_batch=2))
-    return saved_bytes(model, create_diffusion("", "linear", True, 1000), cfg, precision, torch.device("cpu"))
+    return saved_bytes(model, DiffusionObjective(), cfg, precision, torch.device("cpu"))
 
 
 def test_saved_bytes_follow_the_accounting():

@@ -207,7 +207,7 @@ def run_benchmark(
     torch.manual_seed(0)
     model = create_model(model_name, input_size=input_size, in_channels=channels, num_classes=num_classes, **cfg.model.block_options())
     stepper = TrainStep(cfg, model, distributed.Dist(device=device), precision)
-    saved = saved_bytes(model, stepper.diffusion, cfg, precision, device)  # eager, batches 1 and 2
+    saved = saved_bytes(model, stepper.objective, cfg, precision, device)  # eager, batches 1 and 2
     x = torch.randn(batch, channels, input_size, input_size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
     seconds, first = time_steps(lambda i: stepper(i, [(x, y)], [0]), steps, warmup, device)

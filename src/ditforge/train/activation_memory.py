@@ -85,7 +85,7 @@ def _label_parts(model: torch.nn.Module, tracker: _StorageTracker) -> list:
     return handles
 
 
-def alive_after_forward(model, diffusion, cfg, x: torch.Tensor, y: torch.Tensor, precision: str) -> _StorageTracker:
+def alive_after_forward(model, objective, cfg, x: torch.Tensor, y: torch.Tensor, precision: str) -> _StorageTracker:
     """The tracker of the training forward of (x, y): `alive()` gives the bytes by model part
     that it leaves alive for backward, `packed` what autograd's saved-tensor hooks saw, and
     `attention_ops` the fused attention kernels it ran (none for math or explicit attention).
@@ -95,7 +95,7 @@ def alive_after_forward(model, diffusion, cfg, x: torch.Tensor, y: torch.Tensor,
     """
     device = x.device
     cfg = dataclasses.replace(cfg, global_batch=max(cfg.global_batch, x.shape[0]))
-    t_all, noise_all, drop_all = step_randomness(cfg, 0, tuple(x.shape[1:]), diffusion.num_timesteps, device)
+    t_all, noise_all, drop_all = step_randomness(cfg, 0, tuple(x.shape[1:]), objective, device)
     n = x.shape[0]
     t, noise = t_all[:n], noise_all[:n]
     drop = drop_all[:n] if cfg.model.class_dropout_prob > 0 else None
@@ -108,7 +108,7 @@ def alive_after_forward(model, diffusion, cfg, x: torch.Tensor, y: torch.Tensor,
     try:
         with tracker, torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t), autocast(precision, device):
             tracker.part = "loss"
-            losses = diffusion.training_losses(
+            losses = objective.training_losses(
                 lambda x_t, tt, labels: model(x_t, tt, labels, force_drop_ids=drop), x, t, y, noise=noise
             )
             loss = losses["loss"].mean()
@@ -137,7 +137,7 @@ class SavedBytes:
         return [v for k, v in self.per_image_by_part.items() if k.startswith("block ")]
 
 
-def saved_bytes(model, diffusion, cfg, precision: str, device: torch.device) -> SavedBytes:
+def saved_bytes(model, objective, cfg, precision: str, device: torch.device) -> SavedBytes:
     """Measure what one training forward keeps for backward, per image, at batches 1 and 2."""
     shape = (model.in_channels, model.input_size, model.input_size)
     g = torch.Generator().manual_seed(0)
@@ -145,9 +145,9 @@ def saved_bytes(model, diffusion, cfg, precision: str, device: torch.device) -> 
     def run(n: int) -> _StorageTracker:
         x = torch.randn((n, *shape), generator=g).to(device)
         y = torch.randint(0, model.num_classes, (n,), generator=g).to(device)
-        return alive_after_forward(model, diffusion, cfg, x, y, precision)
+        return alive_after_forward(model, objective, cfg, x, y, precision)
 
-    run(1)  # fills lazy caches (the diffusion's coefficient tables), which would count as kept
+    run(1)  # fills lazy caches (the objective's coefficient tables), which would count as kept
     one, two = run(1), run(2)
     by_part = {p: two.alive_by_part.get(p, 0) - one.alive_by_part.get(p, 0) for p in {**two.alive_by_part, **one.alive_by_part}}
     order = ["embedders", *[f"block {i}" for i in range(len(model.blocks))], "final layer", "loss"]
