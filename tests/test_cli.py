@@ -35,7 +35,8 @@ def test_help_documents_every_option_with_default():
     train_help = " ".join(run_cli("train", "--help").stdout.split())  # undo argparse's line wrapping
     assert "(default: DiT-Ti/2)" in train_help and "(default: 0.001)" in train_help
     sample_help = " ".join(run_cli("sample", "--help").stdout.split())
-    assert "(default: 4.0)" in sample_help and "(default: 250)" in sample_help
+    assert "(default: 4.0)" in sample_help and "(default: 250; flow: 50)" in sample_help
+    assert "flow: 50) (default: None)" not in sample_help  # the help's own default text, not argparse's too
 
 
 def test_train_writes_checkpoint_logs_and_preview(trained_run):

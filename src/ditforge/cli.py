@@ -40,7 +40,11 @@ EVAL_CFG = 1.5
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Defaults in the help, unless the help already says its default (e.g. one per objective)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
 
 
 def _tiny_default(field: str):
