@@ -445,7 +445,7 @@ def _eval_adm(args: argparse.Namespace) -> dict | None:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from ditforge.data.autoencoder import load_autoencoder
-    from ditforge.data.latents import extract, finalize_store
+    from ditforge.data.store import extract, finalize_store
     from ditforge.data.sources import list_items
     from ditforge.train import distributed
 
