@@ -48,6 +48,8 @@ def train(recipe: str, steps: int, args: argparse.Namespace) -> Path:
     cmd = [sys.executable, "-m", "ditforge", "train", "--data", args.data, "--run-dir", str(run), "--steps", str(steps),
            "--ckpt-every", str(every), "--keep-last", "0", "--seed", str(args.seed), "--no-progress",
            *args.train_flags, *RECIPES[recipe]]
+    if (run / "checkpoints" / f"step-{steps:07d}").is_dir():
+        return run  # trained already (rerunning would only draw its final preview again)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     print(f"{recipe}: trained to step {steps} in {time.perf_counter() - t0:.0f} s (load {os.getloadavg()[0]:.1f})", flush=True)

@@ -19,7 +19,7 @@ import torch
 
 import ditforge.models.attention as attention_kernels
 from ditforge.config import TrainConfig
-from ditforge.objectives import objective_from_config
+from ditforge.objectives import objective_of_run
 from ditforge.models import create_model
 from ditforge.models.recompute import MODES
 from ditforge.train.activation_memory import saved_bytes
@@ -41,7 +41,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_model(args.model, input_size=args.input_size, in_channels=args.channels)
     cfg = TrainConfig.from_dict(dict(model=dict(name=args.model), global_batch=2))
-    objective = objective_from_config(cfg.to_dict(), cfg.model.learn_sigma)
+    objective = objective_of_run(cfg)
     print(f"# {args.model} {args.channels}x{args.input_size}x{args.input_size} {args.precision} on cpu, torch "
           f"{torch.__version__}, attention {args.attention}, load average {os.getloadavg()[0]:.1f}")
     print("| mode | MB / image | MiB / image | vs none | per block (MB) | embedders + final + loss (MB) | "

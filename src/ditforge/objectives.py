@@ -32,7 +32,7 @@ from ditforge.errors import UserError
 from ditforge.flow import FLOW_SAMPLERS, FlowObjective, FlowSampler
 
 __all__ = [
-    "OBJECTIVES", "Objective", "DiffusionObjective", "FlowObjective", "objective_from_config", "samplers_of",
+    "OBJECTIVES", "Objective", "DiffusionObjective", "FlowObjective", "objective_from_config", "objective_of_run", "samplers_of",
     "default_sampler", "default_steps", "objective_sampler", "check_steps",
 ]
 
@@ -64,6 +64,11 @@ def objective_from_config(config: dict[str, Any], learn_sigma: bool = True) -> O
         raise UserError(f"unknown objective {kind!r}; choose one of: {', '.join(OBJECTIVES)}")
     d = config.get("diffusion", {})
     return DiffusionObjective(d.get("noise_schedule", "linear"), d.get("diffusion_steps", 1000), learn_sigma)
+
+
+def objective_of_run(cfg: Any) -> Objective:
+    """The objective of a ``TrainConfig`` (what ``train/step.py`` trains and the previews sample)."""
+    return objective_from_config(cfg.to_dict(), cfg.model.learn_sigma)
 
 
 def samplers_of(objective: Objective | str) -> tuple[str, ...]:

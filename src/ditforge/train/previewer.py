@@ -20,7 +20,7 @@ from ditforge.evaluate import BuiltinReport, evaluate_builtin
 from ditforge.evaluate_run import RunReport, evaluate_run
 from ditforge.models import DiT, create_model
 from ditforge.pictures import make_grid, save_png_atomic
-from ditforge.objectives import objective_from_config
+from ditforge.objectives import objective_of_run
 from ditforge.sample import generate, load_decoder
 from ditforge.train import distributed
 
@@ -45,7 +45,7 @@ def save_preview(model: DiT, cfg: TrainConfig, data: TrainingData, path: Path, d
         steps=int(cfg.sample_steps),
         sampler=cfg.sample_sampler,
         seed=cfg.seed,
-        objective=objective_from_config(cfg.to_dict(), cfg.model.learn_sigma),
+        objective=objective_of_run(cfg),
         precision=precision,
     )
     if decode is not None:
@@ -106,11 +106,11 @@ class Previewer:
         if not is_builtin(cfg.data):
             return evaluate_run(
                 m, cfg.to_dict(), self.run_dir, self.data.class_names, cfg.eval_per_class, cfg.sample_cfg,
-                int(cfg.sample_steps), cfg.sample_sampler, seed=cfg.seed, objective=objective_from_config(cfg.to_dict(), cfg.model.learn_sigma),
+                int(cfg.sample_steps), cfg.sample_sampler, seed=cfg.seed, objective=objective_of_run(cfg),
                 decode=self.decode(), with_fid=cfg.eval_fid,
                 precision=self.precision,
             )
         return evaluate_builtin(
             m, cfg.data, cfg.eval_per_class, cfg.sample_cfg, int(cfg.sample_steps), cfg.sample_sampler, seed=cfg.seed,
-            objective=objective_from_config(cfg.to_dict(), cfg.model.learn_sigma), precision=self.precision,
+            objective=objective_of_run(cfg), precision=self.precision,
         )

@@ -13,7 +13,7 @@ import torch
 
 from ditforge.config import TrainConfig
 from ditforge.models import DiT
-from ditforge.objectives import Objective, objective_from_config
+from ditforge.objectives import Objective, objective_of_run
 from ditforge.train import distributed
 from ditforge.train.device import autocast
 from ditforge.train.ema import EMA, ema_decay_at
@@ -48,7 +48,7 @@ class TrainStep:
             fused=d.device.type != "meta",  # one kernel for all parameters, on GPU and CPU
         )
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
-        self.objective = objective_from_config(cfg.to_dict(), cfg.model.learn_sigma)
+        self.objective = objective_of_run(cfg)
         self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.data_shape = (model.in_channels, model.input_size, model.input_size)
 
