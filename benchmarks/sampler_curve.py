@@ -29,6 +29,7 @@ from ditforge.data.sources import load_data
 from ditforge.evaluate import DigitJudge, feature_statistics, frechet_distance
 from ditforge.metrics import InceptionFeatures, evaluate_batches, reference_from_path, save_reference
 from ditforge.metrics.inception import load_inception
+from ditforge.objectives import objective_sampler
 from ditforge.sample import generate, load_for_sampling
 from ditforge.sample_bulk import to_hwc_uint8
 
@@ -75,11 +76,13 @@ def measure(args: argparse.Namespace) -> None:
             adm = evaluate_batches(inception, to_hwc_uint8(x), ref)
             row = dict(
                 cfg=cfg, point=point, sampler=sampler, steps=steps, spacing=spacing,
-                nfe=steps,  # model evaluations a sample (each on the doubled batch when cfg != 1)
+                # model evaluations a sample (each on the doubled batch when cfg != 1)
+                nfe=objective_sampler(sm.objective, sampler, steps, spacing or "logsnr").nfe,
                 class_accuracy=float((judge.predict(x) == y.numpy()).mean()),
                 frechet_mlp=frechet_distance(*feature_statistics(judge.features(x)), *ref_mlp),
                 fid=adm["fid"], sfid=adm["sfid"], precision=adm["precision"], recall=adm["recall"],
                 sampling_seconds=round(seconds, 1), load_average=load, checkpoint=sm.source, step=sm.step,
+                objective=sm.objective.name,
             )
             print(json.dumps(row), flush=True)
             with results.open("a") as f:
@@ -102,14 +105,15 @@ def plot(results: Path, png: Path) -> None:
     rows = [json.loads(l) for l in results.read_text().splitlines()]
     cfgs = sorted({r["cfg"] for r in rows})
     fig, axes = plt.subplots(2, len(cfgs), figsize=(5.5 * len(cfgs), 7.5), squeeze=False)
-    styles = {"ddim": ("tab:gray", "o"), "dpm++2m": ("tab:blue", "s"), "unipc": ("tab:red", "^")}
+    styles = {"ddim": ("tab:gray", "o"), "dpm++2m": ("tab:blue", "s"), "unipc": ("tab:red", "^"),
+              "euler": ("tab:olive", "v"), "heun": ("tab:green", "D"), "ab2": ("tab:purple", "P"), "sde": ("tab:brown", "x")}
     for j, cfg in enumerate(cfgs):
         mine = [r for r in rows if r["cfg"] == cfg]
         for i, metric in enumerate(("fid", "class_accuracy")):
             ax = axes[i][j]
             for r in mine:
-                if r["sampler"] == "ddpm":
-                    ax.axhline(r[metric], color="k", ls="--", lw=1, label=f"DDPM, {r['steps']} steps")
+                if r["sampler"] == "ddpm" or (r["sampler"] == "sde" and r["steps"] >= 100):
+                    ax.axhline(r[metric], color="k", ls="--", lw=1, label=f"{r['sampler'].upper()}, {r['steps']} steps")
             for sampler, (color, marker) in styles.items():
                 for spacing, ls in ((None, "-"), ("logsnr", "-"), ("time", ":")):
                     pts = sorted((r["nfe"], r[metric]) for r in mine if r["sampler"] == sampler and r["spacing"] == spacing)
@@ -122,7 +126,8 @@ def plot(results: Path, png: Path) -> None:
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("model evaluations per sample (NFE)")
             ax.set_ylabel({"fid": "FID (Inception, vs 359 held-out)", "class_accuracy": "class accuracy (SVC)"}[metric])
-            ax.set_title(f"digits, DiT-Ti/2 at step {mine[0]['step']}, cfg {cfg:g}")
+            objective = mine[0].get("objective", "diffusion")
+            ax.set_title(f"digits, DiT-Ti/2 ({objective}) at step {mine[0]['step']}, cfg {cfg:g}")
             ax.grid(alpha=0.3)
         axes[0][j].legend(fontsize=7)
     fig.tight_layout()

@@ -4,7 +4,8 @@ Two objectives implement one small interface, and the training step (``train/ste
 samplers and the evaluations see only that interface:
 
 * ``diffusion`` (``diffusion/objective.py``): DiT's Gaussian diffusion, epsilon prediction with
-  learned variance, integer times in [0, T); samplers ``ddpm``, ``ddim``, ``dpm++2m``, ``unipc``.
+  learned variance, integer times in [0, T); samplers ``ddpm``, ``ddim``, ``dpm++2m``, ``unipc``,
+  ``dpm++2m-sde``.
 * ``flow`` (``flow/objective.py``): SiT's flow matching, velocity (or noise / score) prediction,
   times in [0, 1]; samplers ``euler``, ``heun``, ``ab2``, ``sde``.
 

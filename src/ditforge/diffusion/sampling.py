@@ -13,7 +13,8 @@ object, so a new solver (the flow objective's Euler and Heun, say) is one more e
 * ``ddpm``, ``ddim``: the loops of ``samplers.py`` on the chain respaced to ``steps`` steps
   (exactly as before this module existed).
 * ``dpm++2m`` (``solvers/dpm_solver.py``), ``unipc`` (``solvers/unipc.py``): ODE solvers on the
-  continuous schedule (``solvers/vp_schedule.py``) with the time grid ``spacing``.
+  continuous schedule (``solvers/vp_schedule.py``) with the time grid ``spacing``;
+  ``dpm++2m-sde`` (``solvers/dpm_solver_sde.py``) solves the reverse SDE on the same grid.
 
 In every case ``steps`` is the number of model evaluations a sample costs (twice that many
 forward rows with guidance on).
@@ -30,11 +31,11 @@ from torch import Tensor
 
 from .gaussian import GaussianDiffusion, create_diffusion
 from .samplers import ddim_sample, ddpm_sample
-from .solvers import SPACINGS, VPSchedule, dpm_solver_pp_2m, unipc
+from .solvers import SPACINGS, VPSchedule, dpm_solver_pp_2m, dpm_solver_pp_2m_sde, unipc
 
 __all__ = ["SAMPLERS", "SOLVERS", "SPACINGS", "DEFAULT_SPACING", "Sampler"]
 
-SOLVERS = {"dpm++2m": dpm_solver_pp_2m, "unipc": unipc}
+SOLVERS = {"dpm++2m": dpm_solver_pp_2m, "unipc": unipc, "dpm++2m-sde": dpm_solver_pp_2m_sde}
 SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 #: The solvers' time grid unless told otherwise (benchmarks/README.md, "Fast samplers", measured both).
 DEFAULT_SPACING = "logsnr"
@@ -69,6 +70,11 @@ class Sampler:
     def schedule(self) -> VPSchedule:
         return VPSchedule(self.diffusion.alphas_cumprod)
 
+    @property
+    def nfe(self) -> int:
+        """Model evaluations a sample costs: one a step for every diffusion sampler here."""
+        return self.steps
+
     def guidance_times(self, interval: tuple[float, float] | None) -> tuple[float, float] | None:
         """A guidance interval in fractions of the noise level (0 = data, 1 = noise) -> model timesteps."""
         return None if interval is None else (interval[0] * self.diffusion_steps, interval[1] * self.diffusion_steps)
@@ -90,5 +96,6 @@ class Sampler:
             return ddpm_sample(self.diffusion, denoise, noise, generator=generator, progress=progress)
         if self.name == "ddim":
             return ddim_sample(self.diffusion, denoise, noise, generator=generator, progress=progress)
-        return SOLVERS[self.name](self.schedule, denoise, noise, self.steps, spacing=self.spacing, progress=progress)
+        noise_kw = {"generator": generator} if self.name == "dpm++2m-sde" else {}  # the stochastic solver
+        return SOLVERS[self.name](self.schedule, denoise, noise, self.steps, spacing=self.spacing, progress=progress, **noise_kw)
 
