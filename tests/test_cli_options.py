@@ -12,7 +12,7 @@ import pytest
 from ditforge import flags
 from ditforge.cli import OPTIONS, build_parser, config_from_args
 from ditforge.config import TrainConfig, option_fields
-from ditforge.flags import flag, options_from_args
+from ditforge.flags import options_from_args
 from ditforge.sample import SampleOptions
 
 NOT_CONFIG = {"help", "preset", "no_progress"}  # options of the command, not of the run
