@@ -117,7 +117,7 @@ def table(results: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder trained on the built-in digits")
-    p.add_argument("--out", default="runs/sampler-curve", help="folder of results.jsonl and the held-out .npz")
+    p.add_argument("--out", default="runs/sampler-curve", help="folder of results.jsonl and the held-out reference statistics")
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="sampler:steps[:spacing]")
     p.add_argument("--per-class", type=int, default=50)
