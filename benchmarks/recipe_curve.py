@@ -19,7 +19,6 @@ skips the points already measured. `--plot PNG` draws FID and accuracy against t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -27,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from curves import append_row, heldout_reference, markdown_table, plot_by_cfg, read_rows, run_curve
 
 #: name -> `ditforge train` flags on top of the shared ones (the baseline is the tiny preset as is)
 RECIPES = {
@@ -62,22 +60,14 @@ class Digits:
     def __init__(self, out: Path):
         from ditforge.data.sources import load_data
         from ditforge.evaluate import DigitJudge
-        from ditforge.metrics import InceptionFeatures, reference_from_path, save_reference
+        from ditforge.metrics import InceptionFeatures
         from ditforge.metrics.inception import load_inception
-        from ditforge.sample_bulk import to_hwc_uint8
 
         train, heldout = load_data("digits", "train"), load_data("digits", "heldout")
         self.judge = DigitJudge(train)
         self.heldout_accuracy = float((self.judge.predict(heldout.images) == heldout.labels.numpy()).mean())
         self.inception = InceptionFeatures(load_inception(None, "cpu"), device="cpu", batch_size=32)
-        ref_file = out / "digits_ref.npz"
-        if not ref_file.exists():  # written under this process's own names, then renamed: runs may go in parallel
-            images, part = out / f"heldout-{os.getpid()}.npz", out / f"digits_ref-{os.getpid()}.npz"
-            np.savez(images, arr_0=to_hwc_uint8(heldout.images))
-            save_reference(part, reference_from_path(self.inception, images))
-            os.replace(part, ref_file)
-            images.unlink()
-        self.ref = reference_from_path(self.inception, ref_file)
+        self.ref = heldout_reference(self.inception, heldout.images, out / "digits_ref.npz")
 
     def measure(self, sm, ckpt: Path, cfg: float, sampler: str, steps: int, per_class: int, seed: int) -> dict:
         from ditforge.metrics import evaluate_batches
@@ -112,9 +102,7 @@ def measure(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = set()
-    if results.exists():
-        done = {(r["recipe"], r["step"], r["cfg"]) for r in map(json.loads, results.read_text().splitlines())}
+    done = {(r["recipe"], r["step"], r["cfg"]) for r in read_rows(results)}
     runs = {}
     for spec in args.recipes:
         recipe, steps = spec.split(":")
@@ -136,45 +124,32 @@ def measure(args: argparse.Namespace) -> None:
                            data=args.data, per_class=args.per_class)
                 row.update(judge.measure(sm, ckpt, cfg, sampler, steps, args.per_class, args.seed))
                 row.update(seconds=round(time.perf_counter() - t0, 1), load_average=round(os.getloadavg()[0], 1))
-                print(json.dumps(row), flush=True)
-                with results.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(results, row)
 
 
 def plot(results: Path, png: Path, title: str) -> None:
-    import matplotlib
+    rows = read_rows(results)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(ax, mine: list[dict], metric: str) -> None:
+        for recipe in RECIPES:
+            pts = sorted((r["step"], r[metric]) for r in mine if r["recipe"] == recipe)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=recipe)
 
-    rows = [json.loads(l) for l in results.read_text().splitlines()]
-    cfgs = sorted({r["cfg"] for r in rows})
-    fig, axes = plt.subplots(2, len(cfgs), figsize=(5.5 * len(cfgs), 7.5), squeeze=False)
-    for j, cfg in enumerate(cfgs):
-        for i, metric in enumerate(("fid", "class_accuracy")):
-            ax = axes[i][j]
-            for recipe in RECIPES:
-                pts = sorted((r["step"], r[metric]) for r in rows if r["cfg"] == cfg and r["recipe"] == recipe)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=recipe)
-            ax.set_xlabel("training steps (batch 128)")
-            ax.set_ylabel({"fid": "FID vs held-out (Inception)", "class_accuracy": "class accuracy of samples"}[metric])
-            ax.set_title(f"{title}, cfg {cfg:g}, {rows[0]['nfe']} NFE")
-            ax.grid(alpha=0.3)
-        axes[0][j].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
+    plot_by_cfg(rows, png, draw, xlabel="training steps (batch 128)",
+                ylabels={"fid": "FID vs held-out (Inception)", "class_accuracy": "class accuracy of samples"},
+                title=lambda cfg, mine: f"{title}, cfg {cfg:g}, {rows[0]['nfe']} NFE", legend_size=8)
 
 
 def table(results: Path) -> str:
-    rows = [json.loads(l) for l in results.read_text().splitlines()]
-    lines = ["| recipe | step | cfg | sampler | NFE | FID | class accuracy | held-out accuracy | precision | recall |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
     order = list(RECIPES)
-    for r in sorted(rows, key=lambda r: (order.index(r["recipe"]), r["cfg"], r["step"])):
-        lines.append(f"| {r['recipe']} | {r['step']} | {r['cfg']:g} | {r['sampler']} {r['sampler_steps']} | {r['nfe']} | "
-                     f"{r['fid']:.2f} | {r['class_accuracy']:.3f} | {r['heldout_accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
-    return "\n".join(lines)
+    rows = sorted(read_rows(results), key=lambda r: (order.index(r["recipe"]), r["cfg"], r["step"]))
+    return markdown_table(
+        ["recipe", "step", "cfg", "sampler", "NFE", "FID", "class accuracy", "held-out accuracy", "precision", "recall"], rows,
+        lambda r: [r["recipe"], str(r["step"]), f"{r['cfg']:g}", f"{r['sampler']} {r['sampler_steps']}", str(r["nfe"]),
+                   f"{r['fid']:.2f}", f"{r['class_accuracy']:.3f}", f"{r['heldout_accuracy']:.3f}", f"{r['precision']:.3f}",
+                   f"{r['recall']:.3f}"],
+    )
 
 
 def main() -> None:
@@ -192,12 +167,7 @@ def main() -> None:
     p.add_argument("--title", default="digits, DiT-Ti/2")
     p.add_argument("--report-only", action="store_true", help="measure nothing: print the table (and --plot)")
     args = p.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    if not args.report_only:
-        measure(args)
-    print(table(Path(args.out) / "results.jsonl"))
-    if args.plot:
-        plot(Path(args.out) / "results.jsonl", Path(args.plot), args.title)
+    run_curve(args, measure, table, lambda results, png: plot(results, png, args.title))
 
 
 if __name__ == "__main__":

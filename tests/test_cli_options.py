@@ -1,16 +1,30 @@
-"""The `train` options are generated from the typed configs: one declaration per field."""
+"""Every command's options are generated from typed fields: one declaration per field.
+
+`train` from `TrainConfig`; `sample`, `eval`, `extract` and `bench` from their option dataclasses
+(`cli.OPTIONS`).
+"""
 
 import argparse
+import dataclasses
 
-from ditforge.cli import build_parser, config_from_args
+import pytest
+
+from ditforge import flags
+from ditforge.cli import OPTIONS, build_parser, config_from_args
 from ditforge.config import TrainConfig, option_fields
+from ditforge.flags import options_from_args
+from ditforge.sample import SampleOptions
 
 NOT_CONFIG = {"help", "preset", "no_progress"}  # options of the command, not of the run
 
 
-def _train_parser() -> argparse.ArgumentParser:
+def _parser(command: str) -> argparse.ArgumentParser:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["train"]
+    return sub.choices[command]
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    return _parser("train")
 
 
 def test_every_config_field_declares_an_option():
@@ -57,3 +71,50 @@ def test_nested_options_land_in_their_sections():
     assert cfg.optim.lr == 0.002 and cfg.model.name == "DiT-S/2" and cfg.model.class_dropout_prob == 0.0
     assert cfg.diffusion.diffusion_steps == 500 and cfg.grad_checkpoint == "none"
     assert cfg.optim.betas == (0.9, 0.999) and cfg.steps == 800  # the tiny preset where no option is given
+
+
+def test_every_command_has_its_options_class():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"train", *OPTIONS}
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_every_option_of_a_command_sets_a_field_and_every_field_has_one(command):
+    cls = OPTIONS[command]
+    missing = [f.name for f in dataclasses.fields(cls) if "flag" not in f.metadata]
+    assert not missing, f"{cls.__name__} fields without metadata=flag(...): {missing}"
+    fields = {f.name for f in dataclasses.fields(cls)}
+    dests = {a.dest for a in _parser(command)._actions} - {"help"}
+    assert dests - fields == set(), f"{command} options that set no {cls.__name__} field"
+    assert fields - dests == set(), f"{cls.__name__} fields that no {command} option sets"
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_a_command_parses_to_its_options_with_their_defaults(command):
+    cls = OPTIONS[command]
+    required = {"sample": ["RUN"], "extract": ["--data", "digits", "--out", "STORE"]}.get(command, [])
+    opts = options_from_args(cls, _parser(command).parse_args(required))
+    given = {"checkpoint": "RUN", "data": "digits", "out": "STORE"}
+    for f in dataclasses.fields(cls):
+        expected = f.default if f.default is not dataclasses.MISSING else given[f.name]
+        if command == "sample" and f.name == "out":
+            expected = "samples.png"
+        assert getattr(opts, f.name) == expected, (command, f.name)
+
+
+def test_sample_options_reach_their_fields():
+    args = ["RUN", "--classes", "3", "5", "--cfg-interval", "0.1", "0.9", "--model", "DiT-XL/2", "--raw-weights",
+            "--legacy-three-channel-guidance", "--sampler", "heun", "--precision", "bf16"]
+    opts = options_from_args(SampleOptions, _parser("sample").parse_args(args))
+    assert opts.classes == [3, 5] and opts.cfg_interval == (0.1, 0.9)  # nargs 2 -> the field's tuple
+    assert opts.model_name == "DiT-XL/2" and opts.raw_weights and not opts.use_ema and opts.legacy_three_channel
+    assert opts.sampler == "heun" and opts.precision == "bf16" and opts.checkpoint == "RUN"
+
+
+def test_a_field_without_an_option_is_refused_when_the_parser_is_built():
+    @dataclasses.dataclass
+    class Bare:
+        size: int = 3  # no flag(...)
+
+    with pytest.raises(TypeError, match="size declares no option"):
+        flags.add_options(argparse.ArgumentParser(), Bare)

@@ -10,11 +10,12 @@ Recomputation (gradient checkpointing) is not counted: MFU measures useful work.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ditforge.config import TrainConfig
+from ditforge.config import PRECISIONS, TrainConfig
+from ditforge.flags import flag
 from ditforge.models import DiT, create_model
 from ditforge.models.attention import uses_explicit_attention
 from ditforge.models.blocks import swiglu_hidden
@@ -98,6 +99,25 @@ def device_peak(device: torch.device, precision: str) -> float | None:
         if key in name:
             return peaks[precision]
     return None
+
+
+@dataclass
+class BenchOptions:
+    """What `ditforge bench` asks for, each field its option (`benchmark` runs them)."""
+
+    model: str = field(default="DiT-S/2", metadata=flag("--model", "model name"))
+    input_size: int = field(default=32, metadata=flag("--input-size", "input height and width (latents: image size / 8)"))
+    channels: int = field(default=4, metadata=flag("--channels", "input channels (4 for SD-VAE latents)"))
+    num_classes: int = field(default=1000, metadata=flag("--num-classes", "number of classes"))
+    batch: int = field(default=8, metadata=flag("--batch", "batch size"))
+    precision: str = field(default="auto", metadata=flag("--precision", "autocast precision", choices=PRECISIONS))
+    compile: bool = field(default=False, metadata=flag("--compile", "torch.compile the model", action="store_true"))
+    grad_checkpoint: str = field(  # the same option as train's
+        default="none", metadata=next(f for f in fields(TrainConfig) if f.name == "grad_checkpoint").metadata)
+    steps: int = field(default=10, metadata=flag("--steps", "timed steps"))
+    warmup: int = field(default=3, metadata=flag("--warmup", "untimed steps first"))
+    json: str | None = field(default=None, metadata=flag(
+        "--json", "also write the result to this JSON file (default: none)"))
 
 
 @dataclass
@@ -222,4 +242,12 @@ def run_benchmark(
         flops / 1e12, flops / peak if peak else None,
         attention_backend(saved.attention_ops, model, precision, device), saved.per_image / 1e6,
         max(0.0, first - seconds / steps) if compile and warmup else None,
+    )
+
+
+def benchmark(opts: BenchOptions) -> BenchResult:
+    """`run_benchmark` with the options of `ditforge bench`."""
+    return run_benchmark(
+        opts.model, opts.input_size, opts.channels, opts.num_classes, opts.batch, opts.precision,
+        opts.compile, opts.grad_checkpoint, opts.steps, opts.warmup,
     )

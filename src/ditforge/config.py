@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ditforge.errors import UserError
+from ditforge import flags
 from ditforge.flags import flag
 from ditforge.flow import FlowObjective
 
@@ -52,17 +53,7 @@ def _sampler_names() -> tuple[str, ...]:
 def option_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
     """(dotted path, field, resolved type) of every setting of `cls` (default `TrainConfig`),
     nested sections (dataclass-typed fields) expanded in place."""
-    import typing
-
-    cls = cls or TrainConfig
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += option_fields(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            out.append((prefix + f.name, f, hints[f.name]))
-    return out
+    return flags.option_fields(cls or TrainConfig, prefix)
 
 
 def _positive_int(name: str, value: int) -> None:

