@@ -37,8 +37,9 @@ def test_28px_folder_on_a_two_core_bf16_cpu():
     # the most steps (a multiple of 50) that fit the budget
     assert ch.steps % 50 == 0 and ch.steps * seconds <= BUDGET_S < (ch.steps + 50) * seconds
     assert ch.steps == 800  # 0.66 s a step: the tiny recipe's 800 steps fit about ten minutes
-    assert len(ch.reasons) == 3 and all(isinstance(r, str) and r for r in ch.reasons)
-    assert ch.as_overrides() == {"model.name": "DiT-Ti/4", "precision": "bf16", "steps": 800}
+    assert len(ch.reasons) == 4 and all(isinstance(r, str) and r for r in ch.reasons)
+    assert ch.as_overrides() == {"model.name": "DiT-Ti/4", "precision": "bf16", "steps": 800, "objective": "flow",
+                                 "flow.time_distribution": "logit-normal"}
 
 
 def test_cpu_without_native_bf16_stays_fp32_and_trains_fewer_steps():
@@ -60,8 +61,13 @@ def test_steps_are_clamped_and_gpu_gets_the_most():
 
 
 def test_flags_given_win_and_recipes_are_kept():
-    ch = _choose(CPU_BF16, (1, 28, 28), given={"model": "DiT-Ti/2", "precision": "fp32", "steps": 50})
-    assert (ch.model, ch.precision, ch.steps) == (None, None, None) and ch.as_overrides() == {}
+    given = {"model": "DiT-Ti/2", "precision": "fp32", "steps": 50, "objective": "diffusion"}
+    ch = _choose(CPU_BF16, (1, 28, 28), given=given)
+    assert (ch.model, ch.precision, ch.steps, ch.objective) == (None, None, None, None) and ch.as_overrides() == {}
+    uniform_flow = _choose(CPU_BF16, (1, 28, 28), given={"time_dist": "uniform"})
+    assert uniform_flow.objective == "flow" and uniform_flow.time_distribution is None  # the user's times kept
+    plain_flow = _choose(CPU_BF16, (1, 28, 28), given={"objective": "flow"})
+    assert plain_flow.objective is None and plain_flow.time_distribution is None  # --objective given: its own defaults
     only_model = _choose(CPU_BF16, (1, 28, 28), given={"model": "DiT-Ti/2"})
     assert only_model.model is None and only_model.precision == "bf16"
     assert only_model.steps < 800  # the steps follow the model the user chose (196 tokens cost more)
@@ -69,3 +75,31 @@ def test_flags_given_win_and_recipes_are_kept():
     assert paper.as_overrides() == {} and "paper's recipe" in paper.reasons[0]
     demo = _choose(CPU_BF16, (1, 8, 8), builtin=True)
     assert demo.as_overrides() == {} and "built-in demo" in demo.reasons[0]
+
+
+def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ditforge.cli import auto_defaults, build_parser, config_from_args
+    from ditforge.config import TrainConfig
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        Image.fromarray(np.full((28, 28), 40 if c == "a" else 200, np.uint8), "L").save(tmp_path / "imgs" / c / "0.png")
+    run = tmp_path / "run"
+
+    def choose(*flags):
+        args = build_parser().parse_args(["train", "--data", str(tmp_path / "imgs"), "--run-dir", str(run), *flags])
+        return auto_defaults(args, config_from_args(args))
+
+    cfg, lines = choose()
+    assert (cfg.model.name, cfg.objective, cfg.flow.time_distribution) == ("DiT-Ti/4", "flow", "logit-normal")
+    assert any(line.startswith("objective flow with logit-normal times") for line in lines)
+    recorded = cfg.to_dict()
+    recorded.update(objective="diffusion", steps=123, sample_sampler="")
+    run.mkdir()
+    TrainConfig.from_dict(recorded).save(run / "config.json")
+    cfg, lines = choose("--steps", "7")  # the rerun of that run: its recorded choices, the flag given wins
+    assert (cfg.objective, cfg.steps, cfg.model.name) == ("diffusion", 7, "DiT-Ti/4")
+    assert f"objective diffusion: kept from {run / 'config.json'}" in lines and not any("steps" in line for line in lines)

@@ -124,11 +124,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps"}  # name -> config path
+# name in train/auto.py -> config path (and the train parser's dest)
+_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps", "objective": "objective",
+                "time_dist": "flow.time_distribution"}
+
+
+def _node(values: dict, path: str) -> tuple[dict, str]:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        values = values[part]
+    return values, leaf
 
 
 def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
-    """Model, precision and steps the user left out, chosen for the device and the data
+    """Model, precision, objective and steps the user left out, chosen for the device and the data
     (`train/auto.py`); a resumed run keeps the ones its folder recorded. Returns the config
     and one line per choice."""
     from ditforge.data.sources import is_builtin
@@ -139,24 +148,31 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     values = cfg.to_dict()
     saved_path = Path(cfg.run_dir) / "config.json"
     if args.preset == "tiny" and not is_builtin(cfg.data) and saved_path.is_file():
-        saved = TrainConfig.load(saved_path)
-        kept = {"model": saved.model.name, "precision": saved.precision, "steps": saved.steps}
-        lines = [f"{k} {kept[k]}: kept from {saved_path}" for k in _AUTO_FIELDS if k not in given]
-        for k in _AUTO_FIELDS:
-            given.setdefault(k, kept[k])
-        values["model"]["name"], values["precision"], values["steps"] = given["model"], given["precision"], given["steps"]
-        return TrainConfig.from_dict(values), lines
+        saved = TrainConfig.load(saved_path).to_dict()
+        lines = []
+        for k, path in _AUTO_FIELDS.items():
+            if k not in given:
+                node, leaf = _node(saved, path)
+                given[k] = node[leaf]
+                lines.append(f"{k} {given[k]}: kept from {saved_path}")
+            node, leaf = _node(values, path)
+            node[leaf] = given[k]
+        return TrainConfig.from_dict(_preview_sampler_of_objective(args, values)), lines
     if len(given) == len(_AUTO_FIELDS) or args.preset != "tiny" or is_builtin(cfg.data) or not Path(cfg.data).is_dir():
         return cfg, []  # nothing to choose, or data that training will refuse with its own message
     shape, num_classes = peek_data(cfg.data, cfg.image_size)
     ch = choose_defaults(describe_device(pick_device()), shape, num_classes, cfg.global_batch, given, args.preset, False)
     for path, v in ch.as_overrides().items():
-        *parents, leaf = path.split(".")
-        node = values
-        for part in parents:
-            node = node[part]
+        node, leaf = _node(values, path)
         node[leaf] = v
-    return TrainConfig.from_dict(values), ch.reasons
+    return TrainConfig.from_dict(_preview_sampler_of_objective(args, values)), ch.reasons
+
+
+def _preview_sampler_of_objective(args: argparse.Namespace, values: dict) -> dict:
+    """The previews' sampler follows the (maybe chosen) objective unless --sample-sampler was given."""
+    if getattr(args, "sample_sampler", None) is None:
+        values["sample_sampler"] = ""  # "" = the objective's default (TrainConfig)
+    return values
 
 
 def _check_writable(path: Path) -> None:
@@ -184,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for line in chosen:
         print(f"chose {line}")
     if chosen:
-        print("(--model, --precision and --steps given on the command line override these choices)")
+        print("(--model, --precision, --objective, --time-dist and --steps given on the command line override these choices)")
     result = train(cfg, progress=not args.no_progress)
     if not result.is_main:
         return 0

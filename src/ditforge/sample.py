@@ -242,7 +242,7 @@ def sampler_option(what: str) -> Any:
 
 def spacing_option() -> Any:
     return field(default=DEFAULT_SPACING, metadata=flag(
-        "--spacing", "time grid of dpm++2m and unipc: uniform in log-SNR or in time (DDPM / DDIM: ADM's respacing)",
+        "--spacing", "time grid of dpm++2m, dpm++2m-sde and unipc: uniform in log-SNR or in time (DDPM / DDIM: ADM's respacing)",
         choices=SPACINGS))
 
 

@@ -15,7 +15,13 @@ The rules (measured on the project's machine, 2 cores of an AMD EPYC with AVX512
    per training image against 3.66 for DiT-Ti/2 (196 tokens).
 2. precision: bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX), where DiT-Ti/4 at
    28x28 trained 1.9-2.3x faster than fp32; otherwise `auto` (fp32 on CPU, bf16 on GPUs).
-3. steps: as many as fit `BUDGET_S` at an assumed sustained rate (`RATE_PER_CORE` per CPU core,
+3. objective: SiT's flow matching with SD3's logit-normal training times (``--objective flow
+   --time-dist logit-normal``) instead of DiT's diffusion. At equal steps it learns the classes
+   far sooner: on the built-in digits it drew the asked class 95% of the time after 250 steps,
+   where DiT managed 36% after 400; on a 28x28 MNIST folder after the same 800 steps of DiT-Ti/4
+   (README "Train on your own images") flow drew recognisable digits of every class where DiT's
+   samples were still speckle.
+4. steps: as many as fit `BUDGET_S` at an assumed sustained rate (`RATE_PER_CORE` per CPU core,
    `GPU_RATE` on a GPU) and the analytic FLOP count of `bench.train_flops_per_image`, rounded
    down to 50 and kept within [MIN_STEPS, MAX_STEPS]. The budget leaves about a minute of a
    10-minute run for loading, the preview and the checkpoints.
@@ -52,6 +58,8 @@ class Choices:
 
     model: str | None = None
     precision: str | None = None
+    objective: str | None = None
+    time_distribution: str | None = None
     steps: int | None = None
     reasons: list[str] = field(default_factory=list)
     seconds_per_step: float | None = None  # the estimate the step count came from
@@ -64,6 +72,10 @@ class Choices:
             out["precision"] = self.precision
         if self.steps is not None:
             out["steps"] = self.steps
+        if self.objective is not None:
+            out["objective"] = self.objective
+        if self.time_distribution is not None:
+            out["flow.time_distribution"] = self.time_distribution
         return out
 
 
@@ -120,7 +132,8 @@ def choose_defaults(
     preset: str,
     builtin: bool,
 ) -> Choices:
-    """The model, precision and steps for the fields absent from `given` (flag -> value)."""
+    """The model, precision, objective and steps for the fields absent from `given` (flag -> value;
+    flags: model, precision, steps, objective, time_dist)."""
     from ditforge.models.dit import MODEL_PATCH_SIZES
 
     ch = Choices()
@@ -144,6 +157,13 @@ def choose_defaults(
         ch.reasons.append("precision bf16: this CPU has native bf16 (AVX512-BF16/AMX), about 2x fp32 for small DiTs")
     else:
         precision = "fp32" if device.kind == "cpu" else ("bf16" if device.native_bf16 else "fp32")
+    if "objective" not in given:
+        ch.objective = "flow"
+        reason = "objective flow"
+        if "time_dist" not in given:
+            ch.time_distribution = "logit-normal"
+            reason += " with logit-normal times"
+        ch.reasons.append(f"{reason}: learns the classes in far fewer steps than DiT's diffusion (README: Train on your own images)")
     ch.seconds_per_step = step_seconds(model, shape, num_classes, batch, precision, device)
     if "steps" not in given:
         fit = int(BUDGET_S / ch.seconds_per_step) // 50 * 50
