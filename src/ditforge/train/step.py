@@ -83,10 +83,10 @@ class TrainStep:
             sl = slice(off, off + x.shape[0])
             drop = drop_all[sl] if use_drop else None
 
-            def forward(x_t, t, labels, drop=drop):
-                return self.forward_model(x_t, t, labels, force_drop_ids=drop)
-
-            if self.repa is not None:
+            if self.repa is None:
+                def forward(x_t, t, labels, drop=drop):
+                    return self.forward_model(x_t, t, labels, force_drop_ids=drop)
+            else:  # the same call, that also keeps the tokens after block `depth`
                 forward = HiddenTokens(self.forward_model, self.repa.depth, drop)
             # Reduce gradients once, in the last micro-batch's backward: DDP reads its flag in the
             # forward, FSDP2 in the backward, so the context holds both.
