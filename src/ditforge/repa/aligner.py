@@ -114,5 +114,10 @@ def use_cache(cfg: Any, aligner: Aligner, data: Any) -> bool:
 
 def cached_features(aligner: Aligner, images: Tensor, device: torch.device, batch_size: int = 64) -> Tensor:
     """Encoder features of every image (N, C, H, W): (N, T, E) float32 on the CPU."""
+    import time
+
+    start = time.perf_counter()
     out = [aligner.target(images[i : i + batch_size].to(device)).cpu() for i in range(0, images.shape[0], batch_size)]
+    log.info("REPA: %s features of %d images in %.1f s, cached for the run", aligner.encoder.spec, images.shape[0],
+             time.perf_counter() - start)
     return torch.cat(out)  # (N, T, E)
