@@ -207,6 +207,18 @@ def test_repa_off_step_is_the_plain_objective_step():
         assert torch.equal(model.state_dict()[k], v), k
 
 
+def test_run_folder_written_before_repa_resumes(tmp_path):
+    from ditforge.train.resume import check_same_run
+
+    cfg = TrainConfig(run_dir=str(tmp_path))
+    old = cfg.to_dict()
+    del old["repa"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    check_same_run(cfg, tmp_path)  # the same run: no error
+    with pytest.raises(UserError, match="repa"):
+        check_same_run(TrainConfig(run_dir=str(tmp_path), repa=dict(encoder="inception")), tmp_path)
+
+
 def test_config_without_repa_loads_as_off_and_depth_resolves():
     d = TrainConfig().to_dict()
     del d["repa"]
@@ -291,3 +303,19 @@ def test_bad_repa_options_on_the_command_line(tmp_path):
     proc = run_cli("train", "--run-dir", str(tmp_path / "r"), "--steps", "1", *TINY, "--repa-encoder", "inception",
                    "--repa-depth", "9", check=False)
     assert proc.returncode == 2 and "repa depth 9" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_with_repa_match_one(dinov2_dir, tmp_path, parallel):
+    """Under torchrun the projector is averaged over ranks like the model (DDP, also beside FSDP)."""
+    args = ["--steps", "2", "--ckpt-every", "2", *TINY, *_repa_args(dinov2_dir)]
+    run_cli("train", "--run-dir", str(tmp_path / "one"), *args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ditforge",
+           "train", "--run-dir", str(tmp_path / "two"), "--parallel", parallel, *args]
+    proc = subprocess.run(cmd, env=conftest.cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("model", "projector", "projector_optimizer"):
+        a = load_file(tmp_path / "one" / "checkpoints" / "step-0000002" / f"{name}.safetensors")
+        b = load_file(tmp_path / "two" / "checkpoints" / "step-0000002" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, name

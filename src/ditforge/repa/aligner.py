@@ -7,9 +7,10 @@ the model (its own AdamW with the run's settings) and saved in each checkpoint b
 (``projector.safetensors``), never in the model's state dict: sampling and export see the DiT alone.
 
 Encoder features are computed without gradients once per batch, or, when the data are pixels in
-memory without random flips, once per image before training (`FeatureSource`): on the built-in
-digits with Inception at 99 px (2 CPU cores) the encoder reads about 90 images/s, so a step of 128
-images would spend about 1.5 s on it, while the whole set of 1,797 images is read once in about 20 s.
+memory without random flips, once per image before training (`FeatureSource`). Measured on the
+built-in digits (DiT-Ti/2, batch 128, Inception at 99 px, one CPU core of a busy machine): 2.0 s a
+step with cached features, 4.7 s reading the encoder every step; the 1,438 training images are
+read once in about the time of 11 uncached steps.
 """
 
 from __future__ import annotations
