@@ -319,3 +319,22 @@ def test_two_processes_with_repa_match_one(dinov2_dir, tmp_path, parallel):
         a = load_file(tmp_path / "one" / "checkpoints" / "step-0000002" / f"{name}.safetensors")
         b = load_file(tmp_path / "two" / "checkpoints" / "step-0000002" / f"{name}.safetensors")
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, name
+
+
+def test_cache_is_used_only_for_unflipped_pixels_in_memory(dinov2_dir):
+    from ditforge.data.training_data import open_training_data
+    from ditforge.repa.aligner import training_source, use_cache
+
+    cfg, model, _ = _tiny_setup(dinov2_dir)
+    data = open_training_data(cfg)
+    aligner = build_aligner(cfg, model, data, torch.device("cpu"))
+    assert use_cache(cfg, aligner, data)
+    src = training_source(cfg, aligner, data, torch.device("cpu"))
+    assert isinstance(src, FeatureSource) and src.features.shape == (len(data), 4, 32)
+    cfg.repa.cache = "off"
+    assert training_source(cfg, aligner, data, torch.device("cpu")) is data.source
+    cfg.hflip, cfg.repa.cache = True, "auto"
+    assert not use_cache(cfg, aligner, data)
+    cfg.repa.cache = "on"
+    with pytest.raises(UserError, match="hflip"):
+        use_cache(cfg, aligner, data)

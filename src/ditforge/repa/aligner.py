@@ -27,7 +27,7 @@ from ditforge.repa.projector import Projector, alignment_loss
 
 log = logging.getLogger("ditforge.train")
 
-__all__ = ["Aligner", "HiddenTokens", "FeatureSource", "build_aligner", "CACHE_LIMIT_BYTES"]
+__all__ = ["Aligner", "HiddenTokens", "FeatureSource", "build_aligner", "training_source", "CACHE_LIMIT_BYTES"]
 
 #: `--repa-cache auto` keeps the features of every image in memory up to this size.
 CACHE_LIMIT_BYTES = 2 * 2**30
@@ -95,6 +95,13 @@ def build_aligner(cfg: Any, model: nn.Module, data: Any, device: torch.device) -
     encoder = load_encoder(r.encoder, r.resolution, device)
     projector = Projector(model.hidden_size, r.projector_dim, encoder.dim).to(device)
     return Aligner(encoder, projector, r.depth, r.weight, model.input_size // model.patch_size)
+
+
+def training_source(cfg: Any, aligner: Aligner | None, data: Any, device: torch.device) -> Any:
+    """What the loader draws from: the data's source, or with REPA's cache a `FeatureSource` over it."""
+    if aligner is None or not use_cache(cfg, aligner, data):
+        return data.source
+    return FeatureSource(data.source, cached_features(aligner, data.source.images, device))
 
 
 def use_cache(cfg: Any, aligner: Aligner, data: Any) -> bool:
