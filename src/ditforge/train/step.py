@@ -1,6 +1,10 @@
 """One optimizer step of DiT training (either objective: ``objectives.py``), shared by `train` and `bench` so the benchmark times
 exactly what training runs.
 
+With REPA (``ditforge/repa``, Yu et al. 2024) the step also takes the model's tokens after block
+``cfg.repa.depth`` and adds ``weight * alignment loss`` to the objective's loss; the projector has
+its own AdamW (same settings), so a run without REPA builds and steps exactly what it did before.
+
 Holds the model and its wrappers (DDP / FSDP2, torch.compile), AdamW, the fp16 GradScaler and
 the EMA. A step draws its timesteps, noise and label-drop flags for the whole global batch from
 a generator seeded by (seed, step) and takes this rank's slices, so the result depends neither
@@ -9,11 +13,15 @@ on the world size nor on the accumulation, and needs no RNG state to resume. No 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+
 import torch
 
 from ditforge.config import TrainConfig
 from ditforge.models import DiT
 from ditforge.objectives import Objective, objective_of_run
+from ditforge.repa import Aligner, HiddenTokens
 from ditforge.train import distributed
 from ditforge.train.device import autocast
 from ditforge.train.ema import EMA, ema_decay_at
@@ -31,7 +39,7 @@ def step_randomness(cfg: TrainConfig, step: int, shape: tuple[int, ...], objecti
 
 
 class TrainStep:
-    def __init__(self, cfg: TrainConfig, model: DiT, d: distributed.Dist, precision: str):
+    def __init__(self, cfg: TrainConfig, model: DiT, d: distributed.Dist, precision: str, repa: Aligner | None = None):
         self.cfg, self.model, self.d, self.precision = cfg, model, d, precision
         self.fsdp = d.enabled and cfg.parallel == "fsdp"
         model.grad_checkpointing = cfg.grad_checkpoint
@@ -47,6 +55,14 @@ class TrainStep:
             weight_decay=cfg.optim.weight_decay,
             fused=d.device.type != "meta",  # one kernel for all parameters, on GPU and CPU
         )
+        self.repa, self.repa_opt, self.terms = repa, None, {}  # terms: 0-d losses logged beside the loss
+        if repa is not None:
+            # DDP even under FSDP: the projector is small, every rank keeps it whole
+            self.repa_wrapped = distributed.wrap(repa.projector.to(d.device).train(), d, "ddp")
+            self.repa_opt = torch.optim.AdamW(
+                repa.projector.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+                fused=d.device.type != "meta",
+            )
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
         self.objective = objective_of_run(cfg)
         self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
@@ -59,26 +75,50 @@ class TrainStep:
         use_drop = cfg.model.class_dropout_prob > 0
         total = torch.zeros((), device=device)
         self.opt.zero_grad(set_to_none=True)
-        for i, ((x, y), off) in enumerate(zip(batches, offsets)):
+        if self.repa is not None:
+            self.repa_opt.zero_grad(set_to_none=True)
+            align_total = torch.zeros((), device=device)
+        for i, ((x, y, *cached), off) in enumerate(zip(batches, offsets)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (b, C, H, W), (b,)
             sl = slice(off, off + x.shape[0])
             drop = drop_all[sl] if use_drop else None
 
-            def forward(x_t, t, labels, drop=drop):
-                return self.forward_model(x_t, t, labels, force_drop_ids=drop)
-
+            if self.repa is None:
+                def forward(x_t, t, labels, drop=drop):
+                    return self.forward_model(x_t, t, labels, force_drop_ids=drop)
+            else:  # the same call, that also keeps the tokens after block `depth`
+                forward = HiddenTokens(self.forward_model, self.repa.depth, drop)
             # Reduce gradients once, in the last micro-batch's backward: DDP reads its flag in the
             # forward, FSDP2 in the backward, so the context holds both.
-            with distributed.no_sync(self.wrapped, self.d, skip=i < len(batches) - 1):
+            with self._no_sync(skip=i < len(batches) - 1):
                 with autocast(self.precision, device):
                     losses = self.objective.training_losses(forward, x, t_all[sl], y, noise_all[sl])
                     loss = losses["loss"].mean() / len(batches)  # this micro-batch's share of the step loss
-                self.scaler.scale(loss).backward()
+                    if self.repa is not None:
+                        target = cached[0] if cached else self.repa.target(x)  # (b, T, E), no gradient
+                        align = self.repa.loss(forward.hidden, target, self.repa_wrapped).mean() / len(batches)
+                        align_total += align.detach()
+                self.scaler.scale(loss if self.repa is None else loss + self.repa.weight * align).backward()
             total += loss.detach()
+        optimizers = [self.opt] if self.repa is None else [self.opt, self.repa_opt]
         if cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.scaler.step(self.opt)
+            for opt in optimizers:
+                self.scaler.unscale_(opt)
+            params = self.model.parameters() if self.repa is None else itertools.chain(
+                self.model.parameters(), self.repa.projector.parameters())
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        for opt in optimizers:
+            self.scaler.step(opt)
         self.scaler.update()
+        if self.repa is not None:
+            self.terms = {"repa": align_total}
         self.ema.update(self.model, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
         return total
+
+    def _no_sync(self, skip: bool):
+        """No gradient all-reduce (model, and projector with REPA) in all but the last micro-batch."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(distributed.no_sync(self.wrapped, self.d, skip))
+        if self.repa is not None:
+            stack.enter_context(distributed.no_sync(self.repa_wrapped, self.d, skip))
+        return stack

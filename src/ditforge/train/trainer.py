@@ -27,6 +27,7 @@ from ditforge.data.loader import InfiniteLoader, Prefetcher
 from ditforge.data.training_data import TrainingData, open_training_data
 from ditforge.errors import UserError
 from ditforge.models import DiT, create_model
+from ditforge.repa.aligner import build_aligner, training_source
 from ditforge.train import distributed
 from ditforge.train.checkpointer import Checkpointer
 from ditforge.train.device import enable_tf32, keep_freed_host_memory, resolve_precision
@@ -77,9 +78,10 @@ def run_metadata(cfg: TrainConfig, model_args: dict[str, Any], data: TrainingDat
     )
 
 
-def open_loader(cfg: TrainConfig, data: TrainingData, position: int, d: distributed.Dist) -> InfiniteLoader | Prefetcher:
-    """This rank's batches from `position` images on; read ahead in a thread on a GPU."""
-    loader = InfiniteLoader(data.source, cfg.global_batch, cfg.seed, cfg.hflip, position, d.rank, d.world_size, cfg.grad_accum)
+def open_loader(cfg: TrainConfig, data: TrainingData, position: int, d: distributed.Dist, source=None) -> InfiniteLoader | Prefetcher:
+    """This rank's batches from `position` images on (from `source`, default the data's); read
+    ahead in a thread on a GPU."""
+    loader = InfiniteLoader(data.source if source is None else source, cfg.global_batch, cfg.seed, cfg.hflip, position, d.rank, d.world_size, cfg.grad_accum)
     if cfg.prefetch == "on" or (cfg.prefetch == "auto" and d.device.type == "cuda"):
         # read the next steps' batches while the step runs (on a CPU the thread only competes: off by default)
         return Prefetcher(loader, pin_memory=d.device.type == "cuda")
@@ -107,18 +109,20 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, data)
-    stepper = TrainStep(cfg, model, d, precision)
+    aligner = build_aligner(cfg, model, data, d.device)  # REPA (None when off)
+    stepper = TrainStep(cfg, model, d, precision, aligner)
     start = resume_or_start(cfg, d, model, stepper, data, precision)
-    loader = open_loader(cfg, data, start.position, d)
+    loader = open_loader(cfg, data, start.position, d, training_source(cfg, aligner, data, d.device))
     meta = run_metadata(cfg, model_args, data)
-    checkpointer = Checkpointer(run_dir, d, model, stepper.ema.module, stepper.opt, meta, cfg.keep_last, start.checkpoint)
+    extras = {"projector": (aligner.projector, stepper.repa_opt)} if aligner is not None else None
+    checkpointer = Checkpointer(run_dir, d, model, stepper.ema.module, stepper.opt, meta, cfg.keep_last, start.checkpoint, extras)
     previewer = Previewer(cfg, d, data, stepper.ema.module, model_args, precision)
     reporter = Reporter(run_dir, d, start.step, cfg.steps, cfg.global_batch, progress)
 
     step = start.step
     try:
         while step < cfg.steps:
-            reporter.add(stepper(step, loader.next_step(), loader.offsets()))
+            reporter.add(stepper(step, loader.next_step(), loader.offsets()), stepper.terms)
             step += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 reporter.check_finite(step, checkpointer.last)
