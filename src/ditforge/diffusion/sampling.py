@@ -14,7 +14,7 @@ object, so a new solver (the flow objective's Euler and Heun, say) is one more e
   (exactly as before this module existed).
 * ``dpm++2m`` (``solvers/dpm_solver.py``), ``unipc`` (``solvers/unipc.py``): ODE solvers on the
   continuous schedule (``solvers/vp_schedule.py``) with the time grid ``spacing``;
-  ``dpm++2m-sde`` (``solvers/dpm_solver_sde.py``) solves the reverse SDE on the same grid.
+  ``dpm++2m-sde`` (``solvers/dpm_solver.py``) solves the reverse SDE on the same grid.
 
 In every case ``steps`` is the number of model evaluations a sample costs (twice that many
 forward rows with guidance on).

@@ -6,8 +6,7 @@
 number of model evaluations. The SDE solver also takes ``generator``, for its noise. ``diffusion/sampling.py`` picks a solver by name.
 """
 
-from .dpm_solver import dpm_solver_pp_2m
-from .dpm_solver_sde import dpm_solver_pp_2m_sde
+from .dpm_solver import dpm_solver_pp_2m, dpm_solver_pp_2m_sde
 from .unipc import unipc
 from .vp_schedule import SPACINGS, VPSchedule
 
