@@ -47,6 +47,7 @@ evaluations. ``generator`` draws the z_i (the same generator DDPM draws from).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -67,28 +68,11 @@ def dpm_solver_pp_2m(
     *,
     spacing: str = "logsnr",
     progress: bool = False,
-) -> Tensor:
-    """Sample x_0 from ``noise`` (N, C, H, W) at s = T - 1 in ``steps`` model evaluations (the ODE)."""
-    return _multistep_2m(schedule, denoise, noise, steps, spacing, progress, None, stochastic=False)
-
-
-@torch.no_grad()
-def dpm_solver_pp_2m_sde(
-    schedule: VPSchedule,
-    denoise: DenoiseFn,
-    noise: Tensor,
-    steps: int,
-    *,
-    spacing: str = "logsnr",
-    progress: bool = False,
+    stochastic: bool = False,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Sample x_0 from ``noise`` (N, C, H, W) in ``steps`` model evaluations (the reverse SDE);
-    ``generator`` draws the fresh noise of each step."""
-    return _multistep_2m(schedule, denoise, noise, steps, spacing, progress, generator, stochastic=True)
-
-
-def _multistep_2m(schedule, denoise, noise, steps, spacing, progress, generator, *, stochastic: bool) -> Tensor:
+    """Sample x_0 from ``noise`` (N, C, H, W) at s = T - 1 in ``steps`` model evaluations: the ODE,
+    or with ``stochastic`` the reverse SDE, whose fresh noise ``generator`` draws."""
     grid = schedule.time_grid(steps, spacing)  # t_0 > t_1 > ... > t_{M-1} = 0, model times
     predict = data_predictor(schedule, denoise)
     x = noise
@@ -111,3 +95,6 @@ def _multistep_2m(schedule, denoise, noise, steps, spacing, progress, generator,
             x = (schedule.sigma(t) / schedule.sigma(s)) * x - (schedule.alpha(t) * math.expm1(-h)) * d
         prev = (m, lam_s)
     return predict(x, grid[-1])  # the step from s = 0 to sigma = 0 (x_theta; no noise)
+
+
+dpm_solver_pp_2m_sde = partial(dpm_solver_pp_2m, stochastic=True)
