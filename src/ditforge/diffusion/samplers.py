@@ -41,6 +41,12 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def _model_step(diffusion: GaussianDiffusion, denoise: DenoiseFn, x: Tensor, i: int, clip_denoised: bool):
+    """The model at chain index ``i`` for every sample: ((N,) timesteps, ``p_mean_variance``'s dict)."""
+    t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)  # (N,)
+    return t, diffusion.p_mean_variance(denoise(x, diffusion.model_timesteps(t)), x, t, clip_denoised=clip_denoised)
+
+
 @torch.no_grad()
 def ddpm_sample(
     diffusion: GaussianDiffusion,
@@ -59,12 +65,8 @@ def ddpm_sample(
     noise: (N, C, H, W) starting point x_{T-1} ~ N(0, I). Returns (N, C, H, W).
     """
     x = noise
-    n = x.shape[0]
     for i in _steps(diffusion, progress, "DDPM"):
-        t = torch.full((n,), i, dtype=torch.long, device=x.device)  # (N,)
-        out = diffusion.p_mean_variance(
-            denoise(x, diffusion.model_timesteps(t)), x, t, clip_denoised=clip_denoised
-        )
+        t, out = _model_step(diffusion, denoise, x, i, clip_denoised)
         if i > 0:
             x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * _randn_like(x, generator)
         else:
@@ -98,12 +100,8 @@ def ddim_sample(
     if eta < 0:
         raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
     x = noise
-    n = x.shape[0]
     for i in _steps(diffusion, progress, "DDIM"):
-        t = torch.full((n,), i, dtype=torch.long, device=x.device)  # (N,)
-        out = diffusion.p_mean_variance(
-            denoise(x, diffusion.model_timesteps(t)), x, t, clip_denoised=clip_denoised
-        )
+        t, out = _model_step(diffusion, denoise, x, i, clip_denoised)
         pred_xstart = out["pred_xstart"]  # x^_0, (N, C, H, W)
         eps = diffusion.predict_eps_from_xstart(x, t, pred_xstart)  # (N, C, H, W)
         a = diffusion._extract(diffusion.alphas_cumprod, t, x)
