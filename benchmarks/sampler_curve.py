@@ -1,11 +1,12 @@
-"""Quality against model evaluations (NFE) for each sampler, on a run trained on the built-in digits.
+"""Quality against model evaluations (NFE) for each sampler, on a run trained on a built-in set.
 
 For each guidance scale and each (sampler, steps, spacing) point it draws the same samples that
 `ditforge eval RUN --cfg C --sampler S --steps N --spacing SP --per-class 50` draws (same seed,
 same noise for every sampler), and measures them twice:
 
 - class accuracy and the MLP Frechet distance of `ditforge eval RUN` (evaluate.py's judge);
-- FID with Inception-v3 (ADM definitions) against the 359 held-out digits, as
+- FID with Inception-v3 (ADM definitions) against the set's held-out split (359 digits, 1,000
+  MNIST digits), as
   benchmarks/fid_digits.sh does with `ditforge eval --samples S.npz --ref REF`.
 
 Each point is appended to OUT/results.jsonl as it finishes (a rerun skips the points already
@@ -30,6 +31,7 @@ from ditforge.metrics.inception import load_inception
 from ditforge.objectives import objective_sampler
 from ditforge.sample import generate, load_for_sampling
 from ditforge.sample_bulk import to_hwc_uint8
+from ditforge.train.checkpoint import read_state
 
 # (sampler, steps, spacing): the baselines, then the solvers at 10, 20 (and 50) evaluations
 DEFAULT_POINTS = [
@@ -50,7 +52,9 @@ def measure(args: argparse.Namespace) -> None:
     results = out / "results.jsonl"
     done = {(r["cfg"], r["point"]) for r in read_rows(results)}
     sm = load_for_sampling(args.run)
-    train, heldout = load_data("digits", "train"), load_data("digits", "heldout")
+    state = read_state(sm.source, ("config", "model_args"))
+    data, model_name = state["config"]["data"], state["model_args"]["name"]
+    train, heldout = load_data(data, "train"), load_data(data, "heldout")
     judge = DigitJudge(train)
     ref_mlp = feature_statistics(judge.features(heldout.images))
     inception = InceptionFeatures(load_inception(None, "cpu"), device="cpu", batch_size=32)
@@ -64,7 +68,7 @@ def measure(args: argparse.Namespace) -> None:
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
             x, y = generate(sm.model, classes, args.per_class, cfg, steps, sampler, args.seed, sm.objective,
-                            spacing=spacing or "logsnr")
+                            spacing=spacing or "logsnr", precision=args.precision)
             seconds = time.perf_counter() - t0
             adm = evaluate_batches(inception, to_hwc_uint8(x), ref)
             row = dict(
@@ -75,7 +79,7 @@ def measure(args: argparse.Namespace) -> None:
                 frechet_mlp=frechet_distance(*feature_statistics(judge.features(x)), *ref_mlp),
                 fid=adm["fid"], sfid=adm["sfid"], precision=adm["precision"], recall=adm["recall"],
                 sampling_seconds=round(seconds, 1), load_average=load, checkpoint=sm.source, step=sm.step,
-                objective=sm.objective.name,
+                objective=sm.objective.name, data=data, model=model_name, sampling_precision=args.precision,
             )
             append_row(results, row)
 
@@ -105,7 +109,9 @@ def plot(results: Path, png: Path) -> None:
 
     plot_by_cfg(read_rows(results), png, draw, xlabel="model evaluations per sample (NFE)",
                 ylabels={"fid": "FID (Inception, vs 359 held-out)", "class_accuracy": "class accuracy (SVC)"},
-                title=lambda cfg, mine: f"digits, DiT-Ti/2 ({mine[0].get('objective', 'diffusion')}) at step {mine[0]['step']}, cfg {cfg:g}", legend_size=7)
+                title=lambda cfg, mine: (f"{mine[0].get('data', 'digits')}, {mine[0].get('model', 'DiT-Ti/2')} "
+                                         f"({mine[0].get('objective', 'diffusion')}) at step {mine[0]['step']}, cfg {cfg:g}"),
+                legend_size=7)
 
 
 def table(results: Path) -> str:
@@ -122,12 +128,13 @@ def table(results: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run folder trained on the built-in digits")
+    p.add_argument("run", help="run or checkpoint folder trained on a built-in set")
     p.add_argument("--out", default="runs/sampler-curve", help="folder of results.jsonl and the held-out reference statistics")
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="sampler:steps[:spacing]")
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="sampling precision (autocast)")
     p.add_argument("--plot", help="also draw the curves into this PNG")
     p.add_argument("--report-only", action="store_true", help="measure nothing: print the table (and --plot) of OUT/results.jsonl")
     run_curve(p.parse_args(), measure, table, plot)

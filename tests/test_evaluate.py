@@ -50,3 +50,21 @@ def test_digit_judge_recognises_real_held_out_digits():
     judge = DigitJudge(train)
     assert (judge.predict(held.images) == held.labels.numpy()).mean() > 0.97
     assert judge.features(held.images).shape == (len(held), 64)
+
+
+def test_digit_judges_svc_reads_the_digits_own_grey_levels():
+    """The classic digits SVC (gamma 0.001) is fitted on scikit-learn's grey levels 0..16."""
+    from sklearn.datasets import load_digits
+
+    from ditforge.evaluate import SVC_INPUT, _flat
+
+    raw = load_digits().images.reshape(-1, 64).astype(np.float64)
+    scale, gamma = SVC_INPUT["digits"]
+    assert np.array_equal(_flat(load_data("digits", "all").images) * scale, raw) and gamma == 0.001
+
+
+def test_mnist_judge_recognises_real_held_out_mnist():
+    train, held = load_data("mnist", "train"), load_data("mnist", "heldout")
+    judge = DigitJudge(train)
+    assert (judge.predict(held.images) == held.labels.numpy()).mean() > 0.96
+    assert judge.features(held.images[:10]).shape == (10, 64)

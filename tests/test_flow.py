@@ -95,6 +95,22 @@ def test_loss_is_the_mse_to_the_target():
     assert torch.allclose(losses["loss"], torch.ones(2))  # target x0 - eps = -1 everywhere
 
 
+def test_cosine_loss_is_one_minus_the_per_pixel_cosine_over_channels():
+    """LightningDiT's direction term on 2-channel pixels with known angles to the target x0 - eps."""
+    obj = FlowObjective(cosine_weight=0.5)
+    x0 = torch.zeros(1, 2, 1, 3, dtype=torch.float64)
+    eps = torch.zeros_like(x0)
+    eps[:, 0] = -1.0  # target u = x0 - eps = (1, 0) at each of the 3 pixels
+    out = torch.tensor([[3.0, 0.0], [0.0, 2.0], [-1.0, 0.0]], dtype=torch.float64).T.reshape(1, 2, 1, 3)  # 0, 90, 180 deg
+    losses = obj.training_losses(lambda x, s, y: out, x0, torch.tensor([0.5], dtype=torch.float64), torch.zeros(1, dtype=torch.long), eps)
+    cosine = ((1 - 1) + (1 - 0) + (1 + 1)) / 3  # 1 - cos per pixel, averaged
+    mse = ((3 - 1) ** 2 + 1 + 4 + (-1 - 1) ** 2 + 0) / 6  # over channels and pixels
+    assert losses["cosine"].item() == pytest.approx(cosine) and losses["mse"].item() == pytest.approx(mse)
+    assert losses["loss"].item() == pytest.approx(mse + 0.5 * cosine)
+    with pytest.raises(ValueError, match="needs prediction 'velocity', not 'noise'"):
+        FlowObjective(cosine_weight=1.0, prediction="noise")
+
+
 @pytest.mark.parametrize("path", ["linear", "gvp"])
 @pytest.mark.parametrize("solver,order", [(euler, 1), (heun, 2), (ab2, 2)])
 def test_ode_solvers_converge_at_their_order_on_a_gaussian(path, solver, order):
@@ -156,7 +172,8 @@ def test_uniform_times_and_eps():
     assert FlowObjective().time_grid(4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
 
 
-@pytest.mark.parametrize("field,value", [("path", "cosine"), ("prediction", "x0"), ("time_distribution", "beta"), ("time_std", 0), ("time_shift", -1)])
+@pytest.mark.parametrize("field,value", [("path", "cosine"), ("prediction", "x0"), ("time_distribution", "beta"), ("time_std", 0), ("time_shift", -1),
+                                         ("cosine_weight", -0.5)])
 def test_bad_settings_are_named(field, value):
     with pytest.raises(ValueError) as err:
         FlowObjective(**{field: value})

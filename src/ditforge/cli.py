@@ -140,14 +140,14 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     """Model, precision, objective and steps the user left out, chosen for the device and the data
     (`train/auto.py`); a resumed run keeps the ones its folder recorded. Returns the config
     and one line per choice."""
-    from ditforge.data.sources import is_builtin
-    from ditforge.train.auto import choose_defaults, describe_device, peek_data
+    from ditforge.train.auto import adapts_to_data, choose_defaults, describe_device, peek_data
     from ditforge.train.device import pick_device
 
     given = {k: getattr(args, path) for k, path in _AUTO_FIELDS.items() if getattr(args, path) is not None}
     values = cfg.to_dict()
     saved_path = Path(cfg.run_dir) / "config.json"
-    if args.preset == "tiny" and not is_builtin(cfg.data) and saved_path.is_file():
+    adapt = args.preset == "tiny" and adapts_to_data(cfg.data)
+    if adapt and saved_path.is_file():
         saved = TrainConfig.load(saved_path).to_dict()
         lines = []
         for k, path in _AUTO_FIELDS.items():
@@ -158,8 +158,8 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
             node, leaf = _node(values, path)
             node[leaf] = given[k]
         return TrainConfig.from_dict(_preview_sampler_of_objective(args, values)), lines
-    if len(given) == len(_AUTO_FIELDS) or args.preset != "tiny" or is_builtin(cfg.data) or not Path(cfg.data).is_dir():
-        return cfg, []  # nothing to choose, or data that training will refuse with its own message
+    if len(given) == len(_AUTO_FIELDS) or not adapt:
+        return cfg, []  # nothing to choose, the demo, or data that training will refuse with its own message
     shape, num_classes = peek_data(cfg.data, cfg.image_size)
     ch = choose_defaults(describe_device(pick_device()), shape, num_classes, cfg.global_batch, given, args.preset, False)
     for path, v in ch.as_overrides().items():

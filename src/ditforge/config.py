@@ -10,6 +10,16 @@ Named presets (`PRESETS`) give the defaults of a recipe; flags override single f
 - `DiT-{S,B,L,XL}/{2,4,8}`: the paper's ImageNet recipe (Peebles & Xie 2022, Sec. 4): AdamW,
   lr 1e-4 constant, no weight decay, global batch 256, EMA 0.9999 from the first step,
   label dropout 0.1, horizontal flips, linear betas over 1000 steps, learned sigma.
+- `LightningDiT-{B,L,XL}/2`: LightningDiT's training recipe (Yao et al. 2025, its
+  `configs/lightningdit_xl_vavae_f16d32.yaml`) on the same DiT sizes: rectified flow (linear
+  path, velocity, no learned sigma) with logit-normal times and the cosine velocity loss;
+  RMSNorm, SwiGLU and 2-D RoPE blocks (no qk-norm, as its config); AdamW lr 2e-4, betas
+  (0.9, 0.95), no weight decay, batch 1024, EMA 0.9999, 80K steps (64 ImageNet epochs).
+  Not there: its VA-VAE (f16d32) tokenizer, so these run on the SD VAE's f8d4 latents with
+  patch 2 (the same 256 tokens at 256 px as its XL/1 on VA-VAE); its switch from logit-normal
+  to uniform times late in long runs; its sampling time shift. Its sampler is Euler with 250
+  steps (the previews use it); sample as it does with `--sampler euler --steps 250 --cfg-interval
+  0 0.89` (its cfg_interval_start 0.11 is in SiT's time, 0 = noise).
 """
 
 from __future__ import annotations
@@ -350,6 +360,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         for patch in (2, 4, 8)
     },
 }
+
+
+def _lightning_preset(model_name: str) -> dict[str, Any]:
+    """LightningDiT's recipe on a DiT size (module docstring: what is and is not there)."""
+    return dict(
+        model=dict(name=model_name, learn_sigma=False, class_dropout_prob=0.1, norm="rms", mlp="swiglu", rope=True,
+                   qk_norm=False),
+        objective="flow",
+        flow=dict(path="linear", prediction="velocity", time_distribution="logit-normal", time_mean=0.0, time_std=1.0,
+                  time_shift=1.0, cosine_weight=1.0),
+        optim=dict(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0),
+        global_batch=1024,
+        steps=80_000,
+        ema_decay=0.9999,
+        ema_warmup=False,
+        hflip=True,
+        log_every=100,
+        ckpt_every=20_000,
+        keep_last=0,
+        sample_every=10_000,
+        sample_steps="250",
+        sample_sampler="euler",  # its sampler (Euler, 250 steps); the previews use no cfg interval
+    )
+
+
+PRESETS.update({f"LightningDiT-{size}/2": _lightning_preset(f"DiT-{size}/2") for size in ("B", "L", "XL")})
 
 
 def preset(name: str) -> dict[str, Any]:

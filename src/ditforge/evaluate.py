@@ -3,8 +3,9 @@
 For a built-in set we train two small, well-understood scikit-learn models on its `train`
 split (the same split the DiT trained on, so nothing is scored against images it saw):
 
-- an SVC (RBF kernel, gamma 0.001, C 10), the classic ~99% digits classifier: the share of
-  generated samples it assigns to the class they were asked for is the *class accuracy*;
+- an SVC (RBF kernel, C 10), the classic ~99% digits classifier (0.969 on mnist's held-out
+  split): the share of generated samples it assigns to the class they were asked for is the
+  *class accuracy*;
 - an MLP (one hidden layer of 64 ReLU units): its hidden activations are the features for
   a *Frechet distance* (Heusel et al. 2017, the formula of FID) between generated samples
   and the held-out split. Next to it we report the same distance from an equally large
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ditforge.data.sources import ImageSet, is_builtin, load_data, unit_to_digits
+from ditforge.data.sources import ImageSet, is_builtin, load_data
 from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS
 from ditforge.errors import UserError
 from ditforge.flags import flag
@@ -68,9 +69,16 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+#: built-in set -> (scale of the SVC's input, the SVC's RBF gamma). digits: its grey levels 0..16
+#: with the classic gamma 0.001; mnist: [0, 1] with gamma 0.02 (held-out accuracy 0.969, against
+#: 0.962 for sklearn's gamma="scale" and 0.960 for 0.01 or 0.05).
+SVC_INPUT = {"digits": (16.0, 0.001), "mnist": (1.0, 0.02)}
+
+
 def _flat(images: torch.Tensor) -> np.ndarray:
-    """(N, 1, 8, 8) in [-1, 1] -> (N, 64) digit grey levels 0..16, the classifiers' input."""
-    return unit_to_digits(images.float()).reshape(images.shape[0], -1).numpy().astype(np.float64)
+    """(N, 1, H, W) in [-1, 1] -> (N, H * W) in [0, 1] (clipped), the classifiers' input."""
+    u = (images.float().clamp(-1, 1) + 1.0) / 2.0
+    return u.reshape(images.shape[0], -1).numpy().astype(np.float64)
 
 
 class DigitJudge:
@@ -80,16 +88,17 @@ class DigitJudge:
         from sklearn.neural_network import MLPClassifier
         from sklearn.svm import SVC
 
+        self.scale, gamma = SVC_INPUT[train.name]
         x, y = _flat(train.images), train.labels.numpy()
-        self.classifier = SVC(gamma=0.001, C=10.0).fit(x, y)
-        self.features_net = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=FEATURE_SEED).fit(x / 16.0, y)
+        self.classifier = SVC(gamma=gamma, C=10.0).fit(x * self.scale, y)
+        self.features_net = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=FEATURE_SEED).fit(x, y)
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
-        return self.classifier.predict(_flat(images))
+        return self.classifier.predict(_flat(images) * self.scale)
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         """(N, 64) hidden ReLU activations of the MLP: relu(x W1 + b1)."""
-        x = _flat(images) / 16.0
+        x = _flat(images)
         return np.maximum(x @ self.features_net.coefs_[0] + self.features_net.intercepts_[0], 0.0)
 
 

@@ -62,15 +62,18 @@ def sample_to_npz(
     spacing: str = DEFAULT_SPACING,
     cfg_interval: tuple[float, float] | None = None,
     precision: str = "fp32",
+    model: torch.nn.Module | None = None,
 ) -> dict:
-    """Write `num_samples` samples to `out`; return a summary (rank 0; other ranks: their part)."""
+    """Write `num_samples` samples to `out`; return a summary (rank 0; other ranks: their part).
+    `model` is what runs (`sm.model` compiled, say; default `sm.model` itself)."""
     d = d or distributed.Dist(device=next(sm.model.parameters()).device)
-    model = sm.model.eval()
+    sm.model.eval()
+    model = sm.model if model is None else model  # a compiled module reads the attributes of sm.model
     if num_samples <= 0:
         raise UserError(f"num-samples must be positive, got {num_samples}")
     if batch_size <= 0 or shard_size <= 0 or shard_size % batch_size:
         raise UserError(f"shard size {shard_size} must be a positive multiple of the batch size {batch_size}")
-    chosen = choose_sampler(model, sm.objective, steps, cfg_scale, sampler, spacing, cfg_interval)
+    chosen = choose_sampler(sm.model, sm.objective, steps, cfg_scale, sampler, spacing, cfg_interval)
     sampler = chosen.name
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
@@ -92,7 +95,7 @@ def sample_to_npz(
     distributed.barrier(d)
 
     device = d.device
-    labels = sample_labels(num_samples, model.num_classes, seed, balanced)
+    labels = sample_labels(num_samples, sm.model.num_classes, seed, balanced)
     num_shards = math.ceil(num_samples / shard_size)
     mine = [k for k in range(d.rank, num_shards, d.world_size)]
     todo = [k for k in mine if not (parts / f"shard-{k:05d}.npz").exists()]
@@ -103,7 +106,7 @@ def sample_to_npz(
 
         bar = tqdm(total=total, desc="sample", unit="img", dynamic_ncols=True)
     t0 = time.perf_counter()
-    shape = (model.in_channels, model.input_size, model.input_size)
+    shape = (sm.model.in_channels, sm.model.input_size, sm.model.input_size)
     for k in todo:
         start, stop = k * shard_size, min((k + 1) * shard_size, num_samples)
         images = []
@@ -161,12 +164,11 @@ def sample_npz(opts: SampleOptions) -> NpzResult:
     try:
         s = prepare_sampling(sm, opts, d.device)
         n = opts.num_samples if opts.num_samples is not None else 50_000
-        # (sm.model, on the device now, uncompiled: --compile has never reached the bulk path)
         summary = sample_to_npz(
             sm, opts.out, n, opts.cfg, opts.steps, opts.sampler, opts.seed,
             opts.balanced, opts.batch_size, opts.shard_size, decode=s.decode,
             legacy_three_channel=opts.legacy_three_channel, d=d, spacing=opts.spacing, cfg_interval=opts.cfg_interval,
-            precision=s.precision,
+            precision=s.precision, model=s.model,
         )
         return NpzResult(summary, s.precision, d.device.type, d.is_main)
     finally:

@@ -9,7 +9,11 @@ x_t = a(t) x0 + b(t) eps, t drawn by ``timesteps.py``, the loss per sample is
     noise:     || F(x_t, s, y) - eps ||^2
     score:     || b F(x_t, s, y) + eps ||^2      (SiT's score loss, F ~ -eps / b)
 
-averaged over the C channels and pixels (``mean_flat``), with s = 1 - t. The network sees SiT's
+averaged over the C channels and pixels (``mean_flat``), with s = 1 - t. LightningDiT (Yao et
+al. 2025, Sec. 4.1; its `transport.py` `use_cosine_loss`) adds, with weight w (``cosine_weight``),
+the velocity direction loss  w * mean over pixels of (1 - cos(F_p, u_p)), the cosine taken over the
+C channels of each pixel p (1 at w = 1 in LightningDiT). With one channel (grey pixel data) the
+cosine is only the sign of F_p u_p and carries no gradient, so it is meant for latents. The network sees SiT's
 time s (0 = noise, 1 = data) and a velocity prediction is SiT's u = dx/ds, so the published
 SiT-XL/2 weights load and sample as they were trained. When the network learns sigma (2C output
 channels, DiT's layout) only the first C are used, as SiT's ``forward`` does; the other C get no
@@ -54,6 +58,9 @@ class FlowObjective:
     time_std: float = field(default=1.0, metadata=flag("--time-std", "flow: logit-normal std"))
     time_shift: float = field(default=1.0, metadata=flag(
         "--time-shift", "flow: SD3's shift of the training times towards noise, 1 = none"))
+    cosine_weight: float = field(default=0.0, metadata=flag(
+        "--cosine-loss", "flow, velocity prediction: weight of LightningDiT's velocity direction loss "
+        "1 - cos(F, u) over channels, added to the MSE (0 = off; LightningDiT: 1)"))
 
     name: ClassVar[str] = "flow"
 
@@ -69,6 +76,11 @@ class FlowObjective:
             raise ValueError(f"time_std (the logit-normal's std) must be > 0, got {self.time_std!r}")
         if not self.time_shift > 0:
             raise ValueError(f"time_shift must be > 0 (1 = no shift), got {self.time_shift!r}")
+        if not self.cosine_weight >= 0:
+            raise ValueError(f"cosine_weight must be >= 0 (0 = off), got {self.cosine_weight!r}")
+        if self.cosine_weight and self.prediction != "velocity":
+            raise ValueError(f"the cosine loss is LightningDiT's velocity direction loss; it needs prediction "
+                             f"'velocity', not {self.prediction!r}")
 
     @property
     def interpolant(self) -> Path:
@@ -106,13 +118,18 @@ class FlowObjective:
         y: Tensor,  # (N,) labels
         noise: Tensor,  # (N, C, H, W) eps
     ) -> dict[str, Tensor]:
-        """Per-sample losses (N,): ``loss`` (the flow-matching MSE of the module docstring)."""
+        """Per-sample losses (N,): ``loss`` (the flow-matching MSE, plus the cosine term when
+        ``cosine_weight`` > 0: module docstring), ``mse`` and, then, ``cosine``."""
         x_t = self.interpolant.interpolate(x0, noise, t)  # (N, C, H, W)
         out = model(x_t, self.network_time(t), y)[:, : x0.shape[1]]  # (N, C, H, W): the first C channels
         if self.prediction == "score":
             out = -self.interpolant.noise_from_score(out, t)  # b * score ~ -eps
-        loss = mean_flat((out - self.target(x0, noise, t)) ** 2)  # (N,)
-        return {"loss": loss, "mse": loss}
+        target = self.target(x0, noise, t)  # (N, C, H, W)
+        mse = mean_flat((out - target) ** 2)  # (N,)
+        if not self.cosine_weight:
+            return {"loss": mse, "mse": mse}
+        cosine = mean_flat(1 - torch.nn.functional.cosine_similarity(out, target, dim=1))  # (N,): per pixel over C
+        return {"loss": mse + self.cosine_weight * cosine, "mse": mse, "cosine": cosine}
 
     # -- sampling -----------------------------------------------------------------------------
     def velocity(self, out: Tensor, x: Tensor, t: Tensor) -> Tensor:
