@@ -10,7 +10,13 @@
 #   3. DiT-XL/2 at 256 px (4x32x32 latents), bf16 autocast, batch 256: ours eager and compiled,
 #      with `--grad-checkpoint ops` at batch 256 and 512, against the official implementation's
 #      model + loss and diffusers' DiTTransformer2DModel (each under bf16 autocast like ours;
-#      eager and compiled): images/s, MFU, attention kernel, saved MB per image, compile time.
+#      eager and compiled): images/s, MFU, attention kernel, saved MB per image, compile time;
+#   4. bulk sampling of DiT-XL/2 at 256 px, bf16, batch 64 (128 rows per guided forward), VAE decode excluded:
+#      ours (`sample --out X.npz`'s path) with DDPM at 50 steps against the official
+#      `sample_ddp.py` loop (`p_sample_loop` + `forward_with_cfg`, the same weights, fp32 as there
+#      and under bf16 autocast), then ours with DPM-Solver++(2M) SDE at 20 steps
+#      (`benchmarks/bench_sampling.py`): images/s and the ratios, also in $OUT/sampling.jsonl;
+#      about a minute on an H100 (estimate), under two `timeout 120`.
 #
 # Bring along (the machine reaches no network; its python3 has torch, numpy, safetensors,
 # scikit-learn, pillow, tqdm, tensorboard). In the repository root, before the run:
@@ -23,7 +29,8 @@
 # then: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl", ".peers"], timeout_s=420).
 # (timm imports torchvision: where the machine has none, the official peer is reported as skipped.)
 #
-# Knobs (environment): MODEL, INPUT, BATCH, STEPS, WARMUP, TRAIN_STEPS, PYTEST_WORKERS, PY.
+# Knobs (environment): MODEL, INPUT, BATCH, STEPS, WARMUP, TRAIN_STEPS, PYTEST_WORKERS, PY
+# (section 4 takes MODEL and INPUT; its batch is SAMPLE_BATCH, 64, or BATCH when BATCH < 64).
 # A dry run on a CPU checks the script itself (the suite step is skipped with SUITE=0):
 #   SUITE=0 MODEL=DiT-S/8 INPUT=16 BATCH=2 STEPS=1 WARMUP=1 TRAIN_STEPS=20 bash benchmarks/gpu_checks.sh
 set -u
@@ -88,5 +95,15 @@ if $PY -c "import diffusers" 2> /dev/null; then
 else
     log "diffusers peer skipped: not installed here (see the header)"
 fi
+elapsed
+
+SAMPLE_BATCH=${SAMPLE_BATCH:-$(( BATCH < 64 ? BATCH : 64 ))}
+log "## 4. bulk sampling of $MODEL bf16 at batch $SAMPLE_BATCH: ours against the official sample_ddp.py loop"
+sampling() {
+    run timeout 120 $PY benchmarks/bench_sampling.py --model "$MODEL" --input-size "$INPUT" --batch "$SAMPLE_BATCH" \
+        --precision bf16 --batches 1 --warmup 1 --rounds 1 --official .peers/DiT --out-jsonl "$OUT/sampling.jsonl" "$@"
+}
+sampling --steps 50                                    # DDPM on both sides (the peer skipped without timm or .peers/DiT)
+sampling --steps 20 --sampler dpm++2m-sde --peer none  # ours only: the official code has no such solver
 elapsed
 log "# done"
