@@ -363,8 +363,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _lightning_preset(model_name: str) -> dict[str, Any]:
-    """LightningDiT's recipe on a DiT size (module docstring: what is and is not there)."""
+    """LightningDiT's recipe on a DiT size (module docstring: what is and is not there); its EMA,
+    flips and logging follow the paper's preset."""
     return dict(
+        _paper_preset(model_name),
         model=dict(name=model_name, learn_sigma=False, class_dropout_prob=0.1, norm="rms", mlp="swiglu", rope=True,
                    qk_norm=False),
         objective="flow",
@@ -373,14 +375,7 @@ def _lightning_preset(model_name: str) -> dict[str, Any]:
         optim=dict(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0),
         global_batch=1024,
         steps=80_000,
-        ema_decay=0.9999,
-        ema_warmup=False,
-        hflip=True,
-        log_every=100,
         ckpt_every=20_000,
-        keep_last=0,
-        sample_every=10_000,
-        sample_steps="250",
         sample_sampler="euler",  # its sampler (Euler, 250 steps); the previews use no cfg interval
     )
 
