@@ -38,3 +38,16 @@ def trained_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "digits"
     run_cli("train", "--run-dir", str(run), "--steps", "30", "--ckpt-every", "15", *TINY_TRAIN)
     return run
+
+
+@pytest.fixture(scope="session")
+def dinov2_dir(tmp_path_factory) -> str:
+    """A random-weight DINOv2 (hidden 32, 2 layers, patch 4) in a save_pretrained folder: REPA's
+    encoder, offline (the `repa` extra)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    patch_size=4, image_size=16)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("dinov2")
+    transformers.Dinov2Model(cfg).save_pretrained(folder)
+    return str(folder)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import cpu_env, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def test_killed_extraction_resumes_to_the_same_store(folder_and_vae, tmp_path):
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ditforge", "extract", "--data", str(root / "imgs"), "--vae", str(root / "vae"),
            "--image-size", "16", "--out", str(killed), "--batch-size", "2", "--shard-size", "4", "--workers", "0", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the environment of run_cli's extractions (the CPU, 2 threads): other thread counts, or a GPU, round differently
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cpu_env(OMP_NUM_THREADS="2"))
     deadline = time.time() + 300
     while not list((killed / "shards").glob("shard-*-00001.safetensors")) if (killed / "shards").exists() else True:
         assert proc.poll() is None and time.time() < deadline, "extraction ended before it could be killed"
@@ -105,3 +106,46 @@ def test_offline_hub_id_is_a_one_line_error(folder_and_vae, tmp_path, monkeypatc
     p = run_cli("extract", "--data", str(folder_and_vae / "imgs"), "--vae", "stabilityai/sd-vae-ft-ema",
                 "--out", str(tmp_path / "f"), check=False)
     assert p.returncode == 2 and "--vae PATH" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_kept_pixels_are_the_images_each_latent_view_encodes(folder_and_vae, tmp_path):
+    """`extract --keep-pixels` stores each image as encoded, beside unchanged latents; a record's
+    pixels in view f (1: flipped left-right) are the image whose VAE encoding is its latent f."""
+    from ditforge.data.autoencoder import load_autoencoder
+    from ditforge.data.sources import list_items
+    from ditforge.data.store import LatentStore
+    from ditforge.errors import UserError
+
+    root = folder_and_vae
+    _extract(root, tmp_path / "plain")
+    _extract(root, tmp_path / "px", "--keep-pixels")
+    plain, store = LatentStore(tmp_path / "plain"), LatentStore(tmp_path / "px")
+    assert plain.pixels_shape is None and store.pixels_shape == (3, 16, 16)
+    assert "pixels" in store.manifest["record_fields"] and "pixels" not in plain.manifest["record_fields"]
+    with pytest.raises(UserError, match="--keep-pixels"):
+        plain.pixels(torch.tensor([0]), torch.tensor([0]))
+    idx, flip = torch.arange(len(store)), torch.arange(len(store)) % 2
+    assert torch.equal(plain.gather(idx, flip)[0], store.gather(idx, flip)[0])  # the same latents
+
+    source = list_items(str(root / "imgs"))
+    images = torch.stack([torch.from_numpy(np.asarray(source.load(source.items[i], 16, "center"))).permute(2, 0, 1)
+                          for i in store.items.tolist()])  # (N, 3, 16, 16) uint8, as the loader crops them
+    px = store.pixels(idx, flip)
+    assert px.dtype == torch.uint8 and torch.equal(px, torch.where(flip.bool()[:, None, None, None], images.flip(-1), images))
+    mean, _ = load_autoencoder(str(root / "vae")).encode(px.float() / 127.5 - 1)  # (N, 4, 8, 8) x scale
+    torch.testing.assert_close(mean, store.gather(idx, flip)[0].float(), atol=2e-3, rtol=1e-3)
+
+
+def test_repa_on_a_store_reads_its_pixels_and_asks_for_them(folder_and_vae, dinov2_dir, tmp_path):
+    root = folder_and_vae
+    _extract(root, tmp_path / "plain")
+    _extract(root, tmp_path / "px", "--keep-pixels")
+    args = ["--model", "DiT-Ti/2", "--batch-size", "8", "--log-every", "1", "--steps", "2", "--sample-steps", "2",
+            "--hflip", "--no-progress", "--repa-encoder", dinov2_dir, "--repa-depth", "2", "--repa-projector-dim", "32",
+            "--repa-resolution", "16"]
+    bad = run_cli("train", "--data", str(tmp_path / "plain"), "--run-dir", str(tmp_path / "r0"), *args, check=False)
+    assert bad.returncode == 2 and "--keep-pixels" in bad.stderr and "Traceback" not in bad.stderr
+    proc = run_cli("train", "--data", str(tmp_path / "px"), "--run-dir", str(tmp_path / "r1"), *args)
+    assert "| repa -" in proc.stdout + proc.stderr
+    ckpt = tmp_path / "r1" / "checkpoints" / "step-0000002"
+    assert set(load_file(ckpt / "projector.safetensors")) and json.loads((ckpt / "state.json").read_text())["config"]["repa"]["depth"] == 2

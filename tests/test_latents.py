@@ -431,3 +431,21 @@ def test_pixel_space_store_through_the_identity_autoencoder(tmp_path):
     extract(items, unreadable, ident, tmp_path / "none", batch_size=2)
     with pytest.raises(UserError, match="no image could be encoded; all 5 were skipped"):
         finalize_store(tmp_path / "none", {})
+
+
+def test_writer_keeps_pixels_for_every_record_or_none(tmp_path):
+    mean, std = torch.zeros(2, 2, 4, 2, 2), torch.ones(2, 2, 4, 2, 2)
+    pixels = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    w = LatentWriter(tmp_path / "a", num_items=6, shard_size=4)
+    w.add([0, 1], [0, 0], mean, std, pixels)
+    with pytest.raises(ValueError, match="pixels"):
+        w.add([2, 3], [0, 0], mean, std)  # without, after records with
+    with pytest.raises(ValueError, match="uint8"):
+        w.add([2, 3], [0, 0], mean, std, pixels.float())
+    w.add([2, 3], [0, 0], mean, std, pixels)
+    w.add([4, 5], [1, 1], mean, std, pixels + 7)
+    w.close()
+    manifest = finalize_store(tmp_path / "a", {"class_names": ["a", "b"]})
+    assert manifest["pixels_shape"] == [3, 16, 16]
+    store = LatentStore(tmp_path / "a")
+    assert torch.equal(store.pixels(torch.tensor([5, 0]), torch.tensor([1, 0]))[:, 0, 0, 0], torch.tensor([7, 0], dtype=torch.uint8))

@@ -1,6 +1,7 @@
 """REPA (ditforge/repa): the loss against its closed form, the hidden-token path of the model,
 where gradients go, the frozen encoder, the training step with and without it, checkpoints and
-resume, and the errors. The encoder is a tiny random-weight DINOv2 saved with save_pretrained."""
+resume, and the errors. The encoder is a tiny random-weight DINOv2 saved with save_pretrained
+(conftest's `dinov2_dir`); REPA on a latent store is in test_latent_pipeline.py."""
 
 from __future__ import annotations
 
@@ -36,17 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dinov2_dir(tmp_path_factory):
-    """A random-weight DINOv2 (hidden 32, 2 layers, patch 4) in a save_pretrained folder."""
-    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    patch_size=4, image_size=16)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("dinov2")
-    transformers.Dinov2Model(cfg).save_pretrained(folder)
-    return str(folder)
 
 
 def run_cli(*args: str, check: bool = True):
@@ -114,9 +104,8 @@ def _tiny_setup(folder, objective="diffusion", **repa):
     return cfg, model, batches
 
 
-class _Data:  # the parts of TrainingData that build_aligner reads
-    def __init__(self, kind="identity"):
-        self.autoencoder = {"kind": kind}
+class _Data:  # the part of TrainingData that build_aligner reads: a source that is no latent store
+    source = None
 
 
 def test_gradient_reaches_projector_and_early_blocks_not_encoder(dinov2_dir):
@@ -162,6 +151,17 @@ def test_cached_features_train_like_features_per_batch(dinov2_dir):
         results.append(model.state_dict())
     for k, v in results[0].items():
         torch.testing.assert_close(results[1][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_target_reads_stored_pixels_as_images_and_passes_cached_features(dinov2_dir):
+    cfg, model, _ = _tiny_setup(dinov2_dir)
+    aligner = build_aligner(cfg, model, _Data(), torch.device("cpu"))
+    x = torch.zeros(3, 1, 8, 8)  # the model's input: a latent store's latents, say
+    stored = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(aligner.batch_target(x, [stored]), aligner.target(stored.float() / 127.5 - 1), rtol=0, atol=0)
+    features = torch.randn(3, 4, 32)
+    assert aligner.batch_target(x, [features]) is features
+    torch.testing.assert_close(aligner.batch_target(x, []), aligner.target(x), rtol=0, atol=0)
 
 
 def test_feature_source_gives_each_image_its_features():
@@ -247,9 +247,6 @@ def test_encoders_that_cannot_load_are_user_errors(tmp_path):
         load_encoder(str(tmp_path))  # a folder without a model
     with pytest.raises(UserError, match="patch size"):
         load_encoder(_save_tiny(tmp_path), resolution=18)
-    with pytest.raises(UserError, match="latent store"):
-        cfg, model, _ = _tiny_setup("inception")
-        build_aligner(cfg, model, _Data("diffusers"), torch.device("cpu"))
 
 
 def _save_tiny(tmp_path) -> str:

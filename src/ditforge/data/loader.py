@@ -172,7 +172,7 @@ class Prefetcher:
             while not self._stop.is_set():
                 batches = self.loader.next_step()
                 if self.pin_memory:
-                    batches = [tuple(t.pin_memory() for t in b) for b in batches]  # (x, y[, REPA features])
+                    batches = [tuple(t.pin_memory() for t in b) for b in batches]  # (x, y[, REPA features or stored pixels])
                 if not self._put(("batches", batches)):
                     return
         except BaseException as e:  # handed to the training thread, raised there

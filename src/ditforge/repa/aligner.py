@@ -7,7 +7,12 @@ the model (its own AdamW with the run's settings) and saved in each checkpoint b
 (``projector.safetensors``), never in the model's state dict: sampling and export see the DiT alone.
 
 Encoder features are computed without gradients once per batch, or, when the data are pixels in
-memory without random flips, once per image before training (`FeatureSource`). Measured on the
+memory without random flips, once per image before training (`FeatureSource`). On a latent store
+the encoder reads the images that `extract --keep-pixels` stored beside the latents, in the view
+(flipped or not) of each latent drawn (`StorePixelSource`): the set-up of REPA's own code, which
+keeps the images and runs DINOv2 on them every batch. Storing the features instead would cost
+DINOv2-B's 256 x 768 values a view (768 KiB for two views in float16) against 192 KiB of pixels
+at 256 px, and fix the encoder and its resolution at extraction. Measured on the
 built-in digits (DiT-Ti/2, batch 128, Inception at 99 px, one CPU core of a busy machine): 2.0 s a
 step with cached features, 4.7 s reading the encoder every step; the 1,438 training images are
 read once in about the time of 11 uncached steps.
@@ -27,7 +32,7 @@ from ditforge.repa.projector import Projector, alignment_loss
 
 log = logging.getLogger("ditforge.train")
 
-__all__ = ["Aligner", "HiddenTokens", "FeatureSource", "build_aligner", "training_source", "CACHE_LIMIT_BYTES"]
+__all__ = ["Aligner", "HiddenTokens", "FeatureSource", "StorePixelSource", "build_aligner", "training_source", "CACHE_LIMIT_BYTES"]
 
 #: `--repa-cache auto` keeps the features of every image in memory up to this size.
 CACHE_LIMIT_BYTES = 2 * 2**30
@@ -42,6 +47,17 @@ class Aligner:
     def target(self, images: Tensor) -> Tensor:
         """Encoder features of clean images (N, C, H, W) in [-1, 1] on the model's token grid: (N, T, E)."""
         return self.encoder.features(images, self.grid)
+
+    def batch_target(self, x: Tensor, extra: list[Tensor]) -> Tensor:
+        """The target (b, T, E) of a micro-batch (x, y, *extra) as the training source gives it:
+        features cached per image (`FeatureSource`: float (b, T, E)), the encoder on the stored
+        images of a latent store (`StorePixelSource`: uint8 (b, C, H, W)), or on x itself (pixels)."""
+        if not extra:
+            return self.target(x)
+        (given,) = extra
+        if given.dtype == torch.uint8:
+            return self.target(given.to(x.device, non_blocking=True).float().div_(127.5).sub_(1.0))
+        return given
 
     def loss(self, hidden: Tensor, target: Tensor, projector: nn.Module | None = None) -> Tensor:
         """Per-sample alignment loss (N,) of the tokens after block `depth` (N, T, D); `projector` is
@@ -80,17 +96,31 @@ class FeatureSource:
         return [(x, y, self.features[idx]) for (x, y), (idx, _, _) in zip(batches, picks)]
 
 
+class StorePixelSource:
+    """A latent store's source whose batches also carry the stored images of their latents, in
+    the same view: ``get_batches`` gives (z, y, pixels) with pixels uint8 (b, C_img, H, W)."""
+
+    def __init__(self, source: Any):  # a StoreSource over a store with pixels
+        self.source, self.store = source, source.store
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def get_batches(self, picks, *, seed: int, position: int, global_batch: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        batches = self.source.get_batches(picks, seed=seed, position=position, global_batch=global_batch)
+        return [(z, y, self.store.pixels(idx, flip)) for (z, y), (idx, flip, _) in zip(batches, picks)]
+
+
 def build_aligner(cfg: Any, model: nn.Module, data: Any, device: torch.device) -> Aligner | None:
     """The run's `Aligner` (None when ``cfg.repa.encoder`` is empty). Call after the model is built:
     the projector draws its initial weights from the global RNG, after the model's."""
     r = cfg.repa
     if not r.encoder:
         return None
-    if data.autoencoder.get("kind", "identity") != "identity":
+    if is_store(data) and data.source.store.pixels_shape is None:
         raise UserError(
-            f"REPA needs pixel-space training data (a built-in set or an image folder); {cfg.data!r} is a latent "
-            "store, and decoding its latents with the VAE at every step is not supported: train on the image "
-            "folder itself, or leave --repa-encoder out"
+            f"REPA's encoder reads images, and the latent store {cfg.data!r} keeps none: extract it again with "
+            "--keep-pixels (or train on the image folder itself, or leave --repa-encoder out)"
         )
     encoder = load_encoder(r.encoder, r.resolution, device)
     projector = Projector(model.hidden_size, r.projector_dim, encoder.dim).to(device)
@@ -99,9 +129,18 @@ def build_aligner(cfg: Any, model: nn.Module, data: Any, device: torch.device) -
 
 def training_source(cfg: Any, aligner: Aligner | None, data: Any, device: torch.device) -> Any:
     """What the loader draws from: the data's source, or with REPA's cache a `FeatureSource` over it."""
-    if aligner is None or not use_cache(cfg, aligner, data):
+    if aligner is None:
+        return data.source
+    if is_store(data):
+        return StorePixelSource(data.source)
+    if not use_cache(cfg, aligner, data):
         return data.source
     return FeatureSource(data.source, cached_features(aligner, data.source.images, device))
+
+
+def is_store(data: Any) -> bool:
+    """Whether the training data are a latent store's (model inputs that are not the pixels)."""
+    return getattr(getattr(data, "source", None), "store", None) is not None
 
 
 def use_cache(cfg: Any, aligner: Aligner, data: Any) -> bool:

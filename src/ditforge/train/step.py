@@ -78,7 +78,7 @@ class TrainStep:
         if self.repa is not None:
             self.repa_opt.zero_grad(set_to_none=True)
             align_total = torch.zeros((), device=device)
-        for i, ((x, y, *cached), off) in enumerate(zip(batches, offsets)):
+        for i, ((x, y, *extra), off) in enumerate(zip(batches, offsets)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (b, C, H, W), (b,)
             sl = slice(off, off + x.shape[0])
             drop = drop_all[sl] if use_drop else None
@@ -95,7 +95,7 @@ class TrainStep:
                     losses = self.objective.training_losses(forward, x, t_all[sl], y, noise_all[sl])
                     loss = losses["loss"].mean() / len(batches)  # this micro-batch's share of the step loss
                     if self.repa is not None:
-                        target = cached[0] if cached else self.repa.target(x)  # (b, T, E), no gradient
+                        target = self.repa.batch_target(x, extra)  # (b, T, E), no gradient
                         align = self.repa.loss(forward.hidden, target, self.repa_wrapped).mean() / len(batches)
                         align_total += align.detach()
                 self.scaler.scale(loss if self.repa is None else loss + self.repa.weight * align).backward()

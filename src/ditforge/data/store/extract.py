@@ -74,6 +74,7 @@ def extract(
     plan: dict[str, Any] | None = None,
     overwrite: bool = False,
     workers: int = 0,
+    keep_pixels: bool = False,
     progress: bool = False,
     skip_errors: tuple[type[BaseException], ...] = SKIP_ERRORS,
 ) -> dict[str, Any]:
@@ -89,7 +90,8 @@ def extract(
     continues; batches sit on a fixed grid (multiples of `batch_size` from the rank's first
     item, the partial batch before the resume point re-encoded and dropped), so the store is
     the same as one written in one go. `workers` > 0 loads images in that many threads, one
-    batch ahead. The caller then runs `finalize_store` once, on one process, after all ranks.
+    batch ahead. `keep_pixels` also stores each image as encoded (uint8, unflipped), for REPA's
+    encoder on the store. The caller then runs `finalize_store` once, on one process, after all ranks.
 
     Returns {rank, items, resumed_at, encoded, skipped, records, seconds, images_per_s}
     (encoded, skipped and the rate count this call only).
@@ -97,7 +99,8 @@ def extract(
     if batch_size < 1:
         raise UserError(f"batch size must be positive, got {batch_size}")
     items = items if isinstance(items, Sequence) else list(items)
-    full_plan = {"items_sha256": items_digest(items), "autoencoder": autoencoder.describe(), **(plan or {})}
+    full_plan = {"items_sha256": items_digest(items), "autoencoder": autoencoder.describe(), **(plan or {}),
+                 **({"keep_pixels": True} if keep_pixels else {})}  # (absent when off: older plans still resume)
     writer = LatentWriter(root, rank, world_size, shard_size, num_items=len(items), dtype=dtype, plan=full_plan, overwrite=overwrite)
     lo, hi = writer.items.start, writer.items.stop
     start = writer.resume_position()
@@ -145,7 +148,8 @@ def extract(
                 std = torch.stack([std[:n], std[n:]], dim=1)
                 keep = torch.tensor(kept) >= start
                 new_items = torch.tensor(kept)[keep]
-                writer.add(new_items, torch.tensor([int(items[i][1]) for i in new_items.tolist()]), mean[keep], std[keep])
+                pixels = x[keep].add(1).mul_(127.5).round_().to(torch.uint8) if keep_pixels else None  # exact: x = u / 127.5 - 1
+                writer.add(new_items, torch.tensor([int(items[i][1]) for i in new_items.tolist()]), mean[keep], std[keep], pixels)
                 encoded += int(keep.sum())
             bar.update(batch.stop - max(batch.start, start))
         summary = writer.close()
@@ -187,6 +191,9 @@ class ExtractOptions:
     dtype: str = field(default="float16", metadata=flag(
         "--dtype", "storage precision of mean and log-variance", choices=["float16", "float32"]))
     workers: int = field(default=4, metadata=flag("--workers", "threads that load images ahead of the VAE"))
+    keep_pixels: bool = field(default=False, metadata=flag(
+        "--keep-pixels", "also store each image as encoded (uint8, 3 x size^2 bytes: 192 KiB at 256 px), which REPA's "
+        "encoder reads when training on the store (`train --repa-encoder`)", action="store_true"))
     overwrite: bool = field(default=False, metadata=flag("--overwrite", "replace an existing store", action="store_true"))
     hf_config: str | None = field(default=None, metadata=flag(
         "--hf-config", "Hugging Face dataset config name (default: none)"))
@@ -229,7 +236,7 @@ def extract_store(opts: ExtractOptions) -> ExtractResult:
             items, lambda key: source.load(key, opts.image_size, opts.crop), ae, opts.out,
             batch_size=opts.batch_size, rank=d.rank, world_size=d.world_size, shard_size=opts.shard_size,
             dtype=opts.dtype, plan=dict(image_size=opts.image_size, crop=opts.crop, source=opts.data),
-            overwrite=opts.overwrite, workers=opts.workers, progress=not opts.no_progress,
+            overwrite=opts.overwrite, workers=opts.workers, keep_pixels=opts.keep_pixels, progress=not opts.no_progress,
         )
         distributed.barrier(d)
         if not d.is_main:

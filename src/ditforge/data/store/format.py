@@ -17,6 +17,7 @@ hold fewer), as three tensors over its n records:
 | `posterior` | (n, 2, 2, C, h, w) | float16 (or float32) | [i, f, 0]: posterior mean x scale, [i, f, 1]: its log-variance (of latent x scale; std = exp(logvar / 2), -inf where std = 0); f = 0 the image, f = 1 its horizontal flip |
 | `label` | (n,) | int64 | class id |
 | `item` | (n,) | int64 | position of the image in the extraction's item list |
+| `pixels` (only with `extract --keep-pixels`) | (n, C_img, H, W) | uint8 | the image as encoded (after crop and resize), not flipped: what REPA's encoder reads on a latent store |
 
 The mean and log-variance of one view of one image are adjacent (16 KiB for a 4x32x32 latent
 in float16), so reading a training example is one contiguous read.
@@ -62,6 +63,7 @@ RECORD_FIELDS = {
     "label": "class id, int64",
     "item": "position of the source image in the extraction's item list, int64",
 }
+PIXELS_FIELD = {"pixels": "(C_img, H, W) uint8: the image as encoded, unflipped (flip it with the latent's view f)"}
 SHARD_RE = re.compile(r"^shard-(\d{5})-(\d{5})\.safetensors$")
 RANK_RE = re.compile(r"^rank-(\d{5})\.json$")
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
@@ -172,6 +174,9 @@ def shard_info(path: Path) -> dict[str, Any]:
         post = header["posterior"]
         if len(post["shape"]) != 6 or post["shape"][1:3] != [2, 2]:
             raise ValueError(f"posterior of shape {post['shape']}")
+        pix = header.get("pixels")
+        if pix is not None and (pix["dtype"] != "U8" or len(pix["shape"]) != 4 or pix["shape"][0] != post["shape"][0]):
+            raise ValueError(f"pixels {pix['dtype']} of shape {pix['shape']} for {post['shape'][0]} records")
         return {
             "count": int(post["shape"][0]),
             "record_shape": list(post["shape"][3:]),
@@ -179,6 +184,7 @@ def shard_info(path: Path) -> dict[str, Any]:
             "items": [int(meta["items_begin"]), int(meta["items_end"])],
             "skipped": json.loads(meta.get("skipped", "[]")),
             "zero_std": meta.get("zero_std") == "1",
+            "pixels_shape": header["pixels"]["shape"][1:] if "pixels" in header else None,
         }
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise UserError(f"shard {str(path)!r} is not a ditforge latent shard ({type(e).__name__}: {e})") from None

@@ -61,6 +61,9 @@ class LatentStore:
         self.manifest = manifest
         self.latent_shape: tuple[int, int, int] = shape
         self._posterior: list[np.ndarray] = []
+        self._pixels: list[np.ndarray] = []  # (n, C_img, H, W) uint8 per shard, with `extract --keep-pixels`
+        pixels_shape = manifest.get("pixels_shape")
+        self.pixels_shape: tuple[int, int, int] | None = tuple(int(s) for s in pixels_shape) if pixels_shape else None
         labels, items = [], []
         self._maps = []  # keeps the mapped tensors (and their storages) alive
         for file, n in entries:
@@ -71,6 +74,11 @@ class LatentStore:
             expected = (n, 2, 2, *shape)
             if "posterior" not in tensors or tuple(tensors["posterior"].shape) != expected or tensors["label"].shape != (n,):
                 raise UserError(f"latent store {str(root)!r}: shard {file!r} does not match {MANIFEST} (expected records {expected})")
+            if self.pixels_shape is not None:
+                pix = tensors.get("pixels")
+                if pix is None or tuple(pix.shape) != (n, *self.pixels_shape) or pix.dtype != torch.uint8:
+                    raise UserError(f"latent store {str(root)!r}: shard {file!r} lacks the pixels {MANIFEST} lists (uint8 {(n, *self.pixels_shape)})")
+                self._pixels.append(pix.numpy())
             self._maps.append(tensors)
             self._posterior.append(tensors["posterior"].numpy())
             labels.append(tensors["label"].clone())
@@ -104,8 +112,8 @@ class LatentStore:
         mean, logvar = self._gather(indices, flip)
         return torch.from_numpy(mean), torch.from_numpy(logvar), self.labels[torch.as_tensor(indices).reshape(-1)]
 
-    def _gather(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Stored (mean, logvar) of records `indices`, flipped where `flip`: (B, C, h, w) each."""
+    def _locate(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+        """(shard, row in shard, flip) of each record of `indices`, checked."""
         idx = torch.as_tensor(indices).reshape(-1).numpy().astype(np.int64, copy=False)
         f = torch.as_tensor(flip).reshape(-1).numpy().astype(np.int64)
         if f.shape != idx.shape:
@@ -114,12 +122,27 @@ class LatentStore:
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"record indices {idx.min()}..{idx.max()} outside the store's {n} records")
         shard = np.searchsorted(self._offsets, idx, side="right") - 1  # (B,)
-        local = idx - self._offsets[shard]
-        out = np.empty((idx.size, 2, *self.latent_shape), dtype=self._np_dtype)  # (B, 2, C, h, w)
+        return shard.tolist(), (idx - self._offsets[shard]).tolist(), f.tolist()
+
+    def _gather(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Stored (mean, logvar) of records `indices`, flipped where `flip`: (B, C, h, w) each."""
+        located = self._locate(indices, flip)
+        out = np.empty((len(located[0]), 2, *self.latent_shape), dtype=self._np_dtype)  # (B, 2, C, h, w)
         posterior = self._posterior
-        for j, (s, i, k) in enumerate(zip(shard.tolist(), local.tolist(), f.tolist())):
+        for j, (s, i, k) in enumerate(zip(*located)):
             out[j] = posterior[s][i, k]  # one contiguous copy: mean and logvar of the chosen view
         return out[:, 0], out[:, 1]
+
+    def pixels(self, indices: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """The kept images of records `indices`, flipped where `flip` (the view of their latents):
+        uint8 (B, C_img, H, W). Only for a store extracted with `--keep-pixels`."""
+        if self.pixels_shape is None:
+            raise UserError(f"latent store {str(self.root)!r} keeps no pixels; extract it again with --keep-pixels")
+        located = self._locate(indices, flip)
+        out = np.empty((len(located[0]), *self.pixels_shape), dtype=np.uint8)  # (B, C_img, H, W)
+        for j, (s, i, k) in enumerate(zip(*located)):
+            out[j] = self._pixels[s][i, :, :, ::-1] if k else self._pixels[s][i]
+        return torch.from_numpy(out)
 
     def posterior(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, std, labels) of records `indices` (flipped where `flip`), float32 (B, C, h, w)."""

@@ -19,6 +19,7 @@ import torch
 from ditforge.data.store.format import (
     FORMAT,
     MANIFEST,
+    PIXELS_FIELD,
     RANK_RE,
     RECORD_FIELDS,
     SHARD_DIR,
@@ -130,6 +131,8 @@ class LatentWriter:
         infos = [shard_info(p) for p in self._shards]
         self._records = sum(i["count"] for i in infos)
         self._record_shape = tuple(infos[0]["record_shape"]) if infos else None
+        # the pixels' (C, H, W) when records keep them (`add(pixels=)`), () when they do not, None before any
+        self._pixel_shape = (tuple(infos[0]["pixels_shape"] or ())) if infos else None
         self._zero_std = all(i["zero_std"] for i in infos)
         self._done = bool(state.get("done"))
         if self._done:
@@ -171,8 +174,13 @@ class LatentWriter:
         self._last_skip = item
         self._pending_skips.append({"item": item, "file": str(file), "reason": " ".join(str(reason).split())})
 
-    def add(self, items: torch.Tensor | Sequence[int], labels: torch.Tensor | Sequence[int], mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Append records: mean and std (n, 2, C, h, w), [:, 0] of the image, [:, 1] of its flip."""
+    def add(
+        self, items: torch.Tensor | Sequence[int], labels: torch.Tensor | Sequence[int], mean: torch.Tensor, std: torch.Tensor,
+        pixels: torch.Tensor | None = None,
+    ) -> None:
+        """Append records: mean and std (n, 2, C, h, w), [:, 0] of the image, [:, 1] of its flip;
+        optionally the images themselves, pixels uint8 (n, C_img, H, W) unflipped (every add of a
+        store with them, or none)."""
         items = torch.as_tensor(items, dtype=torch.int64).reshape(-1)
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         n = items.numel()
@@ -187,6 +195,13 @@ class LatentWriter:
             self._record_shape = tuple(mean.shape[2:])
         elif tuple(mean.shape[2:]) != self._record_shape:
             raise ValueError(f"rank {self.rank}: latents of shape {tuple(mean.shape[2:])} after {self._record_shape}")
+        pixel_shape = () if pixels is None else tuple(pixels.shape[1:])
+        if pixels is not None and (pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[0] != n):
+            raise ValueError(f"add() needs pixels uint8 (n, C, H, W) for {n} items; got {pixels.dtype} {tuple(pixels.shape)}")
+        if self._pixel_shape is None:
+            self._pixel_shape = pixel_shape
+        elif pixel_shape != self._pixel_shape:
+            raise ValueError(f"rank {self.rank}: pixels of shape {pixel_shape or None} after {self._pixel_shape or None}")
         first, last = int(items[0]), int(items[-1])
         pending = {s["item"] for s in self._pending_skips}
         if (
@@ -204,7 +219,7 @@ class LatentWriter:
         storage_dtype = STORE_DTYPES[self.dtype]
         logvar = 2.0 * std.log()  # log 0 = -inf: std 0 stays exactly 0
         posterior = torch.stack([mean.detach().cpu().float(), logvar], dim=2).to(storage_dtype)  # (n, 2, 2, C, h, w)
-        self._buffer.append((posterior, labels.cpu(), items.cpu()))
+        self._buffer.append((posterior, labels.cpu(), items.cpu(), *([] if pixels is None else [pixels.cpu()])))
         self._buffered += n
         self._last_record = last
         while self._buffered >= self.shard_size:
@@ -214,7 +229,7 @@ class LatentWriter:
         parts = [torch.cat(p) for p in zip(*self._buffer)]
         head = [p[:count] for p in parts]
         rest = [p[count:] for p in parts]
-        posterior, labels, items = head
+        posterior, labels, items, *pixels = head
         if items_end is None:
             items_end = int(items[-1]) + 1
         skipped = [s for s in self._pending_skips if s["item"] < items_end]
@@ -226,7 +241,8 @@ class LatentWriter:
             "zero_std": "1" if self._zero_std else "0",
         }
         path = self.dir / shard_name(self.rank, number)
-        write_safetensors(path, {"posterior": posterior, "label": labels, "item": items}, meta)
+        tensors = {"posterior": posterior, "label": labels, "item": items, **({"pixels": pixels[0]} if pixels else {})}
+        write_safetensors(path, tensors, meta)
         self._shards.append(path)
         self._records += count
         self._skipped.extend(skipped)
@@ -291,16 +307,19 @@ def finalize_store(root: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"{str(root)!r} holds rank files of another world size ({sorted(states)}); extract again with overwrite")
 
     shards, skipped, class_counts = [], [], {}
-    record_shape = dtype = None
+    record_shape = dtype = pixels_shape = None
     zero_std = True
     for r in range(world_size):
         state = states[r]
         for path in list_shards(shard_dir, r):
             info = shard_info(path)
             if record_shape is None:
-                record_shape, dtype = info["record_shape"], info["dtype"]
-            elif (info["record_shape"], info["dtype"]) != (record_shape, dtype):
-                raise UserError(f"shard {path.name} holds {info['dtype']} {info['record_shape']}, others {dtype} {record_shape}")
+                record_shape, dtype, pixels_shape = info["record_shape"], info["dtype"], info["pixels_shape"]
+            elif (info["record_shape"], info["dtype"], info["pixels_shape"]) != (record_shape, dtype, pixels_shape):
+                raise UserError(
+                    f"shard {path.name} holds {info['dtype']} {info['record_shape']} (pixels {info['pixels_shape']}), "
+                    f"others {dtype} {record_shape} (pixels {pixels_shape}); extract again with overwrite"
+                )
             tensors, _ = map_shard(path)
             labels, counts = np.unique(tensors["label"].numpy(), return_counts=True)
             for label, c in zip(labels.tolist(), counts.tolist()):
@@ -328,7 +347,8 @@ def finalize_store(root: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
         "latent_shape": record_shape,
         "dtype": dtype,
         "posterior_std_zero": zero_std,
-        "record_fields": RECORD_FIELDS,
+        "pixels_shape": pixels_shape,  # (C_img, H, W) of the kept images (`extract --keep-pixels`), or None
+        "record_fields": {**RECORD_FIELDS, **(PIXELS_FIELD if pixels_shape else {})},
         "num_items": states[0].get("num_items"),
         "world_size": world_size,
         "shard_size": states[0].get("shard_size"),
