@@ -1,6 +1,7 @@
 """End-to-end runs of the real `ditforge` commands, as a user types them."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -176,8 +177,10 @@ def test_lightning_preset_trains_with_its_cosine_loss_and_samples(tmp_path):
     """The LightningDiT recipe end to end on a DiT-Ti (its sizes are too big here): modern blocks,
     flow with logit-normal times and the cosine term, no learned sigma, then Euler sampling."""
     run = tmp_path / "lt"
-    run_cli("train", "--preset", "LightningDiT-B/2", "--model", "DiT-Ti/4", "--run-dir", str(run), "--steps", "2",
-            "--batch-size", "8", "--log-every", "1", "--sample-steps", "4", "--ckpt-every", "2", "--no-progress")
+    log = run_cli("train", "--preset", "LightningDiT-B/2", "--model", "DiT-Ti/4", "--run-dir", str(run), "--steps", "2",
+                  "--batch-size", "8", "--log-every", "1", "--sample-steps", "4", "--ckpt-every", "2", "--no-progress")
+    cosine = [float(m) for m in re.findall(r"\| cosine (\S+)", log.stdout + log.stderr)]
+    assert len(cosine) == 2 and all(0 <= c <= 2 for c in cosine)  # logged each step: mean of 1 - cos, in [0, 2]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["flow"]["cosine_weight"] == 1.0 and cfg["model"]["norm"] == "rms" and cfg["optim"]["betas"] == [0.9, 0.95]
     assert cfg["sample_sampler"] == "euler" and (run / "samples" / "step-0000002.png").is_file()  # the final preview

@@ -26,6 +26,10 @@ from ditforge.train import distributed
 from ditforge.train.device import autocast
 from ditforge.train.ema import EMA, ema_decay_at
 
+#: Per-sample terms an objective may return beside ``loss`` that the log line and TensorBoard show
+#: (the flow objective's cosine term of ``--cosine-loss``); REPA's alignment term is added as ``repa``.
+LOGGED_TERMS = frozenset({"cosine"})
+
 
 def step_randomness(cfg: TrainConfig, step: int, shape: tuple[int, ...], objective: Objective, device: torch.device):
     """Times (G,), noise (G, C, H, W) and label-drop flags (G,) of the global batch of `step`."""
@@ -74,6 +78,7 @@ class TrainStep:
         t_all, noise_all, drop_all = step_randomness(cfg, step, self.data_shape, self.objective, device)
         use_drop = cfg.model.class_dropout_prob > 0
         total = torch.zeros((), device=device)
+        terms: dict[str, torch.Tensor] = {}  # the objective's LOGGED_TERMS, summed on the device
         self.opt.zero_grad(set_to_none=True)
         if self.repa is not None:
             self.repa_opt.zero_grad(set_to_none=True)
@@ -94,6 +99,8 @@ class TrainStep:
                 with autocast(self.precision, device):
                     losses = self.objective.training_losses(forward, x, t_all[sl], y, noise_all[sl])
                     loss = losses["loss"].mean() / len(batches)  # this micro-batch's share of the step loss
+                    for name in LOGGED_TERMS.intersection(losses):
+                        terms[name] = terms.get(name, 0) + losses[name].detach().mean() / len(batches)
                     if self.repa is not None:
                         target = self.repa.batch_target(x, extra)  # (b, T, E), no gradient
                         align = self.repa.loss(forward.hidden, target, self.repa_wrapped).mean() / len(batches)
@@ -110,8 +117,7 @@ class TrainStep:
         for opt in optimizers:
             self.scaler.step(opt)
         self.scaler.update()
-        if self.repa is not None:
-            self.terms = {"repa": align_total}
+        self.terms = terms if self.repa is None else {**terms, "repa": align_total}
         self.ema.update(self.model, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
         return total
 
