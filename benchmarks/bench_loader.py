@@ -12,6 +12,10 @@ each, two ways:
 - `sample`: training latents mean + std * eps, float32 (`LatentStore.get_batch` vs `np.load`
   per file plus the same arithmetic).
 
+With `--pixels S` each record of the store also keeps an S x S RGB image (what `extract
+--keep-pixels` stores for REPA), and a third reader times `LatentStore.pixels` (the images of a
+batch in the view of their latents: flipped copies where chosen) as images/s.
+
 Both layouts are timed in a new process (as `ditforge train` opens a store that `ditforge
 extract` wrote), from the page cache (the steady state of training on a set that fits in
 memory), after untimed warm-up batches (the first ~20 batches of a new process run up to 2x
@@ -74,7 +78,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def build(root: Path, records: int, shard_size: int, seed: int) -> None:
+def build(root: Path, records: int, shard_size: int, seed: int, pixels: int = 0) -> None:
     """The store (via LatentWriter) and the per-file layout of the same stored values."""
     files = root / "per_file"
     files.mkdir(parents=True)
@@ -85,7 +89,8 @@ def build(root: Path, records: int, shard_size: int, seed: int) -> None:
         n = min(shard_size, records - start)
         mean = torch.randn(n, 2, *SHAPE, generator=g)  # (n, 2, C, h, w): image and flip
         std = (0.5 * (torch.rand(n, 2, *SHAPE, generator=g) * 10 - 25)).exp()  # SD-VAE-like tiny std
-        writer.add(torch.arange(start, start + n), labels[start : start + n], mean, std)
+        images = torch.randint(0, 256, (n, 3, pixels, pixels), generator=g, dtype=torch.uint8) if pixels else None
+        writer.add(torch.arange(start, start + n), labels[start : start + n], mean, std, images)
         record = torch.stack([mean.half(), (2 * std.log()).half()], dim=2).numpy()  # (n, 2, 2, C, h, w) as in the store
         for j in range(n):
             np.save(files / f"{start + j}.npy", record[j])
@@ -146,6 +151,8 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, list[float]]:
         "sample ours": lambda i, f: store.get_batch(i, f, seed=2, position=next(visits)),
         "sample per-file": lambda i, f: per_file_sample(files, labels, i.numpy(), f.numpy().astype(np.int64), g2),
     }
+    if store.pixels_shape is not None:
+        readers["pixels ours"] = lambda i, f: store.pixels(i, f)
     rates: dict[str, list[float]] = {k: [] for k in readers}
     for _ in range(args.rounds):  # alternate, so that machine noise hits both layouts alike
         for name, fn in readers.items():
@@ -164,6 +171,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the arithmetic of `sample`)")
     p.add_argument("--dir", default=None, help="where to build (default: a new temp folder, removed after)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pixels", type=int, default=0, help="also keep an RGB image of this size in each record, and time reading them")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: time an existing build, print JSON
     args = p.parse_args()
     if args.measure:
@@ -173,7 +181,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_loader-", dir=args.dir))
     try:
         t0 = time.perf_counter()
-        build(root, args.records, args.shard_size, args.seed)
+        build(root, args.records, args.shard_size, args.seed, args.pixels)
         build_s = time.perf_counter() - t0
         # Time in a new process, as `ditforge train` opens a store that `ditforge extract` wrote.
         cmd = [sys.executable, __file__, *sys.argv[1:], "--measure", str(root)]
@@ -197,6 +205,10 @@ def main() -> None:
             span = lambda r: f"{statistics.median(r):>9,.0f} ({min(r):,.0f}-{max(r):,.0f})"  # noqa: E731
             print(f"{kind:6s}  ours {span(a)} latents/s   per-file {span(b)} latents/s   "
                   f"ratio {statistics.median(a) / statistics.median(b):5.1f}x")
+        if "pixels ours" in rates:
+            r = rates["pixels ours"]
+            print(f"pixels  ours {statistics.median(r):>9,.0f} ({min(r):,.0f}-{max(r):,.0f}) images/s of 3x{args.pixels}x{args.pixels} "
+                  f"({statistics.median(r) * 3 * args.pixels**2 / 2**20:,.0f} MiB/s)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
