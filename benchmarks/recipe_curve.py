@@ -151,10 +151,10 @@ def plot(results: Path, png: Path, title: str) -> None:
     rows = read_rows(results)
 
     def draw(ax, mine: list[dict], metric: str) -> None:
-        for recipe in RECIPES:
+        for k, recipe in enumerate(RECIPES):  # one colour per recipe in every panel
             pts = sorted((r["step"], r[metric]) for r in mine if r["recipe"] == recipe)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=recipe)
+                ax.plot(*zip(*pts), marker="o", label=recipe, color=f"C{k}")
 
     plot_by_cfg(rows, png, draw, xlabel="training steps (batch 128)",
                 ylabels={"fid": "FID vs held-out (Inception)", "class_accuracy": "class accuracy of samples"},
