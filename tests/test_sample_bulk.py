@@ -57,7 +57,7 @@ def test_killed_bulk_sampling_resumes_without_redoing_shards(trained_run, tmp_pa
     run_cli(*args, "--out", str(straight))
     out = tmp_path / "killed.npz"
     proc = subprocess.Popen([sys.executable, "-m", "ditforge", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cpu_env())
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cpu_env(OMP_NUM_THREADS="2"))  # as run_cli: same threads, same rounding
     parts = tmp_path / "killed.npz.parts"
     deadline = time.time() + 300
     while not (parts / "shard-00001.npz").exists():
