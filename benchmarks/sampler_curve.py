@@ -108,7 +108,7 @@ def plot(results: Path, png: Path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
     plot_by_cfg(read_rows(results), png, draw, xlabel="model evaluations per sample (NFE)",
-                ylabels={"fid": "FID (Inception, vs 359 held-out)", "class_accuracy": "class accuracy (SVC)"},
+                ylabels={"fid": "FID (Inception, vs the held-out split)", "class_accuracy": "class accuracy (SVC)"},
                 title=lambda cfg, mine: (f"{mine[0].get('data', 'digits')}, {mine[0].get('model', 'DiT-Ti/2')} "
                                          f"({mine[0].get('objective', 'diffusion')}) at step {mine[0]['step']}, cfg {cfg:g}"),
                 legend_size=7)
