@@ -145,6 +145,8 @@ def test_repa_on_a_store_reads_its_pixels_and_asks_for_them(folder_and_vae, dino
             "--repa-resolution", "16"]
     bad = run_cli("train", "--data", str(tmp_path / "plain"), "--run-dir", str(tmp_path / "r0"), *args, check=False)
     assert bad.returncode == 2 and "--keep-pixels" in bad.stderr and "Traceback" not in bad.stderr
+    cached = run_cli("train", "--data", str(tmp_path / "px"), "--run-dir", str(tmp_path / "rc"), *args, "--repa-cache", "on", check=False)
+    assert cached.returncode == 2 and "--repa-cache on" in cached.stderr  # features per view cannot be cached
     proc = run_cli("train", "--data", str(tmp_path / "px"), "--run-dir", str(tmp_path / "r1"), *args)
     assert "| repa -" in proc.stdout + proc.stderr
     ckpt = tmp_path / "r1" / "checkpoints" / "step-0000002"

@@ -104,8 +104,9 @@ def _tiny_setup(folder, objective="diffusion", **repa):
     return cfg, model, batches
 
 
-class _Data:  # the part of TrainingData that build_aligner reads: a source that is no latent store
-    source = None
+class _Data:  # the part of TrainingData that build_aligner reads: what the model's inputs are
+    def __init__(self, kind="identity"):
+        self.autoencoder = {"kind": kind}
 
 
 def test_gradient_reaches_projector_and_early_blocks_not_encoder(dinov2_dir):
@@ -162,6 +163,23 @@ def test_batch_target_reads_stored_pixels_as_images_and_passes_cached_features(d
     features = torch.randn(3, 4, 32)
     assert aligner.batch_target(x, [features]) is features
     torch.testing.assert_close(aligner.batch_target(x, []), aligner.target(x), rtol=0, atol=0)
+
+
+def test_pixel_space_store_feeds_its_inputs_to_the_encoder_and_needs_no_kept_pixels(dinov2_dir, tmp_path):
+    from ditforge.data.autoencoder import IdentityAutoencoder
+    from ditforge.data.store import extract, finalize_store
+    from ditforge.data.training_data import open_training_data
+    from ditforge.repa.aligner import training_source
+
+    ident, g = IdentityAutoencoder(1), torch.Generator().manual_seed(0)
+    images = {f"img-{k}": torch.randint(0, 256, (8, 8), generator=g, dtype=torch.uint8).numpy() for k in range(4)}
+    extract([(key, 0) for key in images], images.__getitem__, ident, tmp_path / "px")
+    finalize_store(tmp_path / "px", {"autoencoder": ident.describe(), "class_names": ["a"], "image_size": 8})
+    cfg, model, _ = _tiny_setup(dinov2_dir)
+    cfg.data = str(tmp_path / "px")
+    data = open_training_data(cfg)
+    aligner = build_aligner(cfg, model, data, torch.device("cpu"))  # not refused: its inputs are the pixels
+    assert training_source(cfg, aligner, data, torch.device("cpu")) is data.source
 
 
 def test_feature_source_gives_each_image_its_features():

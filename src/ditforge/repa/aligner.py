@@ -117,7 +117,7 @@ def build_aligner(cfg: Any, model: nn.Module, data: Any, device: torch.device) -
     r = cfg.repa
     if not r.encoder:
         return None
-    if is_store(data) and data.source.store.pixels_shape is None:
+    if in_latent_space(data) and data.source.store.pixels_shape is None:
         raise UserError(
             f"REPA's encoder reads images, and the latent store {cfg.data!r} keeps none: extract it again with "
             "--keep-pixels (or train on the image folder itself, or leave --repa-encoder out)"
@@ -128,19 +128,19 @@ def build_aligner(cfg: Any, model: nn.Module, data: Any, device: torch.device) -
 
 
 def training_source(cfg: Any, aligner: Aligner | None, data: Any, device: torch.device) -> Any:
-    """What the loader draws from: the data's source, or with REPA's cache a `FeatureSource` over it."""
+    """What the loader draws from: the data's source; with REPA's cache a `FeatureSource` over it;
+    on a latent store a `StorePixelSource` (the encoder reads its kept images, not the latents)."""
     if aligner is None:
         return data.source
-    if is_store(data):
-        return StorePixelSource(data.source)
-    if not use_cache(cfg, aligner, data):
-        return data.source
-    return FeatureSource(data.source, cached_features(aligner, data.source.images, device))
+    if use_cache(cfg, aligner, data):
+        return FeatureSource(data.source, cached_features(aligner, data.source.images, device))
+    return StorePixelSource(data.source) if in_latent_space(data) else data.source
 
 
-def is_store(data: Any) -> bool:
-    """Whether the training data are a latent store's (model inputs that are not the pixels)."""
-    return getattr(getattr(data, "source", None), "store", None) is not None
+def in_latent_space(data: Any) -> bool:
+    """Whether the model's inputs are an autoencoder's latents (a latent store's), not pixels: then
+    the encoder needs the images the store kept. A pixel-space store (`--vae identity`) needs none."""
+    return data.autoencoder.get("kind", "identity") != "identity"
 
 
 def use_cache(cfg: Any, aligner: Aligner, data: Any) -> bool:
