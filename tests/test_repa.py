@@ -250,6 +250,7 @@ def test_config_without_repa_loads_as_off_and_depth_resolves():
     (dict(encoder="./no/such/encoder"), "./no/such/encoder"),
     (dict(encoder="a/b/c"), "a/b/c"),
     (dict(encoder="timm:"), "timm:"),
+    (dict(encoder="timm:vit_small_patch14_dinov2=/no/such/weights.safetensors"), "/no/such/weights.safetensors"),
     (dict(encoder="inception", depth=7), "7"),
     (dict(encoder="inception", weight=-0.5), "-0.5"),
     (dict(encoder="inception", projector_dim=0), "0"),
@@ -280,6 +281,51 @@ def test_timm_encoder_without_timm_says_so():
         pytest.skip("timm is installed")
     with pytest.raises(UserError, match="timm"):
         load_encoder("timm:vit_small_patch14_dinov2")
+
+
+@pytest.fixture(scope="module")
+def timm_vit(tmp_path_factory):
+    """A random-weight DINOv2 ViT-S/14 of timm (built at its own 518 px) saved as safetensors, and
+    the model."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)
+    path = tmp_path_factory.mktemp("timm") / "vit_s14.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return str(path), net
+
+
+def test_timm_encoder_reads_local_weights_at_the_asked_resolution(timm_vit):
+    from timm.layers import resample_abs_pos_embed
+
+    path, net = timm_vit
+    enc = load_encoder(f"timm:vit_small_patch14_dinov2={path}", resolution=28)
+    assert (enc.dim, enc.resolution) == (384, 28)
+    mine = enc.net.state_dict()
+    torch.testing.assert_close(mine["blocks.3.mlp.fc1.weight"], net.state_dict()["blocks.3.mlp.fc1.weight"], rtol=0, atol=0)
+    # the 37x37 position embedding of 518 px resampled to the 2x2 grid of 28 px (CLS kept)
+    want = resample_abs_pos_embed(net.pos_embed, (2, 2), num_prefix_tokens=1)
+    torch.testing.assert_close(mine["pos_embed"], want)
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    f = enc.features(x, 2)  # the 2x2 patch grid is the token grid: no averaging
+    assert f.shape == (3, 4, 384) and f.dtype == torch.float32
+    tokens = enc.net.forward_features(enc.preprocess(x))  # (3, 1 + 4, 384): CLS first
+    torch.testing.assert_close(f, tokens[:, 1:].float())
+    # ImageNet's normalisation from timm's pretrained config, after [-1, 1] -> [0, 1]
+    torch.testing.assert_close(enc.preprocess(torch.ones(1, 3, 28, 28))[0, :, 0, 0],
+                               (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+
+
+@pytest.mark.slow
+def test_train_with_a_timm_encoder(timm_vit, tmp_path):
+    run = tmp_path / "r"
+    out = run_cli("train", "--run-dir", str(run), "--steps", "2", "--ckpt-every", "2", *TINY,
+                  "--repa-encoder", f"timm:vit_small_patch14_dinov2={timm_vit[0]}", "--repa-resolution", "28",
+                  "--repa-projector-dim", "32")
+    assert "| repa " in out.stdout
+    assert load_file(str(run / "checkpoints" / "step-0000002" / "projector.safetensors"))
 
 
 def test_encoder_features_on_the_token_grid(dinov2_dir):

