@@ -118,11 +118,11 @@ def check_encoder_spec(spec: str) -> None:
     if spec in ("", "inception") or spec in _NAMED:
         return
     if spec.startswith("timm:"):
-        name, _, weights = spec[5:].partition("=")
+        name, weights = _timm_parts(spec)
         if not name:
             raise UserError(f"REPA encoder {spec!r} names no timm model; write timm:NAME or timm:NAME=FILE, "
                             "e.g. timm:vit_base_patch14_dinov2.lvd142m")
-        if "=" in spec[5:] and not Path(weights).is_file():
+        if weights is not None and not Path(weights).is_file():
             raise UserError(f"REPA encoder {spec!r}: the weights file {weights!r} does not exist "
                             "(timm:NAME=FILE reads a .safetensors or .pth file)")
         return
@@ -162,13 +162,19 @@ def _load_inception(spec: str, resolution: int) -> FrozenEncoder:
     return InceptionEncoder(spec, layers, resolution or 299)
 
 
+def _timm_parts(spec: str) -> tuple[str, str | None]:
+    """'timm:NAME' -> (NAME, None); 'timm:NAME=FILE' -> (NAME, FILE)."""
+    name, eq, weights = spec[5:].partition("=")
+    return name, (weights if eq else None)
+
+
 def _load_timm(spec: str, resolution: int) -> FrozenEncoder:
     try:
         import timm
     except ImportError:
         raise UserError(f"REPA encoder {spec!r} needs timm, which is not installed: pip install timm "
                         f"(or use a Hugging Face id such as {DINOV2_B}, or inception)") from None
-    name, _, weights = spec[5:].partition("=")
+    name, weights = _timm_parts(spec)
     kwargs = dict(pretrained=True, num_classes=0)
     if weights:
         kwargs["pretrained_cfg_overlay"] = dict(file=weights)
@@ -178,7 +184,7 @@ def _load_timm(spec: str, resolution: int) -> FrozenEncoder:
         except TypeError:  # a model without an image size (a CNN): any resolution is fine
             net = timm.create_model(name, **kwargs)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
-        hint = "" if weights else "; without internet, name a local weights file: timm:NAME=FILE"
+        hint = "; without internet, name a local weights file: timm:NAME=FILE" if isinstance(e, OSError) and not weights else ""
         raise UserError(f"REPA encoder {spec!r} could not be loaded by timm: {str(e).splitlines()[0]}{hint}") from None
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     res = resolution or int(cfg.get("input_size", (3, 224, 224))[-1])
