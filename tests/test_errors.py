@@ -88,6 +88,29 @@ def test_a_value_error_of_ours_is_not_a_user_error(tmp_path, capsys, monkeypatch
     assert code == 3 and "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, hint", [("train", "--grad-accum"), ("bench", "--batch")])
+def test_gpu_out_of_memory_is_the_settings_not_a_bug(tmp_path, capsys, monkeypatch, command, hint):
+    """The GPU's out-of-memory error (DiT-XL/2 at batch 256 without recompute on an 80 GB H100,
+    2026-11-27) is the size the user asked for: one message with torch's figures and the
+    command's own options that need less memory, exit 2, no traceback."""
+    import torch
+
+    import ditforge.train.distributed as distributed
+
+    def full(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 288.00 MiB. GPU 0 has a total capacity of 79.18 GiB of which "
+            "140.19 MiB is free. Including non-PyTorch memory, this process has 79.03 GiB memory in use.")
+
+    monkeypatch.setattr(distributed, "local_device", full)
+    argv = {"train": ["train", "--run-dir", str(tmp_path / "r"), *TINY_TRAIN], "bench": ["bench", "--model", "DiT-Ti/4"]}
+    code = cli.main(argv[command])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USER_ERROR == 2 and "Traceback" not in err
+    assert err.startswith(f"ditforge {command}: error: CUDA out of memory. Tried to allocate 288.00 MiB.")
+    assert "140.19 MiB is free." in err and "non-PyTorch" not in err and hint in err and "bug" not in err
+
+
 def _folder(tmp_path):
     for c in ("a", "b"):
         (tmp_path / c).mkdir()

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ditforge.config import PRECISIONS, TrainConfig
+from ditforge.config import PRECISIONS, ModelConfig, TrainConfig
 from ditforge.flags import flag
 from ditforge.models import DiT, create_model
 from ditforge.models.attention import uses_explicit_attention
@@ -101,6 +101,11 @@ def device_peak(device: torch.device, precision: str) -> float | None:
     return None
 
 
+def _option_of(config: type, name: str) -> dict:
+    """The command-line option of a config field (its flag, help and choices), to share it."""
+    return next(f for f in fields(config) if f.name == name).metadata
+
+
 @dataclass
 class BenchOptions:
     """What `ditforge bench` asks for, each field its option (`benchmark` runs them)."""
@@ -113,7 +118,12 @@ class BenchOptions:
     precision: str = field(default="auto", metadata=flag("--precision", "autocast precision", choices=PRECISIONS))
     compile: bool = field(default=False, metadata=flag("--compile", "torch.compile the model", action="store_true"))
     grad_checkpoint: str = field(  # the same option as train's
-        default="none", metadata=next(f for f in fields(TrainConfig) if f.name == "grad_checkpoint").metadata)
+        default="none", metadata=_option_of(TrainConfig, "grad_checkpoint"))
+    # The block options of LightningDiT, train's own options (default: the paper's blocks)
+    norm: str = field(default="layer", metadata=_option_of(ModelConfig, "norm"))
+    mlp: str = field(default="gelu", metadata=_option_of(ModelConfig, "mlp"))
+    rope: bool = field(default=False, metadata=_option_of(ModelConfig, "rope"))
+    qk_norm: bool = field(default=False, metadata=_option_of(ModelConfig, "qk_norm"))
     steps: int = field(default=10, metadata=flag("--steps", "timed steps"))
     warmup: int = field(default=3, metadata=flag("--warmup", "untimed steps first"))
     json: str | None = field(default=None, metadata=flag(
@@ -138,11 +148,13 @@ class BenchResult:
     attention: str  # the attention kernel that runs
     saved_mb_per_image: float  # activations kept for backward, MB (1e6 bytes) per image, eager
     compile_s: float | None  # first step's time beyond a timed step's, with --compile
+    blocks: dict = field(default_factory=dict)  # block options that differ from the paper's (norm, mlp, rope, qk_norm)
 
     def line(self) -> str:
         mem = f"{self.peak_memory_gb:.1f} GiB" if self.peak_memory_gb is not None else "n/a"
         mfu = f"{100 * self.mfu:.1f}%" if self.mfu is not None else "n/a (no known peak)"
-        opts = ["compile"] if self.compile else []
+        opts = [f"{k}={v}" if v is not True else k for k, v in self.blocks.items()]
+        opts += ["compile"] if self.compile else []
         compiled = f", compile {self.compile_s:.1f} s" if self.compile_s is not None else ""
         return (
             f"{self.model} {self.channels}x{self.input_size}x{self.input_size} batch {self.batch} {self.precision}"
@@ -242,6 +254,7 @@ def run_benchmark(
         flops / 1e12, flops / peak if peak else None,
         attention_backend(saved.attention_ops, model, precision, device), saved.per_image / 1e6,
         max(0.0, first - seconds / steps) if compile and warmup else None,
+        cfg.model.block_options(),
     )
 
 
@@ -250,4 +263,5 @@ def benchmark(opts: BenchOptions) -> BenchResult:
     return run_benchmark(
         opts.model, opts.input_size, opts.channels, opts.num_classes, opts.batch, opts.precision,
         opts.compile, opts.grad_checkpoint, opts.steps, opts.warmup,
+        ModelConfig(norm=opts.norm, mlp=opts.mlp, rope=opts.rope, qk_norm=opts.qk_norm).block_options(),
     )

@@ -19,6 +19,8 @@ import sys
 import traceback
 from pathlib import Path
 
+import torch
+
 from ditforge import __version__
 from ditforge.bench import BenchOptions
 from ditforge.config import PRESETS, TrainConfig, option_fields, preset
@@ -268,6 +270,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS = {"extract": cmd_extract, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
 
 
+# What fits in less GPU memory, per command: its own options.
+LESS_MEMORY = {
+    "train": "lower --batch-size, or keep it and split each step with --grad-accum N, or keep less for "
+             "backward with --grad-checkpoint ops (half the activations, no matrix product twice) or full",
+    "bench": "lower --batch, or keep less for backward with --grad-checkpoint ops or full",
+    "sample": "lower --batch-size",
+    "eval": "lower --batch-size",
+    "extract": "lower --batch-size",
+}
+
+
+def out_of_memory_message(command: str, error: BaseException) -> str:
+    """One paragraph for a GPU out of memory: torch's own figures (what it asked for, what the GPU
+    has), then what to change. The settings asked for more than the GPU holds: not a bug."""
+    figures = str(error).split(" Including non-PyTorch")[0].strip()  # drop the allocator's long advice
+    return f"{figures} The settings need more GPU memory than there is: {LESS_MEMORY[command]}."
+
+
 def main(argv: list[str] | None = None) -> int:
     from ditforge.errors import NonFiniteLossError
 
@@ -287,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except UserError as e:
         print(f"ditforge {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"ditforge {args.command}: error: {out_of_memory_message(args.command, e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as e:
         if e.filename is None:  # not about a file the user named: ours to fix
