@@ -45,6 +45,20 @@ def test_bench_command_reports_throughput(tmp_path):
 
 
 
+
+def test_bench_times_the_block_options_it_is_given(tmp_path):
+    """`bench --norm rms --mlp swiglu --rope --qk-norm` builds and times that network: the options
+    are in the line and the JSON, and it keeps more for backward than the paper's blocks (RMSNorm
+    and qk-norm save their inputs, SwiGLU its gate, RoPE the rotated q and k)."""
+    common = ["bench", "--model", "DiT-Ti/4", "--input-size", "8", "--channels", "1", "--num-classes", "10",
+              "--batch", "2", "--steps", "1", "--warmup", "1"]
+    run_cli(*common, "--json", str(tmp_path / "paper.json"))
+    out = run_cli(*common, "--norm", "rms", "--mlp", "swiglu", "--rope", "--qk-norm", "--json", str(tmp_path / "l.json")).stdout
+    paper, lightning = (json.loads((tmp_path / f).read_text()) for f in ("paper.json", "l.json"))
+    assert paper["blocks"] == {} and lightning["blocks"] == {"norm": "rms", "mlp": "swiglu", "rope": True, "qk_norm": True}
+    assert "norm=rms+mlp=swiglu+rope+qk_norm" in out
+    assert lightning["saved_mb_per_image"] > paper["saved_mb_per_image"]
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_host_memory_is_kept_for_reuse():
     """After the setting, a freed 8 MiB tensor's pages are reused: allocating it again does not
