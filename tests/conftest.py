@@ -18,6 +18,18 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, CUDA_VISIBLE_DEVICES="", **extra)
 
 
+@pytest.fixture(autouse=True)
+def _on_the_cpu_unless_marked_gpu(request, monkeypatch):
+    """The test process's own device choice is the CPU, as its subprocesses' (`cpu_env`), so each
+    test means the same on a GPU machine. On an H100 (2026-11-27), `train`'s automatic defaults
+    chose for the GPU in two tests that expected a CPU's. Tests of the device choice and of the
+    GPU paths are marked `gpu` and see the real, or their patched, `torch.cuda`."""
+    if request.node.get_closest_marker("gpu") is None:
+        import ditforge.train.distributed
+
+        monkeypatch.setattr(ditforge.train.distributed, "local_device", lambda: torch.device("cpu"))
+
+
 def run_cli(*args: str, check: bool = True, timeout: float = 600, gpu: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m ditforge ARGS` as a user would; return the finished process."""
     proc = subprocess.run(

@@ -13,17 +13,6 @@ CPU_PLAIN = DeviceInfo("cpu", 2, False)
 GPU = DeviceInfo("cuda", 16, True, "NVIDIA H100")
 
 
-@pytest.fixture
-def on_the_cpu(monkeypatch):
-    """`train` as on a machine without a GPU, also where the suite runs on one (the choices
-    depend on the device: `pick_device` is what `auto_defaults` asks)."""
-    import torch
-
-    import ditforge.train.device
-
-    monkeypatch.setattr(ditforge.train.device, "pick_device", lambda: torch.device("cpu"))
-
-
 def _choose(device, shape, given=None, preset="tiny", builtin=False, batch=128):
     return choose_defaults(device, shape, 10, batch, given or {}, preset, builtin)
 
@@ -88,7 +77,7 @@ def test_flags_given_win_and_recipes_are_kept():
     assert demo.as_overrides() == {} and "built-in demo" in demo.reasons[0]
 
 
-def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(tmp_path, on_the_cpu):
+def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(tmp_path):
     import numpy as np
     from PIL import Image
 
@@ -116,7 +105,7 @@ def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(t
     assert f"objective diffusion: kept from {run / 'config.json'}" in lines and not any("steps" in line for line in lines)
 
 
-def test_builtin_mnist_is_adapted_and_the_demo_digits_are_not(tmp_path, on_the_cpu):
+def test_builtin_mnist_is_adapted_and_the_demo_digits_are_not(tmp_path):
     from ditforge.cli import auto_defaults, build_parser, config_from_args
     from ditforge.train.auto import adapts_to_data, peek_data
 

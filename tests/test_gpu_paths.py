@@ -26,6 +26,8 @@ from ditforge.train.device import pick_device, resolve_precision
 from ditforge.train.distributed import Dist
 from ditforge.train.step import TrainStep
 
+pytestmark = pytest.mark.gpu  # the device choice as it is, not the suite's CPU (conftest)
+
 aten = torch.ops.aten
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
