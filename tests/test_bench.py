@@ -44,8 +44,6 @@ def test_bench_command_reports_throughput(tmp_path):
     assert result["saved_mb_per_image"] * 1e6 >= 6 * 10 * 4 * 192 * (4 if result["precision"] == "fp32" else 2)
 
 
-
-
 def test_bench_times_the_block_options_it_is_given(tmp_path):
     """`bench --norm rms --mlp swiglu --rope --qk-norm` builds and times that network: the options
     are in the line and the JSON, and it keeps more for backward than the paper's blocks (RMSNorm
@@ -58,6 +56,7 @@ def test_bench_times_the_block_options_it_is_given(tmp_path):
     assert paper["blocks"] == {} and lightning["blocks"] == {"norm": "rms", "mlp": "swiglu", "rope": True, "qk_norm": True}
     assert "norm=rms+mlp=swiglu+rope+qk_norm" in out
     assert lightning["saved_mb_per_image"] > paper["saved_mb_per_image"]
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_host_memory_is_kept_for_reuse():
