@@ -101,9 +101,11 @@ def device_peak(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def _option_of(config: type, name: str) -> dict:
-    """The command-line option of a config field (its flag, help and choices), to share it."""
-    return next(f for f in fields(config) if f.name == name).metadata
+def _same_option(config: type, name: str):
+    """A field with the default and the command-line option (flag, help, choices) of a config's
+    field of that name: one definition for `train` and `bench`."""
+    f = next(f for f in fields(config) if f.name == name)
+    return field(default=f.default, metadata=f.metadata)
 
 
 @dataclass
@@ -117,13 +119,12 @@ class BenchOptions:
     batch: int = field(default=8, metadata=flag("--batch", "batch size"))
     precision: str = field(default="auto", metadata=flag("--precision", "autocast precision", choices=PRECISIONS))
     compile: bool = field(default=False, metadata=flag("--compile", "torch.compile the model", action="store_true"))
-    grad_checkpoint: str = field(  # the same option as train's
-        default="none", metadata=_option_of(TrainConfig, "grad_checkpoint"))
+    grad_checkpoint: str = _same_option(TrainConfig, "grad_checkpoint")
     # The block options of LightningDiT, train's own options (default: the paper's blocks)
-    norm: str = field(default="layer", metadata=_option_of(ModelConfig, "norm"))
-    mlp: str = field(default="gelu", metadata=_option_of(ModelConfig, "mlp"))
-    rope: bool = field(default=False, metadata=_option_of(ModelConfig, "rope"))
-    qk_norm: bool = field(default=False, metadata=_option_of(ModelConfig, "qk_norm"))
+    norm: str = _same_option(ModelConfig, "norm")
+    mlp: str = _same_option(ModelConfig, "mlp")
+    rope: bool = _same_option(ModelConfig, "rope")
+    qk_norm: bool = _same_option(ModelConfig, "qk_norm")
     steps: int = field(default=10, metadata=flag("--steps", "timed steps"))
     warmup: int = field(default=3, metadata=flag("--warmup", "untimed steps first"))
     json: str | None = field(default=None, metadata=flag(
