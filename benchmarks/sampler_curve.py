@@ -50,7 +50,8 @@ def measure(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = {(r["cfg"], r["point"]) for r in read_rows(results)}
+    interval = tuple(args.cfg_interval) if args.cfg_interval else None
+    done = {(r["cfg"], r["point"], tuple(r["cfg_interval"]) if r.get("cfg_interval") else None) for r in read_rows(results)}
     sm = load_for_sampling(args.run)
     state = read_state(sm.source, ("config", "model_args"))
     data, model_name = state["config"]["data"], state["model_args"]["name"]
@@ -62,17 +63,18 @@ def measure(args: argparse.Namespace) -> None:
     classes = list(range(train.num_classes))
     for cfg in args.cfg:
         for point in args.points:
-            if (cfg, point) in done:
+            if (cfg, point, interval) in done:
                 continue
             sampler, steps, spacing = parse_point(point)
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
             x, y = generate(sm.model, classes, args.per_class, cfg, steps, sampler, args.seed, sm.objective,
-                            spacing=spacing or "logsnr", precision=args.precision)
+                            spacing=spacing or "logsnr", cfg_interval=interval, precision=args.precision)
             seconds = time.perf_counter() - t0
             adm = evaluate_batches(inception, to_hwc_uint8(x), ref)
             row = dict(
                 cfg=cfg, point=point, sampler=sampler, steps=steps, spacing=spacing,
+                cfg_interval=list(interval) if interval else None,
                 # model evaluations a sample (each on the doubled batch when cfg != 1)
                 nfe=objective_sampler(sm.objective, sampler, steps, spacing or "logsnr").nfe,
                 class_accuracy=float((judge.predict(x) == y.numpy()).mean()),
@@ -82,6 +84,12 @@ def measure(args: argparse.Namespace) -> None:
                 objective=sm.objective.name, data=data, model=model_name, sampling_precision=args.precision,
             )
             append_row(results, row)
+
+
+def _interval(row: dict) -> str | None:
+    """The row's guidance interval as "[LO, HI]" (None: guided at every step)."""
+    lo_hi = row.get("cfg_interval")
+    return f"[{lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else None
 
 
 def plot(results: Path, png: Path) -> None:
@@ -97,11 +105,12 @@ def plot(results: Path, png: Path) -> None:
                 ax.axhline(r[metric], color="k", ls="--", lw=1, label=f"{r['sampler'].upper()}, {r['steps']} steps")
         for sampler, (color, marker) in styles.items():
             for spacing, ls in ((None, "-"), ("logsnr", "-"), ("time", ":")):
-                pts = sorted((r["nfe"], r[metric]) for r in mine if r["sampler"] == sampler and r["spacing"] == spacing
-                             and not (sampler == "sde" and r["steps"] >= 100))
-                if pts:
-                    label = sampler.upper() + (f" ({spacing})" if spacing else "")
-                    ax.plot(*zip(*pts), color=color, marker=marker, ls=ls, label=label)
+                for interval in sorted({_interval(r) for r in mine}, key=str):
+                    pts = sorted((r["nfe"], r[metric]) for r in mine if r["sampler"] == sampler and r["spacing"] == spacing
+                                 and _interval(r) == interval and not (sampler == "sde" and r["steps"] >= 100))
+                    if pts:
+                        label = sampler.upper() + (f" ({spacing})" if spacing else "") + (f", guided {interval}" if interval else "")
+                        ax.plot(*zip(*pts), color=color, marker=marker, ls="--" if interval else ls, label=label)
         ax.set_xscale("log")
         ax.set_xticks(sorted({r["nfe"] for r in mine}))
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -116,11 +125,11 @@ def plot(results: Path, png: Path) -> None:
 
 def table(results: Path) -> str:
     """The results as a markdown table, one row per (cfg, point), in the order measured."""
-    rows = sorted(read_rows(results), key=lambda r: (r["cfg"], r["sampler"], r["spacing"] or "", r["nfe"]))
+    rows = sorted(read_rows(results), key=lambda r: (r["cfg"], _interval(r) or "", r["sampler"], r["spacing"] or "", r["nfe"]))
     return markdown_table(
-        ["cfg", "sampler", "spacing", "NFE", "FID", "class accuracy", "MLP Frechet", "precision", "recall", "sampling s", "load"],
+        ["cfg", "guided t/T", "sampler", "spacing", "NFE", "FID", "class accuracy", "MLP Frechet", "precision", "recall", "sampling s", "load"],
         rows,
-        lambda r: [f"{r['cfg']:g}", r["sampler"], r["spacing"] or "-", str(r["nfe"]), f"{r['fid']:.2f}",
+        lambda r: [f"{r['cfg']:g}", _interval(r) or "all", r["sampler"], r["spacing"] or "-", str(r["nfe"]), f"{r['fid']:.2f}",
                    f"{r['class_accuracy']:.3f}", f"{r['frechet_mlp']:.2f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}",
                    f"{r['sampling_seconds']:.0f}", f"{r['load_average']:.1f}"],
     )
@@ -135,6 +144,8 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="sampling precision (autocast)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at noise levels in [LO, HI] (0 = data, 1 = noise), as `ditforge sample --cfg-interval`")
     p.add_argument("--plot", help="also draw the curves into this PNG")
     p.add_argument("--report-only", action="store_true", help="measure nothing: print the table (and --plot) of OUT/results.jsonl")
     run_curve(p.parse_args(), measure, table, plot)

@@ -369,8 +369,10 @@ def test_bad_repa_options_on_the_command_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_with_repa_match_one(dinov2_dir, tmp_path, parallel):
-    """Under torchrun the projector is averaged over ranks like the model (DDP, also beside FSDP)."""
-    args = ["--steps", "2", "--ckpt-every", "2", *TINY, *_repa_args(dinov2_dir)]
+    """Under torchrun the projector is averaged over ranks like the model (DDP, also beside FSDP),
+    and one gradient norm is clipped over both (sharded model, whole projector): a clip this small
+    scales every step, so a norm of one shard alone would show in the weights."""
+    args = ["--steps", "2", "--ckpt-every", "2", "--grad-clip", "0.01", *TINY, *_repa_args(dinov2_dir)]
     run_cli("train", "--run-dir", str(tmp_path / "one"), *args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ditforge",
            "train", "--run-dir", str(tmp_path / "two"), "--parallel", parallel, *args]

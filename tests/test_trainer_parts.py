@@ -63,3 +63,23 @@ def test_checkpointer_keeps_the_last_and_resume_restores_it(tmp_path):
     start = resume_or_start(cfg, Dist(), model2, stepper2, data, "fp32")
     assert (start.step, start.position, start.checkpoint) == (2, 16, second)
     assert all(torch.equal(v, model2.state_dict()[k]) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e3])
+def test_clip_over_groups_is_one_global_norm(max_norm):
+    """clip_grad_norm over groups: the L2 norm of all gradients together, sqrt(|g1|^2 + |g2|^2),
+    and every gradient times min(1, max_norm / (norm + 1e-6)), as if the groups were one list."""
+    from ditforge.train.distributed import clip_grad_norm
+
+    gen = torch.Generator().manual_seed(0)
+    groups = [[torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64)) for _ in range(2)],
+              [torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))]]
+    for p in (p for g in groups for p in g):
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    before = [p.grad.clone() for g in groups for p in g]
+    expected = math.sqrt(sum(float((g ** 2).sum()) for g in before))
+    norm = clip_grad_norm(groups, max_norm)
+    assert norm.item() == pytest.approx(expected, rel=1e-12)
+    scale = min(1.0, max_norm / (expected + 1e-6))
+    for p, g in zip((p for grp in groups for p in grp), before):
+        torch.testing.assert_close(p.grad, g * scale, rtol=1e-12, atol=0)

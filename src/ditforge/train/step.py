@@ -14,7 +14,6 @@ on the world size nor on the accumulation, and needs no RNG state to resume. No 
 from __future__ import annotations
 
 import contextlib
-import itertools
 
 import torch
 
@@ -111,9 +110,11 @@ class TrainStep:
         if cfg.optim.grad_clip > 0:
             for opt in optimizers:
                 self.scaler.unscale_(opt)
-            params = self.model.parameters() if self.repa is None else itertools.chain(
-                self.model.parameters(), self.repa.projector.parameters())
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            if self.repa is None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            else:  # one norm over the model (sharded under FSDP) and the projector (never sharded)
+                distributed.clip_grad_norm([list(self.model.parameters()), list(self.repa.projector.parameters())],
+                                           cfg.optim.grad_clip)
         for opt in optimizers:
             self.scaler.step(opt)
         self.scaler.update()
