@@ -4,7 +4,9 @@
 Counts the gradient reduce-scatters of two optimizer steps with 1 and with 4 micro-batches
 (accumulation must reduce once per step, in the last micro-batch's backward), and reads the
 dtype of the all-gathered parameters in the forward for fp32 and bf16 training (bf16 gathers
-bf16 parameters: `MixedPrecisionPolicy`). Rank 0 writes the report as JSON to argv[1].
+bf16 parameters: `MixedPrecisionPolicy`), and the losses of three clipped steps in fp32 and in
+fp16 with loss scaling (the GradScaler on sharded gradients). Rank 0 writes the report as JSON
+to argv[1].
 """
 
 import json
@@ -41,8 +43,9 @@ def count_reduce_scatters() -> dict:
     return state
 
 
-def build(d: distributed.Dist, grad_accum: int, precision: str) -> tuple[TrainStep, TrainConfig]:
-    cfg = TrainConfig.from_dict(dict(model=dict(name="DiT-Ti/4"), global_batch=16, grad_accum=grad_accum, parallel="fsdp"))
+def build(d: distributed.Dist, grad_accum: int, precision: str, grad_clip: float = 0.0) -> tuple[TrainStep, TrainConfig]:
+    cfg = TrainConfig.from_dict(dict(model=dict(name="DiT-Ti/4"), global_batch=16, grad_accum=grad_accum, parallel="fsdp",
+                                     optim=dict(grad_clip=grad_clip)))
     torch.manual_seed(0)
     model = create_model(cfg.model.name, input_size=8, in_channels=1, num_classes=10)
     return TrainStep(cfg, model, d, precision), cfg
@@ -75,6 +78,12 @@ def main(out: str) -> None:
         stepper(0, *batches(cfg, d))
         hook.remove()
         report["param_dtype"][precision] = seen[0]
+    # fp16 with loss scaling and clipping: GradScaler unscales the sharded (DTensor) gradients
+    report["losses"] = {}
+    for precision in ("fp32", "fp16"):
+        stepper, cfg = build(d, 1, precision, grad_clip=0.5)
+        data = batches(cfg, d)
+        report["losses"][precision] = [float(stepper(step, *data)) for step in range(3)]
     if d.is_main:
         with open(out, "w") as f:
             json.dump(report, f)

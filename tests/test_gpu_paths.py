@@ -226,7 +226,7 @@ def test_a_step_makes_no_host_sync_and_copies_nothing_to_the_device():
 FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
-def test_fsdp_reduces_gradients_once_per_step_and_gathers_bf16(tmp_path):
+def test_fsdp_reduces_once_per_step_gathers_bf16_and_scales_fp16(tmp_path):
     out = tmp_path / "report.json"
     env = cpu_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(FSDP_WORKER), str(out)]
@@ -239,6 +239,10 @@ def test_fsdp_reduces_gradients_once_per_step_and_gathers_bf16(tmp_path):
     assert report["reduce_scatters"]["1"] == groups * steps
     assert report["reduce_scatters"]["4"] == groups * steps
     assert report["param_dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}
+    # fp16 under FSDP: the scaled, unscaled and clipped steps follow fp32 to fp16's rounding (a
+    # skipped or mis-scaled step would leave the third loss where fp32's moved from)
+    fp32, fp16 = report["losses"]["fp32"], report["losses"]["fp16"]
+    assert fp16 == pytest.approx(fp32, rel=1e-3) and fp32[2] != pytest.approx(fp32[1], rel=1e-2)
 
 
 # -- the same paths on a real GPU -------------------------------------------------------------
