@@ -81,7 +81,7 @@ def measure(args: argparse.Namespace) -> None:
                 frechet_mlp=frechet_distance(*feature_statistics(judge.features(x)), *ref_mlp),
                 fid=adm["fid"], sfid=adm["sfid"], precision=adm["precision"], recall=adm["recall"],
                 sampling_seconds=round(seconds, 1), load_average=load, checkpoint=sm.source, step=sm.step,
-                objective=sm.objective.name, data=data, model=model_name, sampling_precision=args.precision,
+                objective=sm.objective.name, data=data, model=model_name, sampling_precision=args.precision, seed=args.seed,
             )
             append_row(results, row)
 
