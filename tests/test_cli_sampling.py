@@ -13,15 +13,17 @@ def test_sample_grid_with_each_solver_is_deterministic(trained_run, tmp_path):
     out = run_cli(*args, "--sampler", "dpm++2m", "--out", str(tmp_path / "a.png")).stdout
     assert "6 DPM++2M steps" in out
     run_cli(*args, "--sampler", "dpm++2m", "--out", str(tmp_path / "b.png"))
-    run_cli(*args, "--sampler", "unipc", "--spacing", "time", "--cfg-interval", "0", "0.5", "--out", str(tmp_path / "c.png"))
+    out = run_cli(*args, "--sampler", "unipc", "--spacing", "time", "--cfg-interval", "0", "0.5", "--out", str(tmp_path / "c.png")).stdout
+    assert "6 UNIPC steps, guided for t/T in [0, 0.5], seed 0" in out  # the report names the interval
     a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "abc")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 def test_bulk_npz_and_eval_with_a_solver(trained_run, tmp_path):
     npz = tmp_path / "s.npz"
-    run_cli("sample", str(trained_run), "--num-samples", "8", "--sampler", "unipc", "--steps", "4", "--cfg", "1.5",
-            "--cfg-interval", "0.1", "0.9", "--batch-size", "4", "--shard-size", "8", "--out", str(npz))
+    out = run_cli("sample", str(trained_run), "--num-samples", "8", "--sampler", "unipc", "--steps", "4", "--cfg", "1.5",
+                  "--cfg-interval", "0.1", "0.9", "--batch-size", "4", "--shard-size", "8", "--out", str(npz)).stdout
+    assert "4 UNIPC steps, guided for t/T in [0.1, 0.9], seed 0" in out
     with np.load(npz) as f:
         assert f["arr_0"].shape == (8, 8, 8, 3) and f["arr_0"].dtype == np.uint8
     out = run_cli("eval", str(trained_run), "--per-class", "2", "--steps", "4", "--sampler", "dpm++2m",

@@ -33,7 +33,7 @@ from ditforge.flags import flag
 from ditforge.models import DiT
 from ditforge.objectives import DiffusionObjective, Objective, default_sampler
 from ditforge.sample import (
-    EVAL_CFG, cfg_interval_option, generate, objective_option, precision_option, sampler_option, spacing_option,
+    EVAL_CFG, cfg_interval_option, generate, interval_text, objective_option, precision_option, sampler_option, spacing_option,
 )
 
 FEATURE_SEED = 0
@@ -118,8 +118,7 @@ class BuiltinReport:
 
     def line(self) -> str:
         how = f"{self.steps} {self.sampler.upper()} steps" + (f" ({self.spacing} spacing)" if self.spacing else "")
-        if self.cfg_interval is not None:
-            how += f", guided for t/T in [{self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
+        how += interval_text(self.cfg_interval)
         return (
             f"quality ({self.data}, cfg {self.cfg:g}, {how}, "
             f"{self.per_class} per class): class accuracy {self.class_accuracy:.3f} "

@@ -246,6 +246,11 @@ def spacing_option() -> Any:
         choices=SPACINGS))
 
 
+def interval_text(cfg_interval: tuple[float, float] | list[float] | None) -> str:
+    """How a report line names a guidance interval: ", guided for t/T in [LO, HI]", or "" without one."""
+    return "" if cfg_interval is None else f", guided for t/T in [{cfg_interval[0]:g}, {cfg_interval[1]:g}]"
+
+
 def cfg_interval_option() -> Any:
     return field(default=None, metadata=flag(
         "--cfg-interval", "guide only while the noise level is in [LO, HI] (0 = data, 1 = noise); elsewhere the "
@@ -365,7 +370,7 @@ class GridResult:
     def line(self) -> str:
         o = self.opts
         return (f"wrote {self.out}: classes {self.classes}, {o.per_class} each, cfg {o.cfg:g}, {o.steps} {o.sampler.upper()} "
-                f"steps, seed {o.seed}, {self.precision} on {self.device}")
+                f"steps{interval_text(o.cfg_interval)}, seed {o.seed}, {self.precision} on {self.device}")
 
 
 def sample_grid(opts: SampleOptions) -> GridResult:

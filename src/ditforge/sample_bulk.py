@@ -24,7 +24,9 @@ from ditforge.data.sources import to_uint8
 from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS
 from ditforge.errors import UserError
 from ditforge.npz import NpzStreamWriter, save_npz_atomic
-from ditforge.sample import SampleOptions, SamplingModel, choose_sampler, load_for_sampling, prepare_sampling, sample_batch
+from ditforge.sample import (
+    SampleOptions, SamplingModel, choose_sampler, interval_text, load_for_sampling, prepare_sampling, sample_batch,
+)
 from ditforge.train import distributed
 
 
@@ -150,8 +152,8 @@ class NpzResult:
 
     def line(self) -> str:
         s = self.summary
-        return (f"wrote {s['out']}: {s['num_samples']} samples, cfg {s['cfg']:g}, {s['steps']} {s['sampler'].upper()} steps, "
-                f"seed {s['seed']}, {self.precision} on {self.device}; {s['sampled_here']} sampled by this run"
+        return (f"wrote {s['out']}: {s['num_samples']} samples, cfg {s['cfg']:g}, {s['steps']} {s['sampler'].upper()} steps"
+                f"{interval_text(s.get('cfg_interval'))}, seed {s['seed']}, {self.precision} on {self.device}; {s['sampled_here']} sampled by this run"
                 + (f" at {s['images_per_s']:.1f} images/s" if s["images_per_s"] else ""))
 
 
