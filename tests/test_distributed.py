@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 from conftest import cpu_env, run_cli
 
-ARGS = ["--steps", "6", "--batch-size", "16", "--ckpt-every", "3", "--keep-last", "0", "--model", "DiT-Ti/4", "--log-every", "3", "--no-progress"]
+# --grad-clip 0.01 clips every step, so the gradient norm must be the whole model's on every rank (FSDP: of all shards)
+ARGS = ["--steps", "6", "--batch-size", "16", "--ckpt-every", "3", "--keep-last", "0", "--model", "DiT-Ti/4", "--log-every", "3",
+        "--no-progress", "--grad-clip", "0.01"]
 
 
 def torchrun(*args, nproc=2, check=True, popen=False):

@@ -200,14 +200,15 @@ def clip_grad_norm(groups: list[list[nn.Parameter]], max_norm: float) -> torch.T
     """`torch.nn.utils.clip_grad_norm_` over several parameter groups as one, where some groups may
     be FSDP2-sharded (DTensor gradients) and others plain (the DDP-wrapped REPA projector beside an
     FSDP model): one global L2 norm, sqrt(sum of the groups' squared norms), and every gradient
-    scaled by min(1, max_norm / (norm + 1e-6)). Returns that norm (0-d, plain tensor)."""
+    scaled by min(1, max_norm / (norm + 1e-6)). One group takes exactly the operations of
+    `clip_grad_norm_` (its norm is not re-normed). Returns the norm (0-d, plain tensor)."""
     from torch.distributed.tensor import DTensor
 
     norms = []
     for params in groups:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # 0-d
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # a shard's norm -> the whole's
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
     for params in groups:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

@@ -66,6 +66,8 @@ class TrainStep:
                 repa.projector.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
                 fused=d.device.type != "meta",
             )
+        # what --grad-clip clips with one norm: the model (sharded under FSDP), and REPA's projector (never sharded)
+        self.clip_groups = [list(model.parameters())] + ([list(repa.projector.parameters())] if repa is not None else [])
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
         self.objective = objective_of_run(cfg)
         self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
@@ -110,11 +112,7 @@ class TrainStep:
         if cfg.optim.grad_clip > 0:
             for opt in optimizers:
                 self.scaler.unscale_(opt)
-            if self.repa is None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            else:  # one norm over the model (sharded under FSDP) and the projector (never sharded)
-                distributed.clip_grad_norm([list(self.model.parameters()), list(self.repa.projector.parameters())],
-                                           cfg.optim.grad_clip)
+            distributed.clip_grad_norm(self.clip_groups, cfg.optim.grad_clip)
         for opt in optimizers:
             self.scaler.step(opt)
         self.scaler.update()
