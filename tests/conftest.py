@@ -12,6 +12,26 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TINY_TRAIN = ["--model", "DiT-Ti/4", "--batch-size", "16", "--log-every", "5", "--no-progress"]
 
 
+def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 4) -> None:
+    """`actual` equals `expected` (a fixture written on another machine) within `ulps` units in the
+    last place of the tensor's scale: |a - e| <= ulps * eps * (|e| + max |e|), same dtype and shape.
+
+    Why not `torch.equal`: the vectorised kernels torch picks at run time (AVX-512 or AVX2,
+    Sleef's exp and the Box-Muller of `torch.randn`, FMA or not) round the last bit differently, so a
+    float computed on one CPU and read back on another may differ by an ulp (store_v1's batches,
+    written on an AVX-512 machine, differ by 3e-8 = 0.25 ulp of 1.0 on an AVX2-only EPYC). Any
+    real change (another draw, another record, a lost flip) moves values by orders of magnitude more.
+    Integers (labels, indices) and bytes read back as stored stay exact: compare them with
+    `torch.equal`."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, actual.shape, expected.dtype, expected.shape)
+    assert actual.is_floating_point(), "compare integers exactly"
+    eps = torch.finfo(expected.dtype).eps
+    a, e = actual.double(), expected.double()
+    bound = ulps * eps * (e.abs() + e.abs().max())
+    worst = ((a - e).abs() / bound).max().item() if e.numel() else 0.0
+    assert worst <= 1.0, f"differs by {worst * ulps:.2f} ulps of the tensor's scale (allowed {ulps})"
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
     """The environment of a subprocess that must run on the CPU, as the tests expect, also on a
     machine with a GPU (set `gpu=True` where a test means the GPU path)."""

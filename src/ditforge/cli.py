@@ -13,13 +13,17 @@ ours: its traceback, a line asking for a report, and status 3.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import re
 import sys
 import traceback
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ditforge import __version__
 from ditforge.bench import BenchOptions
@@ -150,7 +154,9 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     saved_path = Path(cfg.run_dir) / "config.json"
     adapt = args.preset == "tiny" and adapts_to_data(cfg.data)
     if adapt and saved_path.is_file():
-        saved = TrainConfig.load(saved_path).to_dict()
+        from ditforge.train.resume import saved_config  # also when config.json is damaged: the checkpoint's
+
+        saved = saved_config(Path(cfg.run_dir))[0].to_dict()
         lines = []
         for k, path in _AUTO_FIELDS.items():
             if k not in given:
@@ -289,7 +295,7 @@ def out_of_memory_message(command: str, error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ditforge.errors import NonFiniteLossError
+    from ditforge.errors import NonFiniteLossError, is_quiet
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -303,27 +309,62 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except NonFiniteLossError as e:
-        print(f"ditforge {args.command}: error: {e}", file=sys.stderr)
+        if not is_quiet(e):  # under torchrun: rank 0 prints, the others exit alike
+            print(f"ditforge {args.command}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except UserError as e:
-        print(f"ditforge {args.command}: error: {e}", file=sys.stderr)
+        if not is_quiet(e):
+            print(f"ditforge {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except torch.cuda.OutOfMemoryError as e:
         print(f"ditforge {args.command}: error: {out_of_memory_message(args.command, e)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except OSError as e:
-        if e.filename is None:  # not about a file the user named: ours to fix
-            raise
-        print(f"ditforge {args.command}: error: {e}", file=sys.stderr)  # names the file and the reason
+    except (OSError, SafetensorError) as e:
+        line = storage_error_line(e)
+        if line is None:  # not about a file the user named, nor the machine's storage: ours to fix
+            return _report_bug(args.command)
+        print(f"ditforge {args.command}: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception:
-        traceback.print_exc()
-        print(
-            f"ditforge {args.command}: internal error: the lines above are a bug in ditforge {__version__}, "
-            "not a mistake in your input; please report them with the command you ran",
-            file=sys.stderr,
-        )
-        return EXIT_BUG
+        return _report_bug(args.command)
+
+
+def _report_bug(command: str) -> int:
+    """The traceback of the exception being handled, a request to report it, and EXIT_BUG."""
+    traceback.print_exc()
+    print(
+        f"ditforge {command}: internal error: the lines above are a bug in ditforge {__version__}, "
+        "not a mistake in your input; please report them with the command you ran",
+        file=sys.stderr,
+    )
+    return EXIT_BUG
+
+
+# A full disk, a quota, a file-size limit, a read-only or failing mount: the machine's state, which
+# the user can change, not a bug. `write()`, `np.savez` and safetensors report these with no file name.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+# safetensors' writer (Rust) raises SafetensorError("... I/O error: No space left on device (os error 28)")
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def storage_error_line(e: BaseException) -> str | None:
+    """One line for an OSError about a named file or about the machine's storage (also as raised
+    by safetensors), saying that what was written before is intact; None for any other error."""
+    if isinstance(e, OSError):
+        if e.filename is not None:
+            return str(e)  # names the file and the reason
+        code, reason = e.errno, e.strerror or str(e)
+    else:
+        m = _RUST_OS_ERROR.search(str(e))
+        if m is None:
+            return None
+        code = int(m.group(1))
+        reason = os.strerror(code)
+    if code not in STORAGE_ERRNOS:
+        return None
+    return (f"{reason} ({errno.errorcode[code]}) while reading or writing files; free space, or raise the quota or limit, and rerun the "
+            "same command: files are written under temporary names and renamed when complete, so the checkpoints, "
+            "shards and outputs already written are intact (a run resumes from its last checkpoint)")
 
 
 if __name__ == "__main__":
