@@ -50,7 +50,7 @@ import torch
 from ditforge.diffusion.sampling import SAMPLERS
 from ditforge.objectives import DiffusionObjective
 from ditforge.models import create_model
-from ditforge.sample import choose_sampler, sample_batch
+from ditforge.sample import choose_sampler, sample_batch, start_noise, step_generator
 from ditforge.sample_bulk import sample_labels
 from ditforge.train.device import autocast, enable_tf32, pick_device, resolve_precision
 
@@ -124,9 +124,8 @@ class Ours:
     def __call__(self, b: int) -> torch.Tensor:
         a, b0 = self.args, (b % 1000) * self.args.batch
         y = self.labels[b0 : b0 + a.batch]  # (B,)
-        g = torch.Generator().manual_seed(a.seed * 1_000_003 + b0)
-        noise = torch.randn((a.batch, *self.shape), generator=g)  # (B, C, H, W)
-        gen = torch.Generator(device=self.device).manual_seed(a.seed * 1_000_003 + b0 + 1)
+        noise = start_noise(a.seed, range(b0, b0 + a.batch), self.shape)  # (B, C, H, W), as sample_to_npz draws it
+        gen = step_generator(a.seed, b0, self.device)
         return sample_batch(self.model, self.chosen, y.to(self.device), noise.to(self.device), gen, a.cfg,
                             a.legacy_three_channel, precision=self.precision)
 

@@ -14,7 +14,7 @@ from ditforge.config import TrainConfig
 from ditforge.errors import UserError
 from ditforge.models import create_model
 from ditforge.objectives import DiffusionObjective, FlowObjective, objective_from_config, objective_sampler
-from ditforge.sample import generate, load_for_sampling
+from ditforge.sample import generate, load_for_sampling, start_noise
 from ditforge.train.step import step_randomness
 
 
@@ -79,7 +79,7 @@ def test_official_sit_weights_sample_as_sit_does(tmp_path):
     assert isinstance(sm.objective, FlowObjective)
     ours, labels = generate(sm.model, [3, 5], 2, cfg_scale=1.0, steps=4, sampler="euler", seed=9, objective=sm.objective)
 
-    x = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(9))  # generate's noise
+    x = start_noise(9, range(4), (1, 8, 8))  # generate's noise
     with torch.no_grad():
         for s in (0.0, 0.25, 0.5, 0.75):
             u = net.eval()(x, torch.full((4,), s), labels)[:, :1]  # SiT's forward drops the sigma channels

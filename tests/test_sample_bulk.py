@@ -1,5 +1,7 @@
 """Bulk sampling to the ADM .npz format: streaming writer, shards, resume, any world size."""
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from conftest import cpu_env, run_cli
 from ditforge.npz import NpzStreamWriter
 from ditforge.sample_bulk import sample_labels
 from test_distributed import torchrun
+from test_sampling import record_draws
 
 
 def test_stream_writer_makes_an_ordinary_npz(tmp_path):
@@ -130,4 +133,116 @@ def test_compile_reaches_bulk_sampling(trained_run, tmp_path, monkeypatch):
     compiled = sample_npz(SampleOptions(**base, out=str(tmp_path / "compiled.npz"), compile=True))
     assert len(calls) == 3 * 5  # 3 batches x 5 steps; the guided and unguided halves share each call
     a, b = np.load(plain.summary["out"]), np.load(compiled.summary["out"])
-    assert np.array_equal(a["labels"], b["labels"]) and np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
+    # the eager backend runs the captured graph with the uncompiled model's own kernels, in the
+    # same order: the same images bit for bit (inductor's own kernels: the slow test below)
+    assert np.array_equal(a["labels"], b["labels"]) and np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def _tiny_sampling_model():
+    """A DiT-Ti/4 on 8x8 grey images with random weights N(0, 0.02^2) (the adaLN and final-layer
+    zero-init would make its output zero), in ditforge's sampling wrapper."""
+    import torch
+
+    from ditforge.models import create_model
+    from ditforge.sample import SamplingModel
+
+    torch.manual_seed(0)
+    model = create_model("DiT-Ti/4", input_size=8, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.02)
+    return SamplingModel(model, [str(c) for c in range(10)], source="tiny")
+
+
+def test_no_two_noise_streams_of_a_bulk_run_coincide(tmp_path, monkeypatch):
+    """At batch size 1 with DDPM (noise at every step but the last), the starting noise of each
+    sample and the step noise of each batch come from streams that never coincide: once sample
+    i's step noise was sample i + 1's starting noise (seeds seed * 1_000_003 + b0 + 1 and + b0)."""
+    import torch
+
+    from ditforge.sample_bulk import sample_to_npz
+
+    draws = record_draws(monkeypatch)
+    sample_to_npz(_tiny_sampling_model(), tmp_path / "x.npz", 6, cfg_scale=1.0, steps=3, sampler="ddpm",
+                  batch_size=1, shard_size=2, progress=False)
+    rows = [x.reshape(-1, 64) for x in draws]  # one 8x8 grey image a row
+    firsts = [r[0] for r in rows]
+    assert len(firsts) >= 6 * 3  # per sample: its starting noise, then two steps with noise
+    same = [(j, i) for i in range(len(firsts)) for j in range(i) if torch.equal(firsts[i], firsts[j])]
+    assert not same, f"these pairs of draws are the same noise: {same}"
+
+
+def test_starting_noise_is_per_sample_so_a_deterministic_sampler_ignores_the_batch_size(tmp_path):
+    """The starting noise of sample i is a function of (seed, i) alone: DDIM (no step noise) gives
+    the same file at batch sizes 1, 2 and 4, up to the rounding of the network at another batch
+    size (one grey level)."""
+    from ditforge.sample_bulk import sample_to_npz
+
+    sm = _tiny_sampling_model()
+    images = {}
+    for b, seed in ((1, 3), (2, 3), (4, 3), (4, 4)):
+        out = tmp_path / f"b{b}-s{seed}.npz"
+        # random weights make samples of a few hundred; the "decoder" scales them into [-1, 1] so
+        # that uint8 keeps their differences
+        sample_to_npz(sm, out, 8, cfg_scale=1.5, steps=4, sampler="ddim", seed=seed, batch_size=b, shard_size=4,
+                      decode=lambda x: x / 1000, progress=False)
+        images[b, seed] = np.load(out)["arr_0"].astype(int)
+    a = images[1, 3]
+    assert ((a > 5) & (a < 250)).mean() > 0.9  # grey levels, not a saturated picture that would hide a change
+    worst = {b: int(np.abs(images[b, 3] - a).max()) for b in (2, 4)}
+    assert max(worst.values()) <= 1, worst
+    assert np.abs(images[4, 4] - a).mean() > 10  # the check can fail: another seed, other pictures
+
+
+def test_settings_of_another_run_fail_every_rank_with_one_line(trained_run, tmp_path):
+    """Rank 0 finds shards of another sampling run in OUT.parts: every rank exits with the same
+    one-line error, none is left waiting in a collective for rank 0 (which hung multi-node runs)."""
+    out, parts, logs = tmp_path / "x.npz", tmp_path / "x.npz.parts", tmp_path / "logs"
+    parts.mkdir()
+    theirs = json.dumps({"source": "another run", "num_samples": 3}) + "\n"
+    (parts / "settings.json").write_text(theirs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs),
+           "--redirects", "3", "-m", "ditforge", "sample", str(trained_run), *BULK, "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=cpu_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError("torchrun sample did not end within 120 s: a rank waits for one that has left") from None
+    assert proc.returncode != 0
+    expected = f"ditforge sample: error: {str(parts)!r} holds shards of a different sampling run; delete it or choose another --out"
+    per_rank = sorted(logs.glob("*/attempt_0/*/stderr.log"))
+    assert len(per_rank) == 2, per_rank
+    for log in per_rank:
+        assert [line for line in log.read_text().splitlines() if line.strip()] == [expected], log
+    assert (parts / "settings.json").read_text() == theirs and not out.exists()  # the other run's shards are kept
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_gives_the_images_of_eager(trained_run, tmp_path):
+    """`sample --compile --out X.npz` with the real backend (inductor: generated C++ on a CPU,
+    Triton on a GPU) draws the samples of the uncompiled model.
+
+    Tolerance, one grey level: inductor fuses the network's elementwise ops, layer norms and
+    softmax into its own kernels, which evaluate the same math in another order (fused
+    multiply-adds, vectorised reductions, a different exp), so each output differs from eager by
+    float32 rounding, about 1e-6 relative. Five sampler steps carry that to about 1e-5 on a
+    sample in [-1, 1]; the uint8 quantisation (x + 1) * 127.5 then rounds the two differently only
+    where a pixel lies within that distance of a rounding boundary: 0 or 1 grey level, never 2."""
+    from torch._dynamo.utils import counters
+
+    from ditforge.sample import SampleOptions
+    from ditforge.sample_bulk import sample_npz
+
+    base = dict(checkpoint=str(trained_run), num_samples=8, steps=5, batch_size=4, shard_size=4, precision="fp32")
+    plain = sample_npz(SampleOptions(**base, out=str(tmp_path / "plain.npz")))
+    counters.clear()
+    compiled = sample_npz(SampleOptions(**base, out=str(tmp_path / "compiled.npz"), compile=True))
+    assert counters["stats"]["unique_graphs"] >= 1 and counters["inductor"]  # captured, and inductor built (or cached) it
+    a, b = np.load(plain.summary["out"]), np.load(compiled.summary["out"])
+    assert np.array_equal(a["labels"], b["labels"])
+    diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())

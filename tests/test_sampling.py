@@ -8,7 +8,7 @@ from ditforge.diffusion.sampling import SAMPLERS, Sampler
 from ditforge.errors import UserError
 from ditforge.models import create_model
 from ditforge.objectives import DiffusionObjective
-from ditforge.sample import choose_sampler, generate
+from ditforge.sample import NOISE_PURPOSES, choose_sampler, generate, noise_seed
 
 NULL = 10
 
@@ -110,3 +110,41 @@ def test_generate_with_each_solver_counts_model_evaluations():
         calls.clear()
         generate(model, [2, 5], 2, cfg_scale=1.5, steps=5, sampler=name, spacing="time", cfg_interval=(0.0, 0.5))
         assert calls == [4, 4, 8, 8, 8]  # t = 999, 749.25 unguided; 499.5, 249.75, 0 guided
+
+
+def record_draws(monkeypatch) -> list[torch.Tensor]:
+    """Every tensor that `torch.randn` draws from an explicit generator from now on (it still draws them)."""
+    draws, real_randn = [], torch.randn
+
+    def randn(*args, **kw):
+        x = real_randn(*args, **kw)
+        if kw.get("generator") is not None:
+            draws.append(x.detach().clone())
+        return x
+
+    monkeypatch.setattr(torch, "randn", randn)
+    return draws
+
+
+def test_noise_seeds_of_distinct_seed_index_purpose_are_distinct():
+    keys = [(s, i, p) for s in (0, 1, 2, -1, 10**12) for i in range(2000) for p in NOISE_PURPOSES]
+    seeds = [noise_seed(*k) for k in keys]
+    assert len(set(seeds)) == len(keys)  # seed + 1, index + 1 and the purpose each change it
+    assert all(0 <= s < 2**63 for s in seeds)  # what torch.Generator.manual_seed takes, on any device
+    # the derivation is part of the file format: another one changes every sample of every seed
+    assert noise_seed(0, 0, "start") == 7931383711556872323 and noise_seed(0, 0, "steps") == 2122084156281601275
+    with pytest.raises(ValueError, match="purpose"):
+        noise_seed(0, 0, "labels")
+
+
+def test_grid_noise_streams_of_neighbouring_seeds_do_not_coincide(monkeypatch):
+    """DDPM draws noise at each step but the last; the step noise of seed 0 was the starting noise
+    of seed 1 (generators seeded seed + 1 and seed). Now no two draws of either grid coincide."""
+    model = create_model("DiT-Ti/4", input_size=8, in_channels=1, num_classes=10)
+    draws = record_draws(monkeypatch)
+    for seed in (0, 1):
+        generate(model, [2, 5], 2, cfg_scale=1.0, steps=3, sampler="ddpm", seed=seed, batch_size=4)
+    firsts = [x.reshape(-1, 64)[0] for x in draws]  # the first 8x8 image of each draw
+    assert len(firsts) >= 2 * 3  # each seed: its starting noise, then two steps with noise
+    same = [(j, i) for i in range(len(firsts)) for j in range(i) if torch.equal(firsts[i], firsts[j])]
+    assert not same, f"these pairs of draws are the same noise: {same}"

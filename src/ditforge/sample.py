@@ -8,6 +8,7 @@ classifier-free guidance, with a sampler of the model's objective (``objectives.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -156,6 +157,36 @@ def choose_sampler(
     return chosen
 
 
+#: What each random stream of sampling is for: the starting noise x_T of a sample, and the noise
+#: that stochastic samplers (DDPM, SDE solvers) add at each step of a batch.
+NOISE_PURPOSES = ("start", "steps")
+
+
+def noise_seed(seed: int, index: int, purpose: str) -> int:
+    """The seed of one random stream of sampling: the first 63 bits of BLAKE2b over (`seed`,
+    `index`, `purpose`), where `index` is the sample (starting noise) or the first sample of the
+    batch (step noise) and `purpose` one of `NOISE_PURPOSES`. Distinct triples give unrelated
+    streams (seeding the step noise with seed + 1, as before, made it the starting noise of the
+    next seed or batch), and the stream is the same in whichever process, batch or order it is
+    drawn."""
+    if purpose not in NOISE_PURPOSES:
+        raise ValueError(f"unknown noise purpose {purpose!r}; choose one of: {', '.join(NOISE_PURPOSES)}")
+    digest = hashlib.blake2b(f"{int(seed)}:{int(index)}:{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # < 2**63: any device's manual_seed takes it
+
+
+def start_noise(seed: int, indices: range, shape: tuple[int, ...]) -> torch.Tensor:
+    """(len(indices), *shape) starting noise on the CPU, row k that of sample `indices[k]` alone
+    (its own generator), so a sample's noise depends neither on its batch nor on the device."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, i, "start"))) for i in indices]
+    return torch.stack(rows)  # (N, *shape)
+
+
+def step_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The generator of the step noise of the batch that begins at sample `index`, on `device`."""
+    return torch.Generator(device=device).manual_seed(noise_seed(seed, index, "steps"))
+
+
 @torch.no_grad()
 def sample_batch(
     model: DiT,
@@ -216,8 +247,8 @@ def generate(
     model.eval()
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)  # (N,)
     shape = (labels.numel(), model.in_channels, model.input_size, model.input_size)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # (N, C, H, W), device-independent
-    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    noise = start_noise(seed, range(labels.numel()), shape[1:])  # (N, C, H, W), device-independent
+    gen = step_generator(seed, 0, device)  # one stream for the step noise of all batches, in order
     out = []
     for start in range(0, labels.numel(), batch_size):
         y = labels[start : start + batch_size].to(device)

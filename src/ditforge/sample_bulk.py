@@ -1,10 +1,13 @@
 """Many samples for evaluation: checkpoint -> ADM `.npz` (arr_0 uint8 (N, H, W, 3), labels (N,)).
 
-Samples are cut into shards of `shard_size`; shard k holds samples [k S, (k + 1) S) and draws
-its noise from generators seeded by (seed, k, batch), so the file does not depend on how many
-processes made it. Under torchrun rank r makes shards k = r, r + W, ...; each shard is written
-atomically to `OUT.parts/`, so a killed run resumes without redoing finished shards; rank 0 then
-streams the shards into OUT (bounded memory at any N and resolution) and removes the parts.
+Samples are cut into shards of `shard_size`; shard k holds samples [k S, (k + 1) S). The
+starting noise of sample i comes from its own generator, seeded by (seed, i), and the step noise
+of stochastic samplers from one generator per batch, seeded by (seed, first sample of the batch)
+(`sample.noise_seed`), so the file does not depend on how many processes made it, and with a
+deterministic sampler not on the batch size either (up to the network's rounding). Under
+torchrun rank r makes shards k = r, r + W, ...; each shard is written atomically to
+`OUT.parts/`, so a killed run resumes without redoing finished shards; rank 0 then streams the
+shards into OUT (bounded memory at any N and resolution) and removes the parts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ditforge.errors import UserError
 from ditforge.npz import NpzStreamWriter, save_npz_atomic
 from ditforge.sample import (
     SampleOptions, SamplingModel, choose_sampler, interval_text, load_for_sampling, prepare_sampling, sample_batch,
+    start_noise, step_generator,
 )
 from ditforge.train import distributed
 
@@ -43,6 +47,46 @@ def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
     if pix.shape[1] == 1:
         pix = pix.repeat(1, 3, 1, 1)
     return pix.permute(0, 2, 3, 1).numpy()
+
+
+#: How the noise follows from the seed (`sample.noise_seed`), recorded with the shards.
+NOISE_DERIVATION = "blake2b(seed:index:purpose)"
+
+
+def _read_settings(meta: Path) -> dict | None:
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return None  # not ours to trust: a file of another tool, or cut short
+
+
+def claim_parts(parts: Path, settings: dict, d: distributed.Dist) -> None:
+    """Rank 0 makes `parts` and records `settings` there, or finds the shards of a run with other
+    settings; then every rank raises the same UserError, or none does. (Raised on rank 0 alone,
+    the error left the other ranks in the next collective, waiting for the process group's
+    timeout or, with gloo on one machine, failing there with an internal-error traceback.)
+    A collective: every rank calls it; it returns once rank 0 has written the settings."""
+    message = None
+    if d.is_main:
+        meta = parts / "settings.json"
+        try:
+            parts.mkdir(parents=True, exist_ok=True)
+            if meta.exists() and _read_settings(meta) != settings:
+                message = f"{str(parts)!r} holds shards of a different sampling run; delete it or choose another --out"
+            else:
+                tmp = meta.with_name(meta.name + ".tmp")
+                tmp.write_text(json.dumps(settings, indent=2) + "\n")
+                tmp.replace(meta)  # atomic: a killed run leaves the old settings or the new, never half
+        except OSError as e:
+            if e.filename is None:  # not about our files: a bug, shown as one
+                raise
+            message = str(e)  # names the file and the reason, as the command line shows an OSError
+    if d.enabled:
+        box = [message]
+        torch.distributed.broadcast_object_list(box, src=0)  # also the barrier: rank 0 has written by now
+        message = box[0]
+    if message is not None:
+        raise UserError(message)
 
 
 def sample_to_npz(
@@ -81,20 +125,15 @@ def sample_to_npz(
     parts = out.with_name(out.name + ".parts")
     settings = dict(source=sm.source, num_samples=num_samples, cfg=cfg_scale, steps=steps, sampler=sampler,
                     seed=seed, balanced=balanced, batch_size=batch_size, shard_size=shard_size,
-                    legacy_three_channel=legacy_three_channel, precision=precision)
+                    legacy_three_channel=legacy_three_channel, precision=precision,
+                    noise=NOISE_DERIVATION)  # shards of an older derivation are not resumed into this file
     if sampler in SOLVERS:
         settings["spacing"] = spacing
     if sm.objective.name != "diffusion":
         settings["objective"] = sm.objective.name
     if cfg_interval is not None:
         settings["cfg_interval"] = list(cfg_interval)
-    if d.is_main:
-        parts.mkdir(parents=True, exist_ok=True)
-        meta = parts / "settings.json"
-        if meta.exists() and json.loads(meta.read_text()) != settings:
-            raise UserError(f"{str(parts)!r} holds shards of a different sampling run; delete it or choose another --out")
-        meta.write_text(json.dumps(settings, indent=2) + "\n")
-    distributed.barrier(d)
+    claim_parts(parts, settings, d)
 
     device = d.device
     labels = sample_labels(num_samples, sm.model.num_classes, seed, balanced)
@@ -114,9 +153,8 @@ def sample_to_npz(
         images = []
         for b0 in range(start, stop, batch_size):
             y = labels[b0 : min(b0 + batch_size, stop)]
-            g = torch.Generator().manual_seed(seed * 1_000_003 + b0)  # this batch's noise, wherever it runs
-            noise = torch.randn((y.numel(), *shape), generator=g)  # (B, C, H, W)
-            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b0 + 1)
+            noise = start_noise(seed, range(b0, b0 + y.numel()), shape)  # (B, C, H, W), each sample's own, wherever it runs
+            gen = step_generator(seed, b0, device)
             x = sample_batch(model, chosen, y.to(device), noise.to(device), gen, cfg_scale, legacy_three_channel,
                              cfg_interval=cfg_interval, precision=precision)
             if decode is not None:
