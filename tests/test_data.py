@@ -20,8 +20,50 @@ def test_digits_split_is_stratified_disjoint_and_scaled():
     for c in range(10):
         n_train, n_held = int((train.labels == c).sum()), int((held.labels == c).sum())
         assert abs(n_held / (n_train + n_held) - 0.2) < 0.02
-    # disjoint: no held-out image equals a training image at the same index set
-    assert len(held) == 359 and torch.equal(load_data("digits", "heldout").images, held.images)
+    # a partition of the set: train and held-out together are every image of it, each once (as a
+    # multiset of image contents and labels: the digits hold a few identical images)
+    assert len(held) == 359
+    assert _contents(train) + _contents(held) == _contents(full)
+
+
+def _contents(s):
+    """The multiset of (image bytes, label) of an ImageSet."""
+    from collections import Counter
+
+    return Counter(zip((bytes(to_uint8(im).numpy()) for im in s.images), s.labels.tolist()))
+
+
+def test_folder_split_is_a_stratified_partition_of_the_readable_files(tmp_path):
+    """`load_data(folder, "train")` and `"heldout"` (what training and `eval` use): disjoint, every
+    readable file in exactly one of them with its class, round(20%) of each class held out (none of
+    a class with one image), and the same split on every call."""
+    rng = np.random.default_rng(0)
+    files = {}  # image bytes -> (class id, file)
+    for c, (name, n) in enumerate((("ant", 10), ("bee", 8), ("cow", 1), ("dog", 7))):
+        for i in range(n):
+            pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            path = tmp_path / name / ("sub" if i % 3 else "") / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, "L").save(path)
+            files[pixels.tobytes()] = (c, str(path))
+    (tmp_path / "bee" / "broken.png").write_bytes(b"\x89PNG not really")
+    assert len(files) == 26  # every image distinct, so bytes identify its file
+    train, held = load_data(str(tmp_path), "train"), load_data(str(tmp_path), "heldout")
+
+    def identities(s):  # the file each image was read from, found by its bytes
+        out = []
+        for im, label in zip(s.images, s.labels.tolist()):
+            c, path = files[bytes(to_uint8(im[0]).numpy())]
+            assert c == label, path  # each image keeps its own class
+            out.append(path)
+        return out
+
+    t, h = identities(train), identities(held)
+    assert len(set(t)) == len(t) and len(set(h)) == len(h) and not set(t) & set(h)  # disjoint
+    assert set(t) | set(h) == {path for _, path in files.values()}  # together every readable file; broken.png in neither
+    assert [int((held.labels == c).sum()) for c in range(4)] == [2, 2, 0, 1]  # round(0.2 n); 1 image: all train
+    assert [int((train.labels == c).sum()) for c in range(4)] == [8, 6, 1, 6]
+    assert identities(load_data(str(tmp_path), "heldout")) == h  # the same split every time
 
 
 def test_mnist_is_mlxtends_5000_digits_split_500_a_class():

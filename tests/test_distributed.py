@@ -65,6 +65,60 @@ def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, pa
     _assert_close(_weights(one, 9, "optimizer"), _weights(run, 9, "optimizer"))
 
 
+# Without clipping, and with SGD as well as AdamW: SGD's update is linear in the gradient, so a
+# gradient summed over ranks instead of averaged, or not divided over the micro-batches, moves the
+# weights twice as far; AdamW's update barely depends on the gradient's scale, and a clipped one not at all.
+UNCLIPPED = ["--steps", "4", "--batch-size", "16", "--ckpt-every", "2", "--keep-last", "0", "--model", "DiT-Ti/4",
+             "--log-every", "4", "--no-progress", "--sample-steps", "1"]
+OPTIMIZERS = {"adamw": [], "sgd": ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"]}
+# how far from one process (README): SGD measured 3.0e-8 (momentum buffers; weights 7.5e-9), AdamW 2.0e-7 (its
+# step divides by the root of the second moment, large where a gradient is near 0)
+WITHIN = {"sgd": 1.2e-7, "adamw": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def single_unclipped(tmp_path_factory):
+    """One process, no accumulation, no clipping: the run of each optimizer, made once."""
+    runs = {}
+
+    def run(optimizer):
+        if optimizer not in runs:
+            runs[optimizer] = tmp_path_factory.mktemp(f"single-{optimizer}") / "run"
+            run_cli("train", "--run-dir", str(runs[optimizer]), *UNCLIPPED, *OPTIMIZERS[optimizer])
+        return runs[optimizer]
+
+    return run
+
+
+@pytest.mark.parametrize("optimizer, parallel, accum", [
+    ("sgd", "ddp", 1), ("sgd", "ddp", 2), ("sgd", "fsdp", 1), ("sgd", "fsdp", 2), ("adamw", "ddp", 1), ("adamw", "fsdp", 2),
+])
+def test_two_processes_match_one_without_clipping(single_unclipped, tmp_path, optimizer, parallel, accum):
+    """2 processes x `accum` micro-batches of 16 / (2 accum) images against 1 process x 1 micro-batch of 16."""
+    one = single_unclipped(optimizer)
+    run = tmp_path / "run"
+    torchrun("train", "--run-dir", str(run), "--parallel", parallel, "--grad-accum", str(accum), *UNCLIPPED,
+             *OPTIMIZERS[optimizer])
+    for name in ("model", "ema", "optimizer"):
+        _assert_close(_weights(one, 4, name), _weights(run, 4, name), atol=WITHIN[optimizer])
+
+
+def test_sgd_resumes_to_the_same_weights_and_is_part_of_the_run(single_unclipped, tmp_path):
+    """SGD's momentum buffers round-trip through a checkpoint (one process): resumed at step 2, the run
+    ends at step 4 with the uninterrupted run's weights and state, bit for bit; the optimizer defines
+    the run, so the folder refuses AdamW."""
+    straight = single_unclipped("sgd")
+    run = tmp_path / "resumed"
+    shutil.copytree(straight, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000004")
+    assert any(k.endswith("/momentum_buffer") for k in _weights(run, 2, "optimizer"))
+    assert "resumed from" in run_cli("train", "--run-dir", str(run), *UNCLIPPED, *OPTIMIZERS["sgd"]).stdout
+    for name in ("model", "ema", "optimizer"):
+        _assert_close(_weights(straight, 4, name), _weights(run, 4, name), atol=0.0)
+    out = run_cli("train", "--run-dir", str(run), *UNCLIPPED, "--lr", "0.05", check=False)
+    assert out.returncode == 2 and "'optimizer': 'sgd'" in out.stderr, out.stderr
+
+
 def test_gradient_accumulation_matches(single, tmp_path):
     run = tmp_path / "accum"
     run_cli("train", "--run-dir", str(run), "--grad-accum", "4", *ARGS)

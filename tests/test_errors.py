@@ -52,6 +52,33 @@ def test_damaged_state_json_is_one_line(trained_run, tmp_path, key):
             assert resumed.returncode == 0, resumed.stderr
 
 
+def test_a_truncated_config_json_is_recovered_from_the_checkpoint(trained_run, tmp_path):
+    """What a kill inside the old in-place write of config.json left (every start rewrote it):
+    half a JSON file beside a whole checkpoint. The run resumes with the config the checkpoint
+    records (it holds the whole resolved config) and config.json is whole again. It was exit 3."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "checkpoints" / "step-0000030", run / "checkpoints" / "step-0000030")
+    whole = (trained_run / "config.json").read_text()
+    (run / "config.json").write_text(whole[: len(whole) // 2])
+    proc = run_cli("train", "--run-dir", str(run), "--steps", "31", "--ckpt-every", "15", "--sample-steps", "2", *TINY_TRAIN,
+                   check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and f"{run / 'config.json'} is damaged" in proc.stdout
+    saved = json.loads((run / "config.json").read_text())
+    assert dict(saved, run_dir=None, steps=None, sample_steps=None) == dict(json.loads(whole), run_dir=None, steps=None, sample_steps=None)
+    assert saved["steps"] == 31
+
+
+def test_a_truncated_config_json_without_a_checkpoint_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"data": "digits", "run_dir": ')
+    code = cli.main(["train", "--run-dir", str(run), *TINY_TRAIN])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USER_ERROR and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{run / 'config.json'}" in err and "delete it" in err
+
+
 def test_unwritable_output_fails_before_sampling(trained_run):
     proc = run_cli("sample", str(trained_run), "--out", "/proc/x.png", "--steps", "250", check=False)
     _user_error(proc, "cannot write '/proc/x.png'")

@@ -4,11 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
-from ditforge.data.sources import load_data
+from ditforge.data.sources import load_data, to_uint8
 from ditforge.judge import load_judge, score_heldout, train_judge
 
 
@@ -101,9 +102,43 @@ def test_eval_fid_against_the_held_out_split(levels_run, tmp_path):
     run_cli("eval", str(run), "--per-class", "4", "--steps", "5", "--json", str(tmp_path / "r.json"))
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["num_heldout"] == 16 and np.isfinite(r["fid"]) and r["fid"] >= 0 and np.isfinite(r["fid_real"])
-    assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
     assert (run / "judge" / "heldout_inception.npz").is_file()  # cached for the next evaluation
     assert json.loads((run / "judge" / "judge.json").read_text())["fid_real"]["count"] == 8
+
+    # precision and recall recomputed here from the same 8 samples and the real held-out split
+    from ditforge.metrics import InceptionFeatures
+    from ditforge.metrics.reference import load_reference
+    from ditforge.objectives import default_sampler
+    from ditforge.sample import generate, load_for_sampling
+
+    sm = load_for_sampling(run)
+    x, _ = generate(sm.model, [0, 1], 4, 1.5, 5, default_sampler(sm.objective), 0, sm.objective,
+                    precision=r["sampling_precision"])
+    held = load_data(json.loads((run / "config.json").read_text())["data"], "heldout")
+    inception = InceptionFeatures(None, batch_size=64)
+    fake, real = (inception(_rgb_uint8(images))["pool"].astype(np.float64) for images in (x, held.images))
+    assert np.allclose(load_reference(run / "judge" / "heldout_inception.npz").pool, real, atol=1e-4)
+    assert (r["precision"], r["recall"]) == _precision_recall(real, fake, k=3)
+    assert r["data_changed"] is False  # trained on this folder as it is now
+
+
+def _rgb_uint8(images):
+    """(N, 1, H, W) in [-1, 1] -> (N, H, W, 3) uint8, the ADM evaluator's mapping."""
+    x = (127.5 * images + 128).clamp(0, 255).to(torch.uint8)
+    return x.repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _precision_recall(real, fake, k):
+    """Kynkaanniemi et al. 2019 from their definition, in float64: a sample counts for precision if
+    it lies within the k-th nearest neighbour distance of some real image, a real image for recall
+    if within that of some sample."""
+    from scipy.spatial.distance import cdist
+
+    def radii(x):
+        return np.sort(cdist(x, x), axis=1)[:, k]  # column 0: the point itself
+
+    d = cdist(real, fake)  # (real, fake)
+    return float((d <= radii(real)[:, None]).any(0).mean()), float((d <= radii(fake)[None, :]).any(1).mean())
 
 
 def test_eval_every_logs_the_judge_for_a_folder(tmp_path):
@@ -115,3 +150,68 @@ def test_eval_every_logs_the_judge_for_a_folder(tmp_path):
     line = next(l for l in out.splitlines() if "step 4 | quality" in l)
     assert "class accuracy" in line and "judge on real held-out" in line and "FID" not in line  # FID is opt-in
     assert (tmp_path / "r" / "judge" / "judge.json").is_file()
+
+
+def _add_levels(folder, cls, level, count, start):
+    rng = np.random.default_rng(start)
+    for i in range(start, start + count):
+        Image.fromarray(np.clip(rng.normal(level, 8, (8, 8)), 0, 255).astype(np.uint8), "L").save(folder / cls / f"{i:02d}.png")
+
+
+def test_eval_after_the_data_folder_changed_refreshes_its_caches_and_says_so(tmp_path):
+    """The held-out split is taken by index over the folder's files: files added after training
+    move it (held-out images the DiT trained on), so the cached judge and held-out statistics of
+    the old split must not be reused, and the report says the data changed."""
+    folder = _levels_folder(tmp_path / "levels", per_class=10)  # 20 images and broken.png: 21 files
+    run = tmp_path / "run"
+    run_cli("train", "--data", str(folder), "--run-dir", str(run), "--steps", "2", "--batch-size", "8", "--model", "DiT-Ti/4",
+            "--precision", "fp32", "--objective", "diffusion", "--log-every", "2", "--no-progress")
+    args = ["eval", str(run), "--per-class", "2", "--steps", "2"]
+    first = run_cli(*args, "--json", str(tmp_path / "1.json"))
+    r1 = json.loads((tmp_path / "1.json").read_text())
+    judge_json, reference = run / "judge" / "judge.json", run / "judge" / "heldout_inception.npz"
+    assert json.loads(judge_json.read_text())["train_count"] == 16 and r1["num_heldout"] == 4
+
+    # unchanged data: the judge and the held-out statistics are reused as they are
+    times = judge_json.stat().st_mtime_ns, (run / "judge" / "judge.safetensors").stat().st_mtime_ns, reference.stat().st_mtime_ns
+    second = run_cli(*args, "--json", str(tmp_path / "2.json"))
+    r2 = json.loads((tmp_path / "2.json").read_text())
+    assert (judge_json.stat().st_mtime_ns, (run / "judge" / "judge.safetensors").stat().st_mtime_ns,
+            reference.stat().st_mtime_ns) == times
+    assert r2["fid"] == r1["fid"] and r2["heldout_accuracy"] == r1["heldout_accuracy"]
+
+    old_train = {bytes(to_uint8(im).numpy()) for im in load_data(str(folder), "train").images}
+    _add_levels(folder, "c0", 20, 5, start=10)  # 5 more c0 images: 26 files
+    new_train, new_held = load_data(str(folder), "train"), load_data(str(folder), "heldout")
+    assert any(bytes(to_uint8(im).numpy()) in old_train for im in new_held.images)  # the split moved
+    third = run_cli(*args, "--json", str(tmp_path / "3.json"))
+    r3 = json.loads((tmp_path / "3.json").read_text())
+    info = json.loads(judge_json.read_text())
+    assert (info["train_count"], info["heldout_count"]) == (len(new_train), len(new_held)) == (20, 5)  # judge retrained
+    assert r3["judge"]["train_images"] == 20 and r3["num_heldout"] == 5  # held-out statistics of the new split
+    assert info["fid_real"]["count"] == 4  # the floor recomputed for the new judge
+
+    warning = ("the data folder changed since training: 21 files then, 26 now; "
+               "the held-out split may include images the model trained on")
+    assert r1["data_changed"] is False and r2["data_changed"] is False and r3["data_changed"] is True
+    assert warning not in first.stdout + second.stdout and warning in third.stdout.splitlines()
+    assert r3["data_warning"] == warning
+
+
+def test_data_change_is_told_from_the_recorded_digest_or_an_old_checkpoints_count():
+    from ditforge.evaluate_run import data_change
+
+    now = {"digest": "b" * 64, "items": 26}
+    recorded = dict(name="levels", count=16, identity={"digest": "a" * 64, "items": 21})
+    assert data_change(recorded, now, 16, latent=False) == (
+        True, "the data folder changed since training: 21 files then, 26 now; "
+              "the held-out split may include images the model trained on")
+    assert data_change(dict(recorded, identity=dict(now)), now, 20, latent=False) == (False, None)  # the digest decides
+    old = dict(name="levels", count=16)  # a checkpoint from before the digest: its training image count
+    assert data_change(old, now, 16, latent=False) == (False, None)
+    assert data_change(old, now, 20, latent=False) == (
+        True, "the data folder changed since training: 16 training images then, 20 now; "
+              "the held-out split may include images the model trained on")
+    assert data_change(dict(count=100, identity={"digest": "a" * 64, "items": 100}), {"digest": "c" * 64, "items": 120}, 96,
+                       latent=True)[1].startswith("the latent store changed since training: 100 records then, 120 now")
+    assert data_change(None, now, 16, latent=False) == (None, None)  # nothing recorded to compare with

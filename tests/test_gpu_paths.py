@@ -3,9 +3,10 @@
 Each test names the GPU path it stands for: the device each process picks (patched
 `torch.cuda`), mixed precision (bf16 autocast; fp16 with a GradScaler), recompute and compile,
 the prefetching loader, a step free of host syncs and host-to-device copies (on the `meta`
-device, where every copy from the host is visible), and FSDP2's gradient sync under
-accumulation and its mixed-precision policy (two gloo processes). The tests marked `cuda` run
-the same paths on a real GPU and are skipped without one.
+device, where every copy from the host is visible; in bf16 / fp16 with the fused optimizer,
+which the meta device cannot run, on the CPU, where the step reads no value at all), and
+FSDP2's gradient sync under accumulation and its mixed-precision policy (two gloo processes).
+The tests marked `cuda` run the same paths on a real GPU and are skipped without one.
 """
 
 import json
@@ -186,15 +187,16 @@ def test_trainer_through_the_prefetcher_ends_with_the_same_weights(tmp_path):
 
 class HostTraffic(TorchDispatchMode):
     """Records what a GPU step must not do: read a device value on the host (`.item()`,
-    `bool(t)`: `_local_scalar_dense`) or copy a host tensor to the device."""
+    `bool(t)`: `_local_scalar_dense`) or copy a host tensor to the device. `cpu_reads`: count the
+    reads of CPU tensors too (a step on the CPU, where every tensor of a GPU step is on the CPU)."""
 
-    def __init__(self):
+    def __init__(self, cpu_reads: bool = False):
         super().__init__()
-        self.syncs, self.copies = [], []
+        self.syncs, self.copies, self.cpu_reads = [], [], cpu_reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default and args[0].device.type != "cpu":
+        if func is aten._local_scalar_dense.default and (self.cpu_reads or args[0].device.type != "cpu"):
             self.syncs.append(tuple(args[0].shape))
         out = func(*args, **kwargs)
         if func in (aten._to_copy.default, aten.copy_.default):
@@ -219,6 +221,25 @@ def test_a_step_makes_no_host_sync_and_copies_nothing_to_the_device():
         loss = step(1, batches, offsets)
     assert loss.device.type == "meta"
     assert traffic.copies == [] and traffic.syncs == []
+
+
+@pytest.mark.parametrize("precision, optimizer", [("bf16", "adamw"), ("fp16", "adamw"), ("bf16", "sgd"), ("fp16", "sgd")])
+def test_a_mixed_precision_fused_step_reads_no_value_on_the_host(precision, optimizer):
+    """The step as a GPU runs it, which the meta device cannot (no autocast, no fused kernels):
+    bf16 autocast, or fp16 with the GradScaler, the fused optimizer, clipping, 2 micro-batches. On
+    the CPU, where this step reads no tensor's value at all, so any `.item()`, `float(t)` or
+    `bool(t)` in it is one a GPU would wait for (unfused, the GradScaler reads its inf check so)."""
+    cfg = _cfg(grad_accum=2, optim=dict(lr=1e-3, grad_clip=1.0, optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else 0))
+    torch.manual_seed(0)
+    model = create_model(cfg.model.name, input_size=8, in_channels=1, num_classes=10)
+    step = TrainStep(cfg, model, Dist(), precision)
+    assert step.opt.defaults["fused"] and step.scaler.is_enabled() == (precision == "fp16")
+    batches, offsets = _batches(cfg, 2)
+    step(0, batches, offsets)  # (the optimizer's state is made in its first step)
+    traffic = HostTraffic(cpu_reads=True)
+    with traffic:
+        step(1, batches, offsets)
+    assert traffic.syncs == []
 
 
 # -- FSDP2 with two gloo processes ----------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The named parts of the training loop on their own: Reporter, Checkpointer, resume_or_start."""
 
 import copy
+import json
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -63,6 +65,96 @@ def test_checkpointer_keeps_the_last_and_resume_restores_it(tmp_path):
     start = resume_or_start(cfg, Dist(), model2, stepper2, data, "fp32")
     assert (start.step, start.position, start.checkpoint) == (2, 16, second)
     assert all(torch.equal(v, model2.state_dict()[k]) for k, v in saved.items())
+
+
+def test_checkpointer_refuses_non_finite_weights_naming_the_last_finite_checkpoint(tmp_path):
+    """The losses are computed before each update, so only the weights tell whether the update of
+    a checkpoint step diverged: a NaN in the model or in the EMA writes no checkpoint, and the
+    error names the last one written, whose weights were finite."""
+    cfg, data, model, stepper = _run(tmp_path)
+    ck = Checkpointer(tmp_path / "run", Dist(), model, stepper.ema.module, stepper.opt, {"position": 0}, keep_last=0)
+    first = ck.save(1, 8)
+    for module in (stepper.ema.module, model):  # the EMA alone, then the model alone
+        weight = next(module.blocks[0].parameters()).view(-1)
+        kept = weight[0].item()
+        with torch.no_grad():
+            weight[0] = math.nan
+        with pytest.raises(NonFiniteLossError, match=f"weights .*NaN or Inf.* The last good checkpoint is {re.escape(str(first))}\\."):
+            ck.save(2, 16)
+        assert not (tmp_path / "run" / "checkpoints" / "step-0000002").exists() and ck.last == first
+        with torch.no_grad():
+            weight[0] = kept
+    assert ck.save(2, 16) == ck.last  # finite again: written
+
+
+def test_every_rank_knows_the_last_checkpoint_and_only_rank_0_reports(tmp_path):
+    """Under torchrun rank 0 alone writes a checkpoint, but every rank names it (its folder name is
+    a function of the step), so a diverged run's message is the same on every rank; and only
+    rank 0's error is printed (`errors.is_quiet`): one message, not one per process."""
+    from ditforge.errors import is_quiet
+
+    cfg, data, model, stepper = _run(tmp_path)
+    rank1 = Dist(rank=1)  # world size 1: no process group, but not the main process
+    ck = Checkpointer(tmp_path / "run", rank1, model, stepper.ema.module, stepper.opt, {"position": 0}, keep_last=0)
+    assert ck.save(3, 24) is None and not (tmp_path / "run" / "checkpoints").exists()  # rank 1 writes nothing
+    assert ck.last == tmp_path / "run" / "checkpoints" / "step-0000003"
+    for d, quiet in ((Dist(), False), (rank1, True)):
+        r = Reporter(tmp_path, d, step=0, total=4, global_batch=8, progress=False)
+        r.add(torch.tensor(math.nan))
+        with pytest.raises(NonFiniteLossError, match="step-0000003") as e:
+            r.check_finite(4, ck.last)
+        r.close()
+        assert is_quiet(e.value) == quiet
+
+
+def test_config_json_is_replaced_whole_and_only_when_it_changes(tmp_path):
+    """Every start saves the run's config.json and every rank may read it: written in place, a kill
+    (or a reader) in the middle saw a truncated file. Now a new file is renamed over it, and an
+    unchanged config is not written at all."""
+    path = tmp_path / "config.json"
+    TrainConfig(run_dir=str(tmp_path)).save(path)
+    first = path.stat()
+    TrainConfig(run_dir=str(tmp_path)).save(path)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not written again
+    TrainConfig(run_dir=str(tmp_path), steps=900).save(path)
+    assert path.stat().st_ino != first.st_ino  # another file, complete before it took the name
+    assert TrainConfig.load(path).steps == 900 and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_resumed_precision_is_the_recorded_one_where_the_device_runs_it():
+    """`--precision auto` resumes in the precision the checkpoint was trained in, so the math stays
+    the same on another device; fp16 (GPU-only loss scaling) continues in bf16 on a CPU."""
+    from ditforge.train.device import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"  # a new run
+    assert resolve_precision("auto", cpu, recorded="bf16") == "bf16"  # a GPU run continued on a CPU
+    assert resolve_precision("auto", cpu, recorded="fp16") == "bf16"
+    assert resolve_precision("auto", cpu, recorded="fp32") == "fp32"
+    assert resolve_precision("fp32", cpu, recorded="bf16") == "fp32"  # a precision given is the run's (config.json)
+
+
+def test_a_run_resumed_on_another_device_keeps_its_precision_and_says_so(tmp_path, caplog):
+    """A checkpoint records the precision and the device type it was trained with. One that says
+    bf16 on cuda (a GPU run; edited here) resumes on this CPU in bf16, and the log says that the
+    run moved and why it is no longer bit-identical: the noise generator runs on the device."""
+    from ditforge.train.trainer import train
+
+    args = dict(run_dir=str(tmp_path / "run"), global_batch=8, ckpt_every=1, log_every=1, sample_steps="2",
+                model=dict(name="DiT-Ti/4"))
+    train(TrainConfig(**args, steps=1), progress=False)
+    path = tmp_path / "run" / "checkpoints" / "step-0000001" / "state.json"
+    state = json.loads(path.read_text())
+    assert (state["precision"], state["device"]) == ("fp32", "cpu")
+    path.write_text(json.dumps(dict(state, precision="bf16", device="cuda")))
+    with caplog.at_level(logging.INFO, logger="ditforge.train"):
+        train(TrainConfig(**args, steps=2), progress=False)
+    resumed = [m for m in caplog.messages if m.startswith("resumed from")]
+    assert len(resumed) == 1 and "bf16 on cpu" in resumed[0], caplog.messages
+    moved = [m for m in caplog.messages if "from cuda to cpu" in m]
+    assert len(moved) == 1 and "no longer bit-identical" in moved[0], caplog.messages
+    after = json.loads((tmp_path / "run" / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert (after["precision"], after["device"]) == ("bf16", "cpu")  # what step 2 was trained with
 
 
 @pytest.mark.parametrize("max_norm", [0.1, 1e3])

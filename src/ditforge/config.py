@@ -27,11 +27,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ditforge.errors import UserError
+from ditforge.errors import DamagedFileError, UserError
 from ditforge import flags
 from ditforge.flags import flag
 from ditforge.flow import FlowObjective
@@ -133,15 +134,30 @@ class DiffusionConfig:
         _positive_int("diffusion_steps", self.diffusion_steps)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass
 class OptimConfig:
-    lr: float = field(default=1e-4, metadata=flag("--lr", "AdamW learning rate"))
+    # AdamW (the paper's), or SGD: its update is linear in the gradient, so a gradient of the wrong
+    # scale shows in the weights (AdamW's barely depends on the scale; tests/test_distributed.py)
+    optimizer: str = field(default="adamw", metadata=flag(
+        "--optimizer", "AdamW, or SGD (plain unless --momentum)", choices=OPTIMIZERS))
+    lr: float = field(default=1e-4, metadata=flag("--lr", "learning rate"))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=flag("--betas", "AdamW betas", metavar=("BETA1", "BETA2")))
-    weight_decay: float = field(default=0.0, metadata=flag("--weight-decay", "AdamW weight decay"))
+    # AdamW: decoupled decay; SGD: added to the gradient (torch.optim.SGD)
+    weight_decay: float = field(default=0.0, metadata=flag("--weight-decay", "weight decay"))
+    momentum: float = field(default=0.0, metadata=flag("--momentum", "SGD momentum (--optimizer sgd only)"))
     # max global grad norm; 0 turns clipping off (the paper does not clip)
     grad_clip: float = field(default=0.0, metadata=flag("--grad-clip", "max gradient norm, 0 = off"))
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise UserError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise UserError(f"momentum {self.momentum!r} applies to --optimizer sgd only (AdamW's is its first beta, --betas)")
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists back
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"lr must be a positive finite number, got {self.lr!r}")
@@ -324,11 +340,31 @@ class TrainConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the config as JSON, only when that changes the file, and atomically: a new file in
+        the same folder, flushed to disk, renamed over the old (every start of a run saves it and
+        every rank may read it: neither a kill nor a reader may meet half a file)."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path.is_file() and path.read_bytes() == text.encode():
+            return
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The config saved at `path`; `DamagedFileError` naming it if it is not whole JSON (an
+        earlier version wrote it in place, so a kill could cut it short)."""
+        try:
+            saved = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DamagedFileError(f"{path} is damaged ({e})") from None
+        if not isinstance(saved, dict):
+            raise DamagedFileError(f"{path} is damaged (not a JSON object)")
+        return cls.from_dict(saved)
 
 
 def _paper_preset(model_name: str) -> dict[str, Any]:

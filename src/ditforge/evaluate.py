@@ -240,7 +240,8 @@ def evaluate_checkpoint(opts: EvalOptions) -> EvalResult:
     ckpt = resolve_checkpoint(opts.checkpoint)
     if ckpt.is_file():
         raise UserError(f"eval needs a ditforge run or checkpoint folder, got the file {opts.checkpoint!r}")
-    config = read_state(ckpt, ("config",))["config"]
+    state = read_state(ckpt, ("config",))
+    config = state["config"]
     data_name = config.get("data", "")
     sm = load_for_sampling(ckpt, use_ema=not opts.raw_weights, objective=opts.objective)
     device = pick_device()
@@ -253,8 +254,8 @@ def evaluate_checkpoint(opts: EvalOptions) -> EvalResult:
     else:
         decode = load_decoder(sm.autoencoder, device)
         report = evaluate_run(sm.model.to(device), config, ckpt.parent.parent, sm.class_names, *args, decode,
-                              with_fid=not opts.no_fid, inception_path=opts.inception, **how)
-        lines = [report.table()]
+                              with_fid=not opts.no_fid, inception_path=opts.inception, trained_on=state.get("data"), **how)
+        lines = [report.table()] + ([report.data_warning] if report.data_warning else [])
     lines.append(f"{ckpt} (step {sm.step}, {precision} on {device.type}): {report.line()}")
     return EvalResult(lines, dict(report.to_dict(), checkpoint=str(ckpt), step=sm.step, sampling_precision=precision))
 

@@ -20,7 +20,12 @@ and `MAX_HELDOUT` records are decoded (a seeded subset), since decoding an SD VA
 takes seconds an image.
 
 The judge, the held-out Inception statistics and the real-vs-held-out floor are cached in
-`RUN/judge/`, so later evaluations cost only the samples.
+`RUN/judge/`, so later evaluations cost only the samples. The caches are keyed on the data's
+identity (`data_key`: for a folder a digest of its files' paths and sizes, for a store of its
+manifest), since the split is taken by index: a file added or removed moves it, and then the
+caches are made again. Training records the same identity in every checkpoint; when it differs
+now (or, for a checkpoint older than the digest, the training image count), the report says the
+data changed since training (`data_change`): its held-out split may hold images the DiT trained on.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 import torch
 
 from ditforge.data.sources import ImageSet, load_data, split_indices, to_uint8
-from ditforge.data.training_data import is_latent_store
+from ditforge.data.training_data import data_identity, is_latent_store
 from ditforge.diffusion.sampling import DEFAULT_SPACING
 from ditforge.judge import Judge, load_judge, per_class_accuracy, score_heldout, train_judge
 from ditforge.models import DiT
@@ -48,9 +53,35 @@ DECODE_BATCH = 32
 REFERENCE_FILE = "heldout_inception.npz"
 
 
-def data_key(config: dict[str, Any]) -> str:
-    """What the judge's cache is valid for: the run's data and image size."""
-    return json.dumps([str(config["data"]), config.get("image_size")])
+def data_key(config: dict[str, Any], identity: dict[str, Any] | None) -> str:
+    """What the judge's and the held-out statistics' caches are valid for: the run's data, image
+    size and the data's identity now (`data_identity`: what the split is taken over)."""
+    return json.dumps([str(config["data"]), config.get("image_size"), identity and identity["digest"]])
+
+
+def data_change(trained_on: dict[str, Any] | None, now: dict[str, Any] | None, train_count: int,
+                latent: bool) -> tuple[bool | None, str | None]:
+    """Did the data change since training? (changed, the report's warning line or None), from the
+    checkpoint's `data` record: its identity's digest against `now`'s, or, for a checkpoint older
+    than the digest, its training image count against `train_count` (the training split now).
+    (None, None) when nothing was recorded."""
+    if trained_on is None or now is None:
+        return None, None
+    what, unit = ("latent store", "records") if latent else ("data folder", "files")
+    then = trained_on.get("identity")
+    if then:
+        if then.get("digest") == now["digest"]:
+            return False, None
+        counts = f"{then.get('items')} {unit} then, {now['items']} now"
+    elif trained_on.get("count") is not None:
+        if int(trained_on["count"]) == train_count:
+            return False, None
+        counts = f"{trained_on['count']} training {'records' if latent else 'images'} then, {train_count} now"
+    else:
+        return None, None
+    consequence = ("the model trained on other records than these" if latent
+                   else "the held-out split may include images the model trained on")
+    return True, f"the {what} changed since training: {counts}; {consequence}"
 
 
 def _subset(idx: np.ndarray, limit: int) -> np.ndarray:
@@ -85,6 +116,8 @@ class RealImages:
     def __init__(self, config: dict[str, Any], device: torch.device, progress: bool = False):
         self.config, self.device, self.progress = config, device, progress
         self.latent = is_latent_store(config["data"])
+        self.identity = data_identity(str(config["data"]))  # what the split is taken over now
+        self.key = data_key(config, self.identity)
         self._splits: tuple[ImageSet, ImageSet] | None = None
         self.note = (
             "latent store: the DiT trained on all records; the held-out split is 20% of them, decoded, "
@@ -113,11 +146,10 @@ def pixels(images: torch.Tensor) -> np.ndarray:
 def get_judge(run_dir: Path, real: RealImages, num_classes: int, in_channels: int, device: torch.device) -> Judge:
     """The run's cached judge, or a new one trained on its training split (and cached)."""
     folder = run_dir / "judge"
-    key = data_key(real.config)
-    judge = load_judge(folder, key, num_classes, in_channels, device)
+    judge = load_judge(folder, real.key, num_classes, in_channels, device)
     if judge is None:
         train, heldout = real.splits()
-        judge = train_judge(train.images, train.labels, num_classes, key, device)
+        judge = train_judge(train.images, train.labels, num_classes, real.key, device)
         score_heldout(judge, heldout.images, heldout.labels)
         judge.save(folder)
     return judge
@@ -142,6 +174,8 @@ class RunReport:
     recall: float | None = None
     fid_real: float | None = None  # as many real training images vs held-out: the floor
     num_heldout: int | None = None
+    data_changed: bool | None = None  # the data differs from what training recorded (None: nothing recorded)
+    data_warning: str | None = None  # the line that says so
 
     def line(self) -> str:
         worst = sorted(self.classes, key=lambda c: c["samples"])[:3]
@@ -173,11 +207,12 @@ def _inception_reference(run_dir: Path, real: RealImages, inception, progress: b
     path = run_dir / "judge" / REFERENCE_FILE
     if path.is_file() and is_reference_file(path):
         ref = load_reference(path)
-        if ref.extractor == getattr(inception, "description", ref.extractor):
+        if ref.extractor == getattr(inception, "description", ref.extractor) and ref.data == real.key:
             return ref
     _, heldout = real.splits()
     acc = accumulate_features(inception, pixels(heldout.images), keep_pool=10_000, batch_size=64, progress=progress)
     ref = acc.reference(getattr(inception, "description", ""))
+    ref.data = real.key
     save_reference(path, ref)
     return ref
 
@@ -220,8 +255,10 @@ def evaluate_run(
     spacing: str = DEFAULT_SPACING,
     cfg_interval: tuple[float, float] | None = None,
     precision: str = "fp32",
+    trained_on: dict[str, Any] | None = None,
 ) -> RunReport:
-    """Judge `per_class` samples of every class of `model`, trained with `config` in `run_dir`."""
+    """Judge `per_class` samples of every class of `model`, trained with `config` in `run_dir`;
+    `trained_on` is the checkpoint's `data` record, to tell whether the data changed since."""
     run_dir = Path(run_dir)
     sampler = sampler or default_sampler(objective)
     device = next(model.parameters()).device
@@ -248,6 +285,8 @@ def evaluate_run(
                    steps=info.steps, train_seconds=round(info.seconds, 1), cache=str(run_dir / "judge")),
         note=real.note,
     )
+    trained_now = (real.identity or {}).get("items", 0) if real.latent else info.train_count  # the DiT's share of the data now
+    report.data_changed, report.data_warning = data_change(trained_on, real.identity, trained_now, real.latent)
     if with_fid:
         from ditforge.metrics import InceptionFeatures, evaluate_batches
 

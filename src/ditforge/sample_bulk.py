@@ -62,31 +62,28 @@ def _read_settings(meta: Path) -> dict | None:
 
 def claim_parts(parts: Path, settings: dict, d: distributed.Dist) -> None:
     """Rank 0 makes `parts` and records `settings` there, or finds the shards of a run with other
-    settings; then every rank raises the same UserError, or none does. (Raised on rank 0 alone,
-    the error left the other ranks in the next collective, waiting for the process group's
-    timeout or, with gloo on one machine, failing there with an internal-error traceback.)
-    A collective: every rank calls it; it returns once rank 0 has written the settings."""
-    message = None
-    if d.is_main:
+    settings; then every rank raises the same UserError, or none does (`distributed.raise_together`:
+    raised on rank 0 alone, the error left the other ranks in the next collective, waiting for the
+    process group's timeout or, with gloo on one machine, failing there with an internal-error
+    traceback). A collective: every rank calls it; it returns once rank 0 has written the settings."""
+
+    def claim() -> None:
+        if not d.is_main:
+            return
         meta = parts / "settings.json"
         try:
             parts.mkdir(parents=True, exist_ok=True)
             if meta.exists() and _read_settings(meta) != settings:
-                message = f"{str(parts)!r} holds shards of a different sampling run; delete it or choose another --out"
-            else:
-                tmp = meta.with_name(meta.name + ".tmp")
-                tmp.write_text(json.dumps(settings, indent=2) + "\n")
-                tmp.replace(meta)  # atomic: a killed run leaves the old settings or the new, never half
+                raise UserError(f"{str(parts)!r} holds shards of a different sampling run; delete it or choose another --out")
+            tmp = meta.with_name(meta.name + ".tmp")
+            tmp.write_text(json.dumps(settings, indent=2) + "\n")
+            tmp.replace(meta)  # atomic: a killed run leaves the old settings or the new, never half
         except OSError as e:
             if e.filename is None:  # not about our files: a bug, shown as one
                 raise
-            message = str(e)  # names the file and the reason, as the command line shows an OSError
-    if d.enabled:
-        box = [message]
-        torch.distributed.broadcast_object_list(box, src=0)  # also the barrier: rank 0 has written by now
-        message = box[0]
-    if message is not None:
-        raise UserError(message)
+            raise UserError(str(e)) from None  # names the file and the reason, as the command line shows an OSError
+
+    distributed.raise_together(d, claim)
 
 
 def sample_to_npz(

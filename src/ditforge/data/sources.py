@@ -19,6 +19,7 @@ ids are the sorted sub-folder names' positions. Unreadable files are skipped and
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,21 @@ def _list_class_folders(root: Path) -> list[tuple[str, list[Path]]]:
             f"{str(root)}/<class name>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}"
         )
     return classes
+
+
+def folder_identity(root: str | Path) -> dict[str, str | int]:
+    """What an image folder's split is taken over, without reading an image: {"digest": sha256
+    hex of each image file's path relative to `root` (its class folder first) and byte size, in
+    the listing order `load_image_folder` reads them in, "items": how many files}. A file added,
+    removed, renamed or rewritten at another size changes it (and so may move `split_indices`);
+    unreadable files count, since the readable ones are what the split is taken over."""
+    root = Path(root)
+    h, n = hashlib.sha256(), 0
+    for _, files in _list_class_folders(root):
+        for f in files:
+            h.update(f"{f.relative_to(root).as_posix()}\0{f.stat().st_size}\0".encode())
+            n += 1
+    return {"digest": h.hexdigest(), "items": n}
 
 
 def load_image_folder(root: str | Path, image_size: int | None = None) -> ImageSet:

@@ -2,18 +2,22 @@
 
 Both become a `TrainingData`: the model input's shape, the class names, a source that
 `InfiniteLoader` draws batches from, and the autoencoder that turns model inputs back into
-pictures (recorded in every checkpoint, so `sample` never has to be told).
+pictures (recorded in every checkpoint, so `sample` never has to be told), and the data's
+identity (`data_identity`, recorded in every checkpoint, so `eval` can tell whether the data
+changed since training).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ditforge.config import TrainConfig
 from ditforge.data.loader import StoreSource, TensorSource
-from ditforge.data.sources import load_data
+from ditforge.data.sources import folder_identity, is_builtin, load_data
 from ditforge.errors import UserError
 
 
@@ -27,6 +31,7 @@ class TrainingData:
     source: TensorSource | StoreSource  # what InfiniteLoader draws batches from
     autoencoder: dict[str, Any]  # how model inputs become pictures (recorded in every checkpoint)
     skipped: list[tuple[str, str]]  # (file, reason) of each unreadable image left out
+    identity: dict[str, Any] | None = None  # `data_identity`: {"digest", "items"}; None for a built-in set
 
     @property
     def num_classes(self) -> int:
@@ -38,6 +43,24 @@ class TrainingData:
 
 def is_latent_store(data: str) -> bool:
     return (Path(data) / "manifest.json").is_file()
+
+
+def data_identity(data: str) -> dict[str, Any] | None:
+    """What the data's train / held-out split is taken over, cheaply: {"digest": sha256 hex,
+    "items": count}. An image folder: its image files' relative paths and sizes
+    (`sources.folder_identity`, items = files); a latent store: its manifest, canonical JSON (the
+    source, autoencoder, classes, shards and their item ranges, skipped files; items = records; the
+    records' bytes are not read); None for a built-in set (fixed by its package)."""
+    if is_builtin(data):
+        return None
+    path = Path(data)
+    if is_latent_store(data):
+        manifest = json.loads((path / "manifest.json").read_text())
+        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+        return {"digest": digest, "items": int(manifest.get("count", 0))}
+    if not path.is_dir():
+        raise UserError(f"data {data!r} is neither a built-in set, a latent store nor an existing image folder")
+    return folder_identity(path)
 
 
 def open_training_data(cfg: TrainConfig) -> TrainingData:
@@ -54,7 +77,7 @@ def open_training_data(cfg: TrainConfig) -> TrainingData:
             )
         skipped = [(s.get("file"), s.get("reason")) for s in store.manifest.get("skipped", [])]
         return TrainingData(Path(cfg.data).name, tuple(store.latent_shape), store.class_names,
-                            StoreSource(store), store.autoencoder, skipped)
+                            StoreSource(store), store.autoencoder, skipped, data_identity(cfg.data))
     images = load_data(cfg.data, "train", cfg.image_size)
     return TrainingData(images.name, images.shape, images.class_names, TensorSource(images.images, images.labels),
-                        {"kind": "identity"}, images.skipped)
+                        {"kind": "identity"}, images.skipped, data_identity(cfg.data))

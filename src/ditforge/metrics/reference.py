@@ -35,6 +35,8 @@ class RefStats:
     mu_s, sigma_s: the same statistics of the spatial features (2023 dims), or None.
     num_images: how many images the statistics were computed from.
     extractor: which network and preprocessing made the features (a description, compared on use).
+    data: which images they describe, as a cache key of its owner (`eval RUN`'s held-out split:
+    its data's digest), compared on use; "" when not recorded (a `--save-ref` file).
     """
 
     mu: np.ndarray
@@ -44,6 +46,7 @@ class RefStats:
     mu_s: np.ndarray | None = None
     sigma_s: np.ndarray | None = None
     extractor: str = ""
+    data: str = ""
 
     @property
     def pool_stats(self) -> Stats:
@@ -102,6 +105,8 @@ def save_reference(path: str | os.PathLike, ref: RefStats) -> Path:
         "mu": np.asarray(ref.mu, dtype=np.float64),
         "sigma": np.asarray(ref.sigma, dtype=np.float64),
     }
+    if ref.data:
+        arrays["data"] = np.array(ref.data)
     if ref.pool is not None:
         arrays["pool"] = np.asarray(ref.pool, dtype=np.float32)
     if ref.mu_s is not None:
@@ -167,6 +172,7 @@ def load_reference(path: str | os.PathLike) -> RefStats:
                 mu_s=get("mu_s"),
                 sigma_s=get("sigma_s"),
                 extractor=str(f["extractor"][()]) if "extractor" in keys else "",
+                data=str(f["data"][()]) if "data" in keys else "",
             )
         except UserError:
             raise

@@ -13,8 +13,19 @@ Layout of `RUN/checkpoints/step-0001200/`:
 
 A save writes everything into `.step-0001200.tmp`, flushes it to disk, then renames the folder:
 a kill at any moment leaves either the complete new checkpoint or none, and "latest" is the
-highest complete step by name (never by file size or time). Old folders beyond `keep_last`
-are removed only after the new one is in place.
+highest complete step by name (never by file size or time). A folder named `step-N` is only
+ever a whole checkpoint, and nothing but renames touch that name:
+
+- saving a step that is already there (a resumed run saving the step it resumed at) renames the
+  old folder aside to `.step-N.old` first, then the new one into place, then deletes the old;
+- deleting (keep-last-k, after the new one is in place) renames the folder to `.step-N.deleting`
+  before `rmtree` removes its files one by one, in no set order.
+
+So a kill leaves at most those hidden names beside the checkpoints, and `tidy_checkpoints` (run
+at every start) removes them, or, where a re-save was killed between its two renames, renames
+`.step-N.old` back: it is that step's checkpoint. As a second guard (folders half-deleted by an
+earlier version, which deleted in place), a checkpoint counts as complete only when all of
+`FILES` are there.
 """
 
 from __future__ import annotations
@@ -34,10 +45,26 @@ from ditforge.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+# hidden names of a step folder: being written, set aside by a re-save, being deleted
+TMP, OLD, DELETING = ".tmp", ".old", ".deleting"
+HIDDEN_DIR = re.compile(r"^\.(step-\d+)(\.tmp|\.old|\.deleting)$")
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """The folder of checkpoint `step`: a function of the step alone, so every rank knows it."""
+    return Path(run_dir) / "checkpoints" / step_dir_name(step)
+
+
+def _hidden(final: Path, suffix: str) -> Path:
+    return final.with_name(f".{final.name}{suffix}")
+
+
+def is_complete(folder: Path) -> bool:
+    return folder.is_dir() and all((folder / name).is_file() for name in FILES)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -48,9 +75,44 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     found = []
     for p in root.iterdir():
         m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "state.json").is_file():
+        if m and is_complete(p):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder so that no moment of it passes as a checkpoint: renamed to a
+    hidden name first, then its files removed. A folder that cannot be renamed stays whole."""
+    doomed = _hidden(folder, DELETING)
+    if doomed.exists():
+        shutil.rmtree(doomed)  # left by a deletion that was killed
+    try:
+        os.rename(folder, doomed)
+    except OSError:  # e.g. permissions: the folder stays, complete; keep-last tries again at the next save
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def tidy_checkpoints(run_dir: str | Path) -> list[str]:
+    """Clear what killed saves and deletions left in `run_dir/checkpoints` (module docstring);
+    return one line for each step folder recovered. For one process (rank 0) before any reads."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    recovered = []
+    for p in sorted(root.iterdir()):
+        m = HIDDEN_DIR.match(p.name)
+        if m is None:
+            continue
+        final = root / m.group(1)
+        if m.group(2) == OLD and not final.exists() and is_complete(p):
+            os.rename(p, final)  # a re-save killed between its renames: this was, and is, the checkpoint
+            recovered.append(f"{final} recovered from {p.name}, set aside by a save of the same step that was killed")
+        else:
+            shutil.rmtree(p)
+    if recovered:
+        _fsync_dir(root)
+    return recovered
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -119,10 +181,10 @@ def save_checkpoint(
     """Write the checkpoint of `step` atomically; return its folder. `extras` maps a name to the
     (weights, optimizer state) of a trained module that is not part of the model (REPA's
     projector): NAME.safetensors, NAME_optimizer.safetensors, state.json's extras[NAME]."""
-    root = Path(run_dir) / "checkpoints"
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".{final.name}.tmp"
+    tmp = _hidden(final, TMP)
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a save that was killed
     tmp.mkdir()
@@ -146,14 +208,21 @@ def save_checkpoint(
             os.fsync(f.fileno())
     _fsync_dir(tmp)
 
-    if final.exists():  # the same step saved again (e.g. the final save after a resume at it)
-        shutil.rmtree(final)
+    # The same step saved again (e.g. the final save after a resume at it): at every moment the
+    # folder or its `.old` copy is a whole checkpoint of this step (tidy_checkpoints recovers it).
+    old = _hidden(final, OLD)
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)  # stale: `final` is the checkpoint
+        os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(root)
+    if old.exists():
+        shutil.rmtree(old)
 
     if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(run_dir)[:-keep_last]:
+            remove_checkpoint(stale)
     return final
 
 

@@ -19,8 +19,19 @@ def pick_device() -> torch.device:
     return local_device()
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on GPUs that support it, fp32 otherwise; explicit choices are checked."""
+def resolve_precision(precision: str, device: torch.device, recorded: str | None = None) -> str:
+    """'auto' -> bf16 on GPUs that support it, fp32 otherwise; explicit choices are checked.
+
+    `recorded`: the precision a resumed run's checkpoint was trained in (None: a new run, or a
+    checkpoint older than the record). 'auto' keeps it where `device` runs it, so a GPU run
+    continued on a CPU (or the reverse) does the same arithmetic; fp16, whose loss scaling is
+    GPU-only, continues in the other 16-bit format, bf16, on a CPU; anything else this device
+    cannot run falls back to this device's own choice."""
+    if precision == "auto" and recorded is not None:
+        if _runs_on(recorded, device):
+            return recorded
+        if recorded == "fp16" and device.type != "cuda":
+            return "bf16"
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
@@ -30,6 +41,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU does not support bf16; use --precision fp16 or fp32")
     return precision
+
+
+def _runs_on(precision: str, device: torch.device) -> bool:
+    if precision == "fp16":
+        return device.type == "cuda"
+    if precision == "bf16" and device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return precision in ("bf16", "fp32")  # a CPU runs bf16 autocast (natively or not) and fp32
 
 
 def autocast(precision: str, device: torch.device):

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ditforge.errors import UserError
+from ditforge.errors import NonFiniteLossError, UserError, quiet
+
+T = TypeVar("T")
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -93,6 +96,37 @@ def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     y = x.clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / d.world_size
+
+
+def raise_together(d: Dist, fn: Callable[[], T]) -> T:
+    """`fn()` on this rank, and one outcome on every rank: each rank's own value when `fn` returned
+    on all of them; otherwise, on every rank, the error that the lowest failing rank raised (its
+    type and message), so that every process exits with the same status and the same one line,
+    which rank 0 alone prints (the others' copies are `errors.quiet`).
+
+    For work that only some ranks do before a collective: rank 0 reads a checkpoint's tensors
+    or the run's config.json, the others pass `fn` that returns at once. Without it an error on
+    rank 0 left the others waiting in the next collective, until gloo saw the connection close
+    (a traceback, read as a bug of ours) or NCCL's timeout. A collective itself: every rank calls
+    it at the same point. Only our own errors travel (`UserError`, `NonFiniteLossError`: one
+    line each); any other exception is a bug and propagates on its own rank, traceback intact.
+    One process: just `fn()`."""
+    if not d.enabled:
+        return fn()
+    value, error = None, None
+    try:
+        value = fn()
+    except (UserError, NonFiniteLossError) as e:
+        error = e
+    outcomes: list = [None] * d.world_size
+    dist.all_gather_object(outcomes, None if error is None else (type(error), str(error)))
+    failed = next((o for o in outcomes if o is not None), None)
+    if failed is None:
+        return value
+    kind, message = failed
+    if error is not None and (type(error), str(error)) == failed:
+        raise error if d.is_main else quiet(error)
+    raise (kind(message) if d.is_main else quiet(kind(message))) from None
 
 
 def all_true(flag: torch.Tensor, d: Dist) -> bool:

@@ -3,7 +3,9 @@ check that the loss stayed finite.
 
 The step losses are summed on the device (`add`), and read on the host only at a log line or a
 checkpoint (`log`, `check_finite`): the hot loop makes no host sync. Both reads are collectives
-under torchrun, so every rank calls them at the same steps; rank 0 alone writes.
+under torchrun, so every rank calls them at the same steps; rank 0 alone writes. A loss is
+computed before its update, so the last update before a checkpoint is checked by the
+checkpointer, on the weights (train/checkpointer.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from ditforge.evaluate import BuiltinReport
 from ditforge.evaluate_run import RunReport
-from ditforge.errors import NonFiniteLossError
+from ditforge.errors import NonFiniteLossError, quiet
 from ditforge.progress import PLAIN_INTERVAL_S, Progress
 from ditforge.train import distributed
 
@@ -52,11 +54,11 @@ class Reporter:
             self.bar.update(1)
 
     def check_finite(self, step: int, last_good: Path | None) -> None:
-        """Raise `NonFiniteLossError` naming `last_good` if any rank's loss was NaN or Inf."""
+        """Raise `NonFiniteLossError` naming `last_good` if any rank's loss was NaN or Inf: on every
+        rank (the verdict is all-reduced), printed by rank 0 alone (`errors.quiet` elsewhere)."""
         if not distributed.all_true(self.finite, self.d):
-            msg = f"the loss became NaN or Inf before step {step}; stopped. "
-            msg += f"The last good checkpoint is {last_good}." if last_good else "No checkpoint had been written."
-            raise NonFiniteLossError(msg + " Try a lower --lr, --grad-clip 1.0, or --precision bf16 instead of fp16.")
+            error = NonFiniteLossError.stopped(f"the loss became NaN or Inf before step {step}", last_good)
+            raise error if self.d.is_main else quiet(error)
 
     def log(self, step: int) -> None:
         """The mean loss across ranks since the last line, and the throughput."""

@@ -3,12 +3,13 @@ exactly what training runs.
 
 With REPA (``ditforge/repa``, Yu et al. 2024) the step also takes the model's tokens after block
 ``cfg.repa.depth`` and adds ``weight * alignment loss`` to the objective's loss; the projector has
-its own AdamW (same settings), so a run without REPA builds and steps exactly what it did before.
+its own optimizer (same settings), so a run without REPA builds and steps exactly what it did before.
 
-Holds the model and its wrappers (DDP / FSDP2, torch.compile), AdamW, the fp16 GradScaler and
-the EMA. A step draws its timesteps, noise and label-drop flags for the whole global batch from
-a generator seeded by (seed, step) and takes this rank's slices, so the result depends neither
-on the world size nor on the accumulation, and needs no RNG state to resume. No host sync here.
+Holds the model and its wrappers (DDP / FSDP2, torch.compile), the optimizer (AdamW, or SGD:
+``make_optimizer``), the fp16 GradScaler and the EMA. A step draws its timesteps, noise and
+label-drop flags for the whole global batch from a generator seeded by (seed, step) and takes
+this rank's slices, so the result depends neither on the world size nor on the accumulation,
+and needs no RNG state to resume. No host sync here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import contextlib
 
 import torch
 
-from ditforge.config import TrainConfig
+from ditforge.config import OptimConfig, TrainConfig
 from ditforge.models import DiT
 from ditforge.objectives import Objective, objective_of_run
 from ditforge.repa import Aligner, HiddenTokens
@@ -41,6 +42,18 @@ def step_randomness(cfg: TrainConfig, step: int, shape: tuple[int, ...], objecti
     return t, noise, drop
 
 
+def make_optimizer(params, cfg: OptimConfig, device: torch.device, sharded: bool = False) -> torch.optim.Optimizer:
+    """The run's optimizer over `params`: AdamW (decoupled weight decay) or SGD (plain, or with
+    `momentum`; weight decay added to the gradient). Fused, one kernel for all parameters that also
+    reads the fp16 GradScaler's inf check on the device, on GPU and CPU; not on the meta device (no
+    fused kernels), nor SGD over FSDP2's `sharded` parameters (its fused kernel has no DTensor form;
+    with fp16 that step reads the inf check on the host)."""
+    fused = device.type != "meta" and not (sharded and cfg.optimizer == "sgd")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
+
+
 class TrainStep:
     def __init__(self, cfg: TrainConfig, model: DiT, d: distributed.Dist, precision: str, repa: Aligner | None = None):
         self.cfg, self.model, self.d, self.precision = cfg, model, d, precision
@@ -51,21 +64,12 @@ class TrainStep:
         self.wrapped = distributed.wrap(model, d, cfg.parallel, precision)
         if self.fsdp:
             distributed.wrap(self.ema.module, d, "fsdp")  # shard the EMA alike: each rank averages its shard
-        self.opt = torch.optim.AdamW(
-            model.parameters(),
-            lr=cfg.optim.lr,
-            betas=cfg.optim.betas,
-            weight_decay=cfg.optim.weight_decay,
-            fused=d.device.type != "meta",  # one kernel for all parameters, on GPU and CPU
-        )
+        self.opt = make_optimizer(model.parameters(), cfg.optim, d.device, sharded=self.fsdp)
         self.repa, self.repa_opt, self.terms = repa, None, {}  # terms: 0-d losses logged beside the loss
         if repa is not None:
             # DDP even under FSDP: the projector is small, every rank keeps it whole
             self.repa_wrapped = distributed.wrap(repa.projector.to(d.device).train(), d, "ddp")
-            self.repa_opt = torch.optim.AdamW(
-                repa.projector.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
-                fused=d.device.type != "meta",
-            )
+            self.repa_opt = make_optimizer(repa.projector.parameters(), cfg.optim, d.device)
         # what --grad-clip clips with one norm: the model (sharded under FSDP), and REPA's projector (never sharded)
         self.clip_groups = [list(model.parameters())] + ([list(repa.projector.parameters())] if repa is not None else [])
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")

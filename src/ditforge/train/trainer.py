@@ -5,11 +5,12 @@ folder already holds one (rerunning the same command continues the run). Everyth
 decides the next step is restored: weights, EMA, optimizer moments and step, the data position
 and the RNG state, so a resumed run ends with the same weights as an uninterrupted one.
 
-The loop reads top to bottom over named parts, each in its own module: `resume_or_start`
-(train/resume.py), the step (train/step.py), `Reporter` (log line, TensorBoard, finiteness
-check; train/reporter.py), `Checkpointer` (train/checkpointer.py) and `Previewer` (preview grids,
-in-training evaluation; train/previewer.py). Host syncs (`.item()`) happen only at log and
-checkpoint steps: the step itself queues work.
+The loop reads top to bottom over named parts, each in its own module: `find_run` and
+`resume_or_start` (train/resume.py), the step (train/step.py), `Reporter` (log line,
+TensorBoard, finiteness of the losses; train/reporter.py), `Checkpointer` (finiteness of the
+weights, train/checkpointer.py) and `Previewer` (preview grids, in-training evaluation;
+train/previewer.py). Host syncs (`.item()`) happen only at log and checkpoint steps: the step
+itself queues work.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ditforge.train.checkpointer import Checkpointer
 from ditforge.train.device import enable_tf32, keep_freed_host_memory, resolve_precision
 from ditforge.train.previewer import Previewer
 from ditforge.train.reporter import Reporter
-from ditforge.train.resume import check_same_run, resume_or_start
+from ditforge.train.resume import find_run, resume_or_start
 from ditforge.train.step import TrainStep
 
 log = logging.getLogger("ditforge.train")
@@ -67,13 +68,18 @@ def build_model(cfg: TrainConfig, data: TrainingData) -> tuple[DiT, dict[str, An
         raise UserError(f"model {cfg.model.name} does not fit data of shape {c}x{h}x{w}: {e}") from None
 
 
-def run_metadata(cfg: TrainConfig, model_args: dict[str, Any], data: TrainingData) -> dict[str, Any]:
-    """What every checkpoint records besides tensors: enough to rebuild the model and decode its samples."""
+def run_metadata(cfg: TrainConfig, model_args: dict[str, Any], data: TrainingData, precision: str,
+                 device: torch.device) -> dict[str, Any]:
+    """What every checkpoint records besides tensors: enough to rebuild the model and decode its
+    samples, and the resolved precision and the device type it was trained with (a resume on
+    another device keeps the one and says that the other changed, train/resume.py)."""
     return dict(
         ditforge_version=__version__,
         config=cfg.to_dict(),
+        precision=precision,
+        device=device.type,
         model_args=model_args,
-        data=dict(name=data.name, class_names=data.class_names, shape=list(data.shape), count=len(data)),
+        data=dict(name=data.name, class_names=data.class_names, shape=list(data.shape), count=len(data), identity=data.identity),
         autoencoder=data.autoencoder,
     )
 
@@ -97,11 +103,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult:
-    precision = resolve_precision(cfg.precision, d.device)
+    run_dir = Path(cfg.run_dir)
+    found = find_run(cfg, d)  # the same run? its latest checkpoint, on every rank
+    precision = resolve_precision(cfg.precision, d.device, found.recorded("precision"))
     enable_tf32()
     keep_freed_host_memory()
-    run_dir = Path(cfg.run_dir)
-    check_same_run(cfg, run_dir)
     distributed.split_batch(cfg.global_batch, d, cfg.grad_accum)  # fail early on an uneven split
     data = open_training_data(cfg)
     if data.skipped and d.is_main:
@@ -111,9 +117,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
     model, model_args = build_model(cfg, data)
     aligner = build_aligner(cfg, model, data, d.device)  # REPA (None when off)
     stepper = TrainStep(cfg, model, d, precision, aligner)
-    start = resume_or_start(cfg, d, model, stepper, data, precision)
+    start = resume_or_start(cfg, d, model, stepper, data, precision, found)
     loader = open_loader(cfg, data, start.position, d, training_source(cfg, aligner, data, d.device))
-    meta = run_metadata(cfg, model_args, data)
+    meta = run_metadata(cfg, model_args, data, precision, d.device)
     extras = {"projector": (aligner.projector, stepper.repa_opt)} if aligner is not None else None
     checkpointer = Checkpointer(run_dir, d, model, stepper.ema.module, stepper.opt, meta, cfg.keep_last, start.checkpoint, extras)
     previewer = Previewer(cfg, d, data, stepper.ema.module, model_args, precision)
@@ -129,7 +135,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
                 reporter.log(step)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 reporter.check_finite(step, checkpointer.last)
-                checkpointer.save(step, loader.position)
+                checkpointer.save(step, loader.position)  # refuses weights that the last update made NaN
             if cfg.eval_every and step % cfg.eval_every == 0:
                 reporter.evaluation(step, previewer.evaluate())
             if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
