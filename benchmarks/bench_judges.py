@@ -4,7 +4,7 @@
     PYTHONPATH=src python benchmarks/bench_judges.py /tmp/mnist3k
 
 Trains each on the folder's training split (the split `ditforge train` uses) and reads its
-held-out split. The chosen one, the batch-normalised CNN, lives in `src/ditforge/judge.py`;
+held-out split. The chosen one, the batch-normalised CNN, lives in `src/ditforge/evaluation/judge.py`;
 the Inception linear probe is timed on 500 training images (Inception-v3 is the slow part).
 """
 import sys
@@ -51,7 +51,7 @@ for epochs in (5, 10, 20):
     with torch.no_grad(): pred = net(he.images).argmax(1).numpy()
     rep(f"cnn {epochs} epochs ({steps} steps)", t0, pred)
 # the chosen judge, as `ditforge eval` trains it
-from ditforge.judge import score_heldout, train_judge
+from ditforge.evaluation.judge import score_heldout, train_judge
 
 t0 = time.perf_counter()
 judge = train_judge(tr.images, tr.labels, tr.num_classes, "bench")
@@ -60,7 +60,7 @@ print(f"ditforge judge (bn-cnn, {judge.info.steps} steps): {time.perf_counter() 
 # Inception linear probe on 500 training images
 from sklearn.linear_model import LogisticRegression as LR2
 
-from ditforge.evaluate_run import pixels
+from ditforge.evaluation.run_report import pixels
 from ditforge.metrics import InceptionFeatures
 
 inc = InceptionFeatures(None, batch_size=50, spatial=False)

@@ -50,8 +50,8 @@ import torch
 from ditforge.diffusion.sampling import SAMPLERS
 from ditforge.objectives import DiffusionObjective
 from ditforge.models import create_model
-from ditforge.sample import choose_sampler, sample_batch, start_noise, step_generator
-from ditforge.sample_bulk import sample_labels
+from ditforge.sampling.generate import choose_sampler, sample_batch, start_noise, step_generator
+from ditforge.sampling.bulk import sample_labels
 from ditforge.train.device import autocast, enable_tf32, pick_device, resolve_precision
 
 

@@ -37,7 +37,7 @@ def heldout_reference(inception, images: torch.Tensor, ref_file: Path):
     """Inception statistics of `images` (N, C, H, W) in [-1, 1], cached in `ref_file`. Written
     under this process's own names, then renamed, so that runs may go in parallel."""
     from ditforge.metrics import reference_from_path, save_reference
-    from ditforge.sample_bulk import to_hwc_uint8
+    from ditforge.sampling.bulk import to_hwc_uint8
 
     if not ref_file.exists():
         npz, part = ref_file.with_name(f"heldout-{os.getpid()}.npz"), ref_file.with_name(f"{ref_file.stem}-{os.getpid()}.npz")

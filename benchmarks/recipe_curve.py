@@ -6,7 +6,7 @@ with the same budget of model evaluations (NFE; the objective's deterministic sa
 diffusion, Heun for flow) and measured:
 
 - class accuracy of the samples, read by a judge trained on the real training split (built-in
-  built-in sets: evaluate.py's SVC; image folders: the run's CNN judge of evaluate_run.py);
+  sets: evaluation/builtin.py's SVC; image folders: the run's CNN judge of evaluation/run_report.py);
 - FID (Inception-v3, ADM definitions) against the held-out real split.
 
 Results are appended to OUT/results.jsonl as they finish; a rerun resumes the training runs and
@@ -77,7 +77,7 @@ class Builtin:
 
     def __init__(self, data: str, out: Path):
         from ditforge.data.sources import load_data
-        from ditforge.evaluate import DigitJudge
+        from ditforge.evaluation.builtin import DigitJudge
         from ditforge.metrics import InceptionFeatures
         from ditforge.metrics.inception import load_inception
 
@@ -90,8 +90,8 @@ class Builtin:
     def measure(self, sm, ckpt: Path, cfg: float, sampler: str, steps: int, per_class: int, seed: int,
                 precision: str) -> dict:
         from ditforge.metrics import evaluate_batches
-        from ditforge.sample import generate
-        from ditforge.sample_bulk import to_hwc_uint8
+        from ditforge.sampling.generate import generate
+        from ditforge.sampling.bulk import to_hwc_uint8
 
         x, y = generate(sm.model, list(range(10)), per_class, cfg, steps, sampler, seed, sm.objective, precision=precision)
         accuracy = float((self.judge.predict(x) == y.numpy()).mean())
@@ -101,11 +101,11 @@ class Builtin:
 
 
 class Folder:
-    """An image folder: the run's own CNN judge and held-out split (evaluate_run.py)."""
+    """An image folder: the run's own CNN judge and held-out split (evaluation/run_report.py)."""
 
     def measure(self, sm, ckpt: Path, cfg: float, sampler: str, steps: int, per_class: int, seed: int,
                 precision: str) -> dict:
-        from ditforge.evaluate_run import evaluate_run
+        from ditforge.evaluation.run_report import evaluate_run
         from ditforge.train.checkpoint import read_state
 
         config = read_state(ckpt, ("config",))["config"]
@@ -117,7 +117,7 @@ class Folder:
 
 def measure(args: argparse.Namespace) -> None:
     from ditforge.data.sources import is_builtin
-    from ditforge.sample import load_for_sampling
+    from ditforge.sampling.load import load_for_sampling
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

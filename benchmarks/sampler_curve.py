@@ -25,12 +25,14 @@ from pathlib import Path
 from curves import append_row, heldout_reference, markdown_table, plot_by_cfg, read_rows, run_curve
 
 from ditforge.data.sources import load_data
-from ditforge.evaluate import DigitJudge, feature_statistics, frechet_distance
+from ditforge.evaluation.builtin import DigitJudge
+from ditforge.metrics.statistics import feature_statistics, frechet_distance
 from ditforge.metrics import InceptionFeatures, evaluate_batches
 from ditforge.metrics.inception import load_inception
 from ditforge.objectives import objective_sampler
-from ditforge.sample import generate, load_for_sampling
-from ditforge.sample_bulk import to_hwc_uint8
+from ditforge.sampling.generate import generate
+from ditforge.sampling.load import load_for_sampling
+from ditforge.sampling.bulk import to_hwc_uint8
 from ditforge.train.checkpoint import read_state
 
 # (sampler, steps, spacing): the baselines, then the solvers at 10, 20 (and 50) evaluations

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ditforge.models import DiT
-from ditforge.sample import choose_sampler, sample_batch
+from ditforge.sampling.generate import choose_sampler, sample_batch
 from ditforge.objectives import DiffusionObjective
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,8 +37,8 @@ def test_help_documents_every_option_with_default():
     train_help = " ".join(run_cli("train", "--help").stdout.split())  # undo argparse's line wrapping
     assert "(default: DiT-Ti/2)" in train_help and "(default: 0.001)" in train_help
     sample_help = " ".join(run_cli("sample", "--help").stdout.split())
-    assert "(default: 4.0)" in sample_help and "(default: 250; flow: 50)" in sample_help
-    assert "flow: 50) (default: None)" not in sample_help  # the help's own default text, not argparse's too
+    assert "(default: 4.0;" in sample_help and "(default: 250; flow: 50; meanflow: 1)" in sample_help
+    assert "meanflow: 1) (default: None)" not in sample_help  # the help's own default text, not argparse's too
 
 
 def test_train_writes_checkpoint_logs_and_preview(trained_run):
@@ -79,8 +79,9 @@ def test_eval_reports_accuracy_and_frechet_distance(trained_run, tmp_path):
     assert "class accuracy" in out and "Frechet distance" in out and "cfg 1.5" in out
     report = json.loads((tmp_path / "e.json").read_text())
     from ditforge.data.sources import load_data  # the class accuracy recomputed here from the same 50 samples
-    from ditforge.evaluate import DigitJudge
-    from ditforge.sample import generate, load_for_sampling
+    from ditforge.evaluation.builtin import DigitJudge
+    from ditforge.sampling.generate import generate
+    from ditforge.sampling.load import load_for_sampling
 
     sm = load_for_sampling(trained_run)
     x, y = generate(sm.model, list(range(10)), 5, 1.5, 5, None, 0, sm.objective, precision=report["sampling_precision"])

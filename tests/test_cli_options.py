@@ -13,7 +13,7 @@ from ditforge import flags
 from ditforge.cli import OPTIONS, build_parser, config_from_args
 from ditforge.config import TrainConfig, option_fields
 from ditforge.flags import options_from_args
-from ditforge.sample import SampleOptions
+from ditforge.sampling.command import SampleOptions
 
 NOT_CONFIG = {"help", "preset", "no_progress"}  # options of the command, not of the run
 
@@ -92,9 +92,10 @@ def test_every_option_of_a_command_sets_a_field_and_every_field_has_one(command)
 @pytest.mark.parametrize("command", sorted(OPTIONS))
 def test_a_command_parses_to_its_options_with_their_defaults(command):
     cls = OPTIONS[command]
-    required = {"sample": ["RUN"], "extract": ["--data", "digits", "--out", "STORE"]}.get(command, [])
+    required = {"sample": ["RUN"], "extract": ["--data", "digits", "--out", "STORE"],
+                "export": ["RUN", "--format", "hub", "--out", "STORE"]}.get(command, [])
     opts = options_from_args(cls, _parser(command).parse_args(required))
-    given = {"checkpoint": "RUN", "data": "digits", "out": "STORE"}
+    given = {"checkpoint": "RUN", "data": "digits", "out": "STORE", "format": "hub"}
     for f in dataclasses.fields(cls):
         expected = f.default if f.default is not dataclasses.MISSING else given[f.name]
         if command == "sample" and f.name == "out":

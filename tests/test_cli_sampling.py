@@ -35,8 +35,10 @@ def test_bulk_npz_and_eval_with_a_solver(trained_run, tmp_path):
     # the report's numbers recomputed here from the samples of the same solver and spacing: eval
     # judged those samples (a Frechet distance moves with any change of a sample)
     from ditforge.data.sources import load_data
-    from ditforge.evaluate import DigitJudge, feature_statistics, frechet_distance
-    from ditforge.sample import generate, load_for_sampling
+    from ditforge.evaluation.builtin import DigitJudge
+    from ditforge.metrics.statistics import feature_statistics, frechet_distance
+    from ditforge.sampling.generate import generate
+    from ditforge.sampling.load import load_for_sampling
 
     sm = load_for_sampling(trained_run)
     x, y = generate(sm.model, list(range(10)), 2, 1.5, 4, "dpm++2m", 0, sm.objective, spacing="time",

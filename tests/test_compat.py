@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import assert_close_ulps, run_cli
 from ditforge.data.store import LatentStore
 from ditforge.data.loader import InfiniteLoader, StoreSource
-from ditforge.sample import load_for_sampling
+from ditforge.sampling.load import load_for_sampling
 from ditforge.train.checkpoint import read_training_state
 
 DATA = Path(__file__).resolve().parent / "data"

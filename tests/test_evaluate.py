@@ -5,7 +5,8 @@ import pytest
 from scipy import linalg
 
 from ditforge.data.sources import load_data
-from ditforge.evaluate import DigitJudge, feature_statistics, frechet_distance
+from ditforge.evaluation.builtin import DigitJudge
+from ditforge.metrics.statistics import feature_statistics, frechet_distance
 
 
 def test_frechet_distance_closed_forms():
@@ -56,7 +57,7 @@ def test_digit_judges_svc_reads_the_digits_own_grey_levels():
     """The classic digits SVC (gamma 0.001) is fitted on scikit-learn's grey levels 0..16."""
     from sklearn.datasets import load_digits
 
-    from ditforge.evaluate import SVC_INPUT, _flat
+    from ditforge.evaluation.builtin import SVC_INPUT, _flat
 
     raw = load_digits().images.reshape(-1, 64).astype(np.float64)
     scale, gamma = SVC_INPUT["digits"]

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
 from ditforge.data.sources import load_data, to_uint8
-from ditforge.judge import load_judge, score_heldout, train_judge
+from ditforge.evaluation.judge import load_judge, score_heldout, train_judge
 
 
 def _digits_folder(root):
@@ -109,7 +109,8 @@ def test_eval_fid_against_the_held_out_split(levels_run, tmp_path):
     from ditforge.metrics import InceptionFeatures
     from ditforge.metrics.reference import load_reference
     from ditforge.objectives import default_sampler
-    from ditforge.sample import generate, load_for_sampling
+    from ditforge.sampling.generate import generate
+    from ditforge.sampling.load import load_for_sampling
 
     sm = load_for_sampling(run)
     x, _ = generate(sm.model, [0, 1], 4, 1.5, 5, default_sampler(sm.objective), 0, sm.objective,
@@ -199,7 +200,7 @@ def test_eval_after_the_data_folder_changed_refreshes_its_caches_and_says_so(tmp
 
 
 def test_data_change_is_told_from_the_recorded_digest_or_an_old_checkpoints_count():
-    from ditforge.evaluate_run import data_change
+    from ditforge.evaluation.run_report import data_change
 
     now = {"digest": "b" * 64, "items": 26}
     recorded = dict(name="levels", count=16, identity={"digest": "a" * 64, "items": 21})

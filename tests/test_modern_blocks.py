@@ -242,7 +242,7 @@ def test_all_options_train_and_grads_flow():
 def test_trained_with_options_samples_from_its_checkpoint(tmp_path):
     """`train --norm rms --mlp swiglu --rope --qk-norm` records the options; `sample` rebuilds
     the same network from the checkpoint (strict load) and draws."""
-    from ditforge.sample import load_for_sampling
+    from ditforge.sampling.load import load_for_sampling
     from ditforge.train.checkpoint import read_tensors
 
     run = tmp_path / "modern"

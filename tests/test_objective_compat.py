@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from ditforge.config import TrainConfig
 from ditforge.models import DiT
 from ditforge.objectives import DiffusionObjective, objective_sampler
-from ditforge.sample import sample_batch
+from ditforge.sampling.generate import sample_batch
 from ditforge.train.distributed import Dist
 from ditforge.train.step import TrainStep, step_randomness
 

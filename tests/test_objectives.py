@@ -14,7 +14,8 @@ from ditforge.config import TrainConfig
 from ditforge.errors import UserError
 from ditforge.models import create_model
 from ditforge.objectives import DiffusionObjective, FlowObjective, objective_from_config, objective_sampler
-from ditforge.sample import generate, load_for_sampling, start_noise
+from ditforge.sampling.generate import generate, start_noise
+from ditforge.sampling.load import load_for_sampling
 from ditforge.train.step import step_randomness
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import cpu_env, run_cli
 from ditforge.npz import NpzStreamWriter
-from ditforge.sample_bulk import sample_labels
+from ditforge.sampling.bulk import sample_labels
 from test_distributed import torchrun
 from test_sampling import record_draws
 
@@ -118,8 +118,8 @@ def test_compile_reaches_bulk_sampling(trained_run, tmp_path, monkeypatch):
     same graph capture as inductor without a C++ build), with the same images as uncompiled."""
     import torch
 
-    from ditforge.sample import SampleOptions
-    from ditforge.sample_bulk import sample_npz
+    from ditforge.sampling.command import SampleOptions
+    from ditforge.sampling.bulk import sample_npz
 
     calls = []
     real_compile = torch.compile
@@ -147,7 +147,7 @@ def _tiny_sampling_model():
     import torch
 
     from ditforge.models import create_model
-    from ditforge.sample import SamplingModel
+    from ditforge.sampling.load import SamplingModel
 
     torch.manual_seed(0)
     model = create_model("DiT-Ti/4", input_size=8, in_channels=1, num_classes=10)
@@ -164,7 +164,7 @@ def test_no_two_noise_streams_of_a_bulk_run_coincide(tmp_path, monkeypatch):
     i's step noise was sample i + 1's starting noise (seeds seed * 1_000_003 + b0 + 1 and + b0)."""
     import torch
 
-    from ditforge.sample_bulk import sample_to_npz
+    from ditforge.sampling.bulk import sample_to_npz
 
     draws = record_draws(monkeypatch)
     sample_to_npz(_tiny_sampling_model(), tmp_path / "x.npz", 6, cfg_scale=1.0, steps=3, sampler="ddpm",
@@ -180,7 +180,7 @@ def test_starting_noise_is_per_sample_so_a_deterministic_sampler_ignores_the_bat
     """The starting noise of sample i is a function of (seed, i) alone: DDIM (no step noise) gives
     the same file at batch sizes 1, 2 and 4, up to the rounding of the network at another batch
     size (one grey level)."""
-    from ditforge.sample_bulk import sample_to_npz
+    from ditforge.sampling.bulk import sample_to_npz
 
     sm = _tiny_sampling_model()
     images = {}
@@ -238,8 +238,8 @@ def test_compile_with_inductor_gives_the_images_of_eager(trained_run, tmp_path):
     where a pixel lies within that distance of a rounding boundary: 0 or 1 grey level, never 2."""
     from torch._dynamo.utils import counters
 
-    from ditforge.sample import SampleOptions
-    from ditforge.sample_bulk import sample_npz
+    from ditforge.sampling.command import SampleOptions
+    from ditforge.sampling.bulk import sample_npz
 
     base = dict(checkpoint=str(trained_run), num_samples=8, steps=5, batch_size=4, shard_size=4, precision="fp32")
     plain = sample_npz(SampleOptions(**base, out=str(tmp_path / "plain.npz")))

@@ -1,4 +1,4 @@
-"""Sampler choice (diffusion/sampling.py) and the guidance interval (guidance.py, sample.py)."""
+"""Sampler choice (diffusion/sampling.py) and the guidance interval (guidance.py, sampling/generate.py)."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from ditforge.diffusion.sampling import SAMPLERS, Sampler
 from ditforge.errors import UserError
 from ditforge.models import create_model
 from ditforge.objectives import DiffusionObjective
-from ditforge.sample import NOISE_PURPOSES, choose_sampler, generate, noise_seed
+from ditforge.sampling.generate import NOISE_PURPOSES, choose_sampler, generate, noise_seed
 
 NULL = 10
 

@@ -4,7 +4,9 @@ The FLOP count is analytic, from the architecture (the paper's "Gflops" are mult
 accumulates: DiT-XL/2 is 118.6 G MACs per forward at 256 px). A training step costs about
 3 forwards (backward = 2x forward), and 1 MAC = 2 FLOPs, so model FLOPs per image per step =
 6 x forward MACs. MFU = achieved model FLOP/s / the device's dense peak at that precision.
-Recomputation (gradient checkpointing) is not counted: MFU measures useful work.
+Recomputation (gradient checkpointing) is not counted: MFU measures useful work, and so is
+MeanFlow's forward-mode pass (``--objective meanflow``: a JVP, about one more backward's work):
+compare its step time with a flow step's, not its MFU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ditforge.flags import flag
 from ditforge.models import DiT, create_model
 from ditforge.models.attention import uses_explicit_attention
 from ditforge.models.blocks import swiglu_hidden
+from ditforge.objectives import model_options
 from ditforge.train.activation_memory import saved_bytes
 from ditforge.train import distributed
 from ditforge.train.device import enable_tf32, keep_freed_host_memory, pick_device, resolve_precision
@@ -49,6 +52,8 @@ def forward_macs(model: DiT) -> int:
     else:
         mlp = 2 * tokens * d * hidden_mlp  # fc1, fc2
     embed = tokens * d * c * p * p + 256 * d + d * d  # patchify conv; timestep MLP
+    if model.interval_embedding:
+        embed += 256 * d + d * d  # MeanFlow's interval MLP
     per_block = (
         d * 6 * d  # adaLN modulation (once per image)
         + tokens * d * 3 * d  # fused q, k, v
@@ -69,6 +74,8 @@ def parameter_count(model: DiT) -> int:
     opts = model.options
     rows = model.num_classes + (1 if model.class_dropout_prob > 0 else 0)  # + the null class
     embed = (d * c * p * p + d) + tokens * d + (256 * d + d + d * d + d) + rows * d  # patches, pos, t, y
+    if model.interval_embedding:
+        embed += 256 * d + d + d * d + d  # MeanFlow's interval MLP, as the timestep MLP
     if opts.mlp == "swiglu":
         hs = swiglu_hidden(hidden_mlp)
         mlp = (d * 2 * hs + 2 * hs) + (hs * d + d)  # w12, w3
@@ -120,6 +127,7 @@ class BenchOptions:
     precision: str = field(default="auto", metadata=flag("--precision", "autocast precision", choices=PRECISIONS))
     compile: bool = field(default=False, metadata=flag("--compile", "torch.compile the model", action="store_true"))
     grad_checkpoint: str = _same_option(TrainConfig, "grad_checkpoint")
+    objective: str = _same_option(TrainConfig, "objective")  # the step of train's objective (its defaults)
     # The block options of LightningDiT, train's own options (default: the paper's blocks)
     norm: str = _same_option(ModelConfig, "norm")
     mlp: str = _same_option(ModelConfig, "mlp")
@@ -150,6 +158,7 @@ class BenchResult:
     saved_mb_per_image: float  # activations kept for backward, MB (1e6 bytes) per image, eager
     compile_s: float | None  # first step's time beyond a timed step's, with --compile
     blocks: dict = field(default_factory=dict)  # block options that differ from the paper's (norm, mlp, rope, qk_norm)
+    objective: str = "diffusion"  # whose training step was timed
 
     def line(self) -> str:
         mem = f"{self.peak_memory_gb:.1f} GiB" if self.peak_memory_gb is not None else "n/a"
@@ -158,7 +167,7 @@ class BenchResult:
         opts += ["compile"] if self.compile else []
         compiled = f", compile {self.compile_s:.1f} s" if self.compile_s is not None else ""
         return (
-            f"{self.model} {self.channels}x{self.input_size}x{self.input_size} batch {self.batch} {self.precision}"
+            f"{self.model} {self.objective} {self.channels}x{self.input_size}x{self.input_size} batch {self.batch} {self.precision}"
             f"{' ' + '+'.join(opts) if opts else ''} grad-checkpoint {self.grad_checkpoint} on {self.device}: "
             f"{self.images_per_s:.1f} images/s, {self.step_ms:.1f} ms/step, peak memory {mem}, "
             f"{self.model_tflops:.2f} model TFLOP/s, MFU {mfu}; attention {self.attention}; "
@@ -225,9 +234,11 @@ def run_benchmark(
     steps: int = 10,
     warmup: int = 3,
     block_options: dict | None = None,
+    objective: str = "diffusion",
 ) -> BenchResult:
     """Time `steps` training steps (after `warmup`) of random latents through `TrainStep`;
-    `block_options`: ModelConfig's norm / mlp / rope / qk_norm (default: the paper's blocks)."""
+    `block_options`: ModelConfig's norm / mlp / rope / qk_norm (default: the paper's blocks);
+    `objective`: train's objective, with its default settings."""
     if steps <= 0 or warmup < 0:
         raise ValueError(f"steps must be positive and warmup non-negative, got {steps} and {warmup}")
     device = pick_device()
@@ -235,10 +246,12 @@ def run_benchmark(
     enable_tf32()
     keep_freed_host_memory()
     cfg = TrainConfig.from_dict(
-        dict(model=dict(name=model_name, **(block_options or {})), global_batch=batch, precision=precision, compile=compile, grad_checkpoint=grad_checkpoint)
+        dict(model=dict(name=model_name, **(block_options or {})), global_batch=batch, precision=precision, compile=compile,
+             grad_checkpoint=grad_checkpoint, objective=objective)
     )
     torch.manual_seed(0)
-    model = create_model(model_name, input_size=input_size, in_channels=channels, num_classes=num_classes, **cfg.model.block_options())
+    model = create_model(model_name, input_size=input_size, in_channels=channels, num_classes=num_classes,
+                         **cfg.model.block_options(), **model_options(objective))
     stepper = TrainStep(cfg, model, distributed.Dist(device=device), precision)
     saved = saved_bytes(model, stepper.objective, cfg, precision, device)  # eager, batches 1 and 2
     x = torch.randn(batch, channels, input_size, input_size, device=device)
@@ -256,6 +269,7 @@ def run_benchmark(
         attention_backend(saved.attention_ops, model, precision, device), saved.per_image / 1e6,
         max(0.0, first - seconds / steps) if compile and warmup else None,
         cfg.model.block_options(),
+        objective,
     )
 
 
@@ -264,5 +278,5 @@ def benchmark(opts: BenchOptions) -> BenchResult:
     return run_benchmark(
         opts.model, opts.input_size, opts.channels, opts.num_classes, opts.batch, opts.precision,
         opts.compile, opts.grad_checkpoint, opts.steps, opts.warmup,
-        ModelConfig(norm=opts.norm, mlp=opts.mlp, rope=opts.rope, qk_norm=opts.qk_norm).block_options(),
+        ModelConfig(norm=opts.norm, mlp=opts.mlp, rope=opts.rope, qk_norm=opts.qk_norm).block_options(), opts.objective,
     )

@@ -3,6 +3,7 @@
     ditforge train  [--preset tiny] [--data digits|FOLDER] [--run-dir runs/digits] ...
     ditforge sample RUN_OR_CHECKPOINT [--classes 3 5 7] [--per-class 8] [--cfg 4.0] --out grid.png
     ditforge eval   RUN [--per-class 50] [--cfg 1.5] [--json report.json]
+    ditforge export RUN --format diffusers|official|hub --out DIR
     ditforge bench  [--model DiT-XL/2] [--input-size 32] [--batch 64] [--precision bf16]
 
 A user's mistake (bad value, missing file, checkpoint that does not fit) is one line on
@@ -30,9 +31,10 @@ from ditforge.bench import BenchOptions
 from ditforge.config import PRESETS, TrainConfig, option_fields, preset
 from ditforge.data.store.extract import ExtractOptions
 from ditforge.errors import UserError
-from ditforge.evaluate import EvalOptions
+from ditforge.evaluation.command import EvalOptions
+from ditforge.export import ExportOptions
 from ditforge.flags import add_option, add_options, options_from_args
-from ditforge.sample import SampleOptions
+from ditforge.sampling.command import SampleOptions
 
 EXIT_DIVERGED = 1
 EXIT_USER_ERROR = 2
@@ -73,7 +75,8 @@ def _add_train(sub) -> None:
 
 
 #: The options of every command but train: one dataclass each, declared in the module that runs it.
-OPTIONS = {"extract": ExtractOptions, "sample": SampleOptions, "eval": EvalOptions, "bench": BenchOptions}
+OPTIONS = {"extract": ExtractOptions, "sample": SampleOptions, "eval": EvalOptions, "export": ExportOptions,
+           "bench": BenchOptions}
 
 _PARSERS = {
     "extract": dict(
@@ -91,6 +94,12 @@ _PARSERS = {
         "\n  ditforge eval --samples S.npz --ref REF  ADM metrics with Inception-v3; REF is an image "
         "folder, an .npz of images, or a statistics file from --save-ref",
     ),
+    "export": dict(
+        help="write a model for others: a diffusers DiTPipeline folder, the official DiT / SiT .pt, or a Hub folder",
+        description="Export the EMA weights of a run (or checkpoint, hub or diffusers folder, official .pt) as --format "
+        "diffusers (DiTPipeline.from_pretrained), official (facebookresearch/DiT or willisma/SiT models.py, strict) or "
+        "hub (model.safetensors, config.json and a model card; ditforge sample / eval / train --init-from read it).",
+    ),
     "bench": dict(help="training throughput: images/s, step time, peak memory, model FLOP/s and MFU"),
 }
 
@@ -102,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"ditforge {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{extract,train,sample,eval,bench}")
-    for name in ("extract", "train", "sample", "eval", "bench"):
+    sub = parser.add_subparsers(dest="command", metavar="{extract,train,sample,eval,export,bench}")
+    for name in ("extract", "train", "sample", "eval", "export", "bench"):
         if name == "train":
             _add_train(sub)
         else:
@@ -152,6 +161,9 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     given = {k: getattr(args, path) for k, path in _AUTO_FIELDS.items() if getattr(args, path) is not None}
     values = cfg.to_dict()
     saved_path = Path(cfg.run_dir) / "config.json"
+    adopted = _adopt_init_source(args, values, given) if cfg.init_from and not saved_path.is_file() else []
+    if adopted:
+        cfg = TrainConfig.from_dict(_preview_sampler_of_objective(args, values))
     adapt = args.preset == "tiny" and adapts_to_data(cfg.data)
     if adapt and saved_path.is_file():
         from ditforge.train.resume import saved_config  # also when config.json is damaged: the checkpoint's
@@ -167,19 +179,69 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
             node[leaf] = given[k]
         return TrainConfig.from_dict(_preview_sampler_of_objective(args, values)), lines
     if len(given) == len(_AUTO_FIELDS) or not adapt:
-        return cfg, []  # nothing to choose, the demo, or data that training will refuse with its own message
+        return cfg, adopted  # nothing to choose, the demo, or data that training will refuse with its own message
     shape, num_classes = peek_data(cfg.data, cfg.image_size)
     ch = choose_defaults(describe_device(pick_device()), shape, num_classes, cfg.global_batch, given, args.preset, False)
     for path, v in ch.as_overrides().items():
         node, leaf = _node(values, path)
         node[leaf] = v
-    return TrainConfig.from_dict(_preview_sampler_of_objective(args, values)), ch.reasons
+    return TrainConfig.from_dict(_preview_sampler_of_objective(args, values)), adopted + ch.reasons
+
+
+#: What a fresh `--init-from` run takes from the source's record unless given: the network's
+#: shape and block options, and the objective with its settings.
+_FROM_SOURCE = ("model.name", "model.learn_sigma", "model.norm", "model.mlp", "model.rope", "model.qk_norm", "objective")
+
+
+def _adopt_init_source(args: argparse.Namespace, values: dict, given: dict) -> list[str]:
+    """Fill `values` (and `given`, for train/auto.py) with the model and objective that the
+    `--init-from` source records (a run, checkpoint or hub folder: `formats.read.recorded_model`)
+    where no flag names them, under the tiny preset (a paper preset names its own model); one
+    line per value taken. Sources that record no model of ours (diffusers, official .pt) take
+    the flags, and `train/init_from.py` names the flag that would fit."""
+    from ditforge.formats.read import recorded_model
+
+    if args.preset != "tiny":
+        return []
+    record = recorded_model(values["init_from"])
+    if record is None:
+        return []
+    model_args, source_config = record
+    source = dict(model=dict(model_args), objective=source_config.get("objective", "diffusion"))
+    source["model"]["learn_sigma"] = model_args.get("learn_sigma", True)
+    objective = getattr(args, "objective", None) or source["objective"]
+    section = source_config.get(objective, {}) if objective == source["objective"] else {}
+    paths = list(_FROM_SOURCE) + [f"{objective}.{k}" for k in section]
+    lines = []
+    for path in paths:
+        if getattr(args, path, None) is not None:
+            continue
+        *parents, leaf = path.split(".")
+        node = source if parents == ["model"] or not parents else {objective: section}
+        for part in parents:
+            node = node.get(part, {})
+        if leaf not in node:
+            continue
+        target, key = _node(values, path)
+        if target.get(key) != node[leaf]:
+            target[key] = node[leaf]
+            name = "model" if path == "model.name" else path.removeprefix("model.")
+            lines.append(f"{name} {node[leaf]}: from --init-from {values['init_from']}")
+        for k, p in _AUTO_FIELDS.items():
+            if p == path:
+                given[k] = node[leaf]
+    return lines
 
 
 def _preview_sampler_of_objective(args: argparse.Namespace, values: dict) -> dict:
-    """The previews' sampler follows the (maybe chosen) objective unless --sample-sampler was given."""
+    """The previews' sampler, steps and guidance follow the (maybe chosen) objective unless
+    --sample-sampler, --sample-steps, --sample-cfg were given."""
     if getattr(args, "sample_sampler", None) is None:
         values["sample_sampler"] = ""  # "" = the objective's default (TrainConfig)
+    if getattr(args, "sample_steps", None) is None and "sample_steps" not in preset(args.preset):
+        values["sample_steps"] = ""  # "" = 50, or a few-step objective's own (TrainConfig)
+    if getattr(args, "sample_cfg", None) is None and "sample_cfg" not in preset(args.preset):
+        values["sample_cfg"] = None  # None = 4, or a MeanFlow model's built-in guidance (TrainConfig)
     return values
 
 
@@ -223,8 +285,8 @@ def _write_json(path: str | None, report: dict | None) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ditforge.sample import sample_grid
-    from ditforge.sample_bulk import sample_npz
+    from ditforge.sampling.bulk import sample_npz
+    from ditforge.sampling.command import sample_grid
 
     opts = options_from_args(SampleOptions, args)
     out = Path(opts.out)
@@ -239,7 +301,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ditforge.evaluate import evaluate_options
+    from ditforge.evaluation.command import evaluate_options
 
     opts = options_from_args(EvalOptions, args)
     for path in (opts.json, opts.save_ref):
@@ -261,6 +323,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ditforge.export import export
+
+    print(export(options_from_args(ExportOptions, args)).line())
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ditforge.bench import benchmark
 
@@ -273,7 +342,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"extract": cmd_extract, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench}
+COMMANDS = {"extract": cmd_extract, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export,
+            "bench": cmd_bench}
 
 
 # What fits in less GPU memory, per command: its own options.
@@ -284,6 +354,7 @@ LESS_MEMORY = {
     "sample": "lower --batch-size",
     "eval": "lower --batch-size",
     "extract": "lower --batch-size",
+    "export": "export on a CPU (CUDA_VISIBLE_DEVICES=)",
 }
 
 

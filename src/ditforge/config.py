@@ -36,12 +36,15 @@ from ditforge.errors import DamagedFileError, UserError
 from ditforge import flags
 from ditforge.flags import flag
 from ditforge.flow import FlowObjective
+from ditforge.meanflow import MeanFlowObjective
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PREFETCH = ("auto", "on", "off")
 PARALLEL = ("ddp", "fsdp")
 NOISE_SCHEDULES = ("linear", "cosine")
-OBJECTIVES = ("diffusion", "flow")
+OBJECTIVES = ("diffusion", "flow", "meanflow")
+#: Preview defaults of `sample_cfg` and `sample_steps` where an objective has none of its own
+PREVIEW_CFG, PREVIEW_STEPS = 4.0, "50"
 
 
 def _grad_checkpoint_help() -> str:
@@ -56,9 +59,9 @@ def _grad_checkpoint_help() -> str:
 
 
 def _sampler_names() -> tuple[str, ...]:
-    from ditforge.objectives import samplers_of
+    from ditforge.objectives import OBJECTIVES as KINDS, samplers_of
 
-    return (*samplers_of("diffusion"), *samplers_of("flow"))
+    return tuple(name for kind in KINDS for name in samplers_of(kind))
 
 
 def option_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
@@ -222,12 +225,18 @@ class TrainConfig:
     # the paper: flips for ImageNet; digits: none
     hflip: bool = field(default=False, metadata=flag("--hflip", "random horizontal flips"))
     model: ModelConfig = field(default_factory=ModelConfig)
-    # what the model learns (objectives.py): DiT's Gaussian diffusion, or SiT's flow matching
+    # weights to start from, the path as given (train/init_from.py); read at a fresh start only, a resume's checkpoint wins
+    init_from: str = field(default="", metadata=flag(
+        "--init-from", "start from these weights (a run, checkpoint, hub or diffusers folder, or an official DiT/SiT .pt "
+        "read as this run's --model and --objective): a fresh optimizer at step 0, the label table resized to this "
+        "data's classes; ignored when the run resumes from its own checkpoint", metavar="PATH", shown="none"))
+    # what the model learns (objectives.py): DiT's Gaussian diffusion, SiT's flow matching, or MeanFlow
     objective: str = field(default="diffusion", metadata=flag(
-        "--objective", "what the model learns: DiT's Gaussian diffusion (epsilon, learned variance) or SiT's flow "
-        "matching (velocity)", choices=OBJECTIVES))
+        "--objective", "what the model learns: DiT's Gaussian diffusion (epsilon, learned variance), SiT's flow "
+        "matching (velocity), or MeanFlow (the average velocity over an interval: one-step sampling)", choices=OBJECTIVES))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     flow: FlowObjective = field(default_factory=FlowObjective)  # path, prediction, training times (objective flow)
+    meanflow: MeanFlowObjective = field(default_factory=MeanFlowObjective)  # times, loss weight, guidance (objective meanflow)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = field(default=800, metadata=flag("--steps", "total optimizer steps"))
     global_batch: int = field(default=128, metadata=flag("--batch-size", "global batch size"))
@@ -254,9 +263,13 @@ class TrainConfig:
     ckpt_every: int = field(default=200, metadata=flag("--ckpt-every", "checkpoint every N steps"))
     keep_last: int = field(default=2, metadata=flag("--keep-last", "checkpoints kept, 0 = all"))
     sample_every: int = field(default=0, metadata=flag("--sample-every", "preview grid every N steps, 0 = only at the end"))
-    sample_steps: str = field(default="50", metadata=flag(  # the previews' respacing
-        "--sample-steps", "sampling steps of the previews and --eval-every (diffusion: at most --diffusion-steps)"))
-    sample_cfg: float = field(default=4.0, metadata=flag("--sample-cfg", "guidance scale of the previews"))
+    # "" = 50, or a few-step objective's own default (MeanFlow: 1); recorded resolved
+    sample_steps: str = field(default="", metadata=flag(  # the previews' respacing
+        "--sample-steps", "sampling steps of the previews and --eval-every (diffusion: at most --diffusion-steps)",
+        shown=f"{PREVIEW_STEPS}; meanflow: 1"))
+    # None = 4, or the guidance a MeanFlow model has built in (--train-cfg); recorded resolved
+    sample_cfg: float | None = field(default=None, metadata=flag(
+        "--sample-cfg", "guidance scale of the previews", shown=f"{PREVIEW_CFG}; meanflow: its --train-cfg when not 1"))
     # "" = the objective's default sampler (ddpm; heun for flows)
     sample_sampler: str = field(default="", metadata=flag(
         "--sample-sampler", "sampler of the previews and --eval-every", choices=_sampler_names, shown="ddpm; flow: heun"))
@@ -286,10 +299,17 @@ class TrainConfig:
                 self.flow = FlowObjective(**self.flow)
             except (TypeError, ValueError) as e:
                 raise UserError(f"flow settings: {e}") from None
+        if isinstance(self.meanflow, dict):
+            try:
+                self.meanflow = MeanFlowObjective(**self.meanflow)
+            except (TypeError, ValueError) as e:
+                raise UserError(f"meanflow settings: {e}") from None
         if not self.data:
             raise UserError("data must name a built-in data set (e.g. 'digits') or an image folder")
         if self.image_size is not None:
             _positive_int("image_size", self.image_size)
+        if not isinstance(self.init_from, str):
+            raise UserError(f"init_from must be a path (empty = none), got {self.init_from!r}")
         for name in ("steps", "global_batch", "log_every", "ckpt_every", "grad_accum", "eval_per_class"):
             _positive_int(name, getattr(self, name))
         for name in ("keep_last", "sample_every", "seed", "eval_every"):
@@ -302,11 +322,14 @@ class TrainConfig:
             raise UserError(f"unknown prefetch setting {self.prefetch!r}; choose one of: {', '.join(PREFETCH)}")
         if self.parallel not in PARALLEL:
             raise UserError(f"unknown parallel strategy {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
-        steps = str(self.sample_steps)
+        from ditforge.objectives import default_cfg, default_steps, objective_of_run
+
+        steps = str(self.sample_steps) if str(self.sample_steps) else str(default_steps(self.objective, int(PREVIEW_STEPS)))
         top = self.diffusion.diffusion_steps if self.objective == "diffusion" else None
         if not (steps.isdigit() and 1 <= int(steps) <= (top or int(steps))):
             limit = f"from 1 to diffusion_steps = {top}" if top else "of at least 1"
-            raise UserError(f"sample_steps (the previews' sampling steps) must be a whole number {limit}, got {self.sample_steps!r}")
+            raise UserError(f"sample_steps (the previews' sampling steps) must be a whole number {limit}, got {steps!r}"
+                            + ("" if str(self.sample_steps) else " (the default; pass --sample-steps N)"))
         self.sample_steps = steps
         from ditforge.models.recompute import normalize_spec
 
@@ -324,8 +347,35 @@ class TrainConfig:
             self.repa.depth = self.repa.depth or max(1, depth // 3)  # recorded resolved
             if self.repa.depth > depth:
                 raise UserError(f"repa depth {self.repa.depth} exceeds the {depth} blocks of {self.model.name}; choose 1 to {depth}")
+        if self.sample_cfg is None:
+            self.sample_cfg = default_cfg(objective_of_run(self), PREVIEW_CFG)
         if self.sample_cfg < 0:
             raise UserError(f"sample_cfg must be >= 0 (1 = no guidance), got {self.sample_cfg!r}")
+        if self.objective == "meanflow":
+            self._check_meanflow()
+
+    def _check_meanflow(self) -> None:
+        """What MeanFlow's JVP (models/dit.py `forward_with_tangents`) and its guidance need: one-line
+        refusals of the settings it does not run with."""
+        from ditforge.objectives import check_cfg, objective_of_run
+
+        if self.grad_checkpoint != "none":
+            raise UserError(f"--grad-checkpoint {self.grad_checkpoint} does not run with --objective meanflow: checkpointing "
+                            "recomputes outside the forward-mode pass of its JVP (torch.utils.checkpoint refuses it); use "
+                            "--grad-checkpoint none, or a smaller --batch-size with --grad-accum")
+        if self.compile:
+            raise UserError("--compile does not run with --objective meanflow: inductor fails on the JVP of torch.func.jvp "
+                            "(torch 2.13: 'ZeroTensors are immutable'); train without --compile")
+        if self.repa.encoder:
+            raise UserError("REPA (--repa-encoder) does not run with --objective meanflow yet: its hidden tokens would need "
+                            "their own JVP; train without --repa-encoder")
+        if self.meanflow.guided and not self.model.class_dropout_prob > 0:
+            raise UserError(f"--train-cfg {self.meanflow.train_cfg:g} needs the model's unconditional velocity, which needs "
+                            "label dropout; set --class-dropout 0.1 (or --train-cfg 1)")
+        try:
+            check_cfg(objective_of_run(self), self.sample_cfg)
+        except UserError as e:
+            raise UserError(f"--sample-cfg: {e}") from None
 
     # -- JSON round trip -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

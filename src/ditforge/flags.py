@@ -5,7 +5,7 @@
 Every command's parser is built from such fields: `train` from ``TrainConfig`` (sections
 expanded in place, also the flow objective's fields, declared in ``flow/objective.py``), and
 `sample`, `eval`, `extract`, `bench` from the option dataclasses of the modules that run them
-(``sample.SampleOptions``, ``evaluate.EvalOptions``, ``data.store.extract.ExtractOptions``,
+(``sampling.command.SampleOptions``, ``evaluation.command.EvalOptions``, ``data.store.extract.ExtractOptions``,
 ``bench.BenchOptions``). ``tests/test_cli_options.py`` fails if a field has no option or an
 option no field.
 """

@@ -8,15 +8,21 @@ samplers and the evaluations see only that interface:
   ``dpm++2m-sde``.
 * ``flow`` (``flow/objective.py``): SiT's flow matching, velocity (or noise / score) prediction,
   times in [0, 1]; samplers ``euler``, ``heun``, ``ab2``, ``sde``.
+* ``meanflow`` (``meanflow/objective.py``): MeanFlow (Geng et al. 2025), the average velocity over
+  an interval, times (t, r) in [0, 1]; the network takes the interval as a second time
+  (`model_options`); sampler ``meanflow``, 1 evaluation by default.
 
-    objective.sample_time(n, generator, device) -> (n,) times of a training batch
-    objective.training_losses(model, x0, t, y, noise) -> {"loss": (N,), ...}
+    objective.sample_time(n, generator, device) -> (n,) times of a training batch ((n, 2) for meanflow: t, r)
+    objective.training_losses(model, x0, t, y, noise, drop) -> {"loss": (N,), ...}
+        model(x_t, t, y, **options) the network with the step's label drops (``force_drop_ids``
+        may be overridden; meanflow passes ``interval`` and ``tangents``); drop (N,) those drops
     objective_sampler(objective, name, steps, spacing) -> sampler(denoise, noise, generator) -> x0
     sampler.guidance_times((lo, hi)) -> the guidance interval in the network's time units
+    sampler.guidance_scale(cfg) -> the classifier-free guidance scale applied at sampling
 
-The run's config (``TrainConfig.objective`` with its ``diffusion`` / ``flow`` sections) names the
-objective; every checkpoint holds that config, so ``sample`` and ``eval`` rebuild it
-(``objective_from_config``; configs written before objectives existed are diffusion).
+The run's config (``TrainConfig.objective`` with its ``diffusion`` / ``flow`` / ``meanflow``
+sections) names the objective; every checkpoint holds that config, so ``sample`` and ``eval``
+rebuild it (``objective_from_config``; configs written before objectives existed are diffusion).
 """
 
 from __future__ import annotations
@@ -31,27 +37,35 @@ from ditforge.diffusion.sampling import SAMPLERS as DIFFUSION_SAMPLERS
 from ditforge.diffusion.sampling import DEFAULT_SPACING, Sampler
 from ditforge.errors import UserError
 from ditforge.flow import FLOW_SAMPLERS, FlowObjective, FlowSampler
+from ditforge.meanflow import DEFAULT_STEPS as MEANFLOW_STEPS
+from ditforge.meanflow import MEANFLOW_SAMPLERS, MeanFlowObjective, MeanFlowSampler
 
 __all__ = [
-    "OBJECTIVES", "Objective", "DiffusionObjective", "FlowObjective", "objective_from_config", "objective_of_run", "samplers_of",
-    "default_sampler", "default_steps", "objective_sampler", "check_steps",
+    "OBJECTIVES", "Objective", "DiffusionObjective", "FlowObjective", "MeanFlowObjective", "objective_from_config",
+    "objective_of_run", "samplers_of", "default_sampler", "default_steps", "default_cfg", "check_cfg", "objective_sampler",
+    "check_steps", "model_options",
 ]
 
-OBJECTIVES = ("diffusion", "flow")
+OBJECTIVES = ("diffusion", "flow", "meanflow")
 #: Sampling defaults per objective: the paper's 250 DDPM steps; Heun for flows (SiT's ODE is
-#: adaptive dopri5; 50 Heun steps = 100 evaluations is within its error on our models).
-_DEFAULTS = {"diffusion": ("ddpm", 250), "flow": ("heun", 50)}
+#: adaptive dopri5; 50 Heun steps = 100 evaluations is within its error on our models); one
+#: MeanFlow jump (the one evaluation MeanFlow is trained for: ``meanflow/sampling.py``).
+_DEFAULTS = {"diffusion": ("ddpm", 250), "flow": ("heun", 50), "meanflow": ("meanflow", MEANFLOW_STEPS)}
+#: Objectives whose default steps belong to the model, not to a solver's accuracy: every command
+#: (also eval and the previews, which otherwise take their own) samples them with that default.
+_FEW_STEP = frozenset({"meanflow"})
 
 
 class Objective(Protocol):
-    """What ``train/step.py`` calls: implemented by ``DiffusionObjective`` and ``FlowObjective``."""
+    """What ``train/step.py`` calls: implemented by ``DiffusionObjective``, ``FlowObjective`` and
+    ``MeanFlowObjective``."""
 
     name: ClassVar[str]
 
     def sample_time(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor: ...
 
     def training_losses(
-        self, model: Callable[[Tensor, Tensor, Tensor], Tensor], x0: Tensor, t: Tensor, y: Tensor, noise: Tensor
+        self, model: Callable[..., Tensor], x0: Tensor, t: Tensor, y: Tensor, noise: Tensor, drop: Tensor | None = None
     ) -> dict[str, Tensor]: ...
 
 
@@ -61,6 +75,8 @@ def objective_from_config(config: dict[str, Any], learn_sigma: bool = True) -> O
     kind = config.get("objective", "diffusion")
     if kind == "flow":
         return FlowObjective(**config.get("flow", {}))
+    if kind == "meanflow":
+        return MeanFlowObjective(**config.get("meanflow", {}))
     if kind != "diffusion":
         raise UserError(f"unknown objective {kind!r}; choose one of: {', '.join(OBJECTIVES)}")
     d = config.get("diffusion", {})
@@ -72,17 +88,46 @@ def objective_of_run(cfg: Any) -> Objective:
     return objective_from_config(cfg.to_dict(), cfg.model.learn_sigma)
 
 
+def _kind(objective: Objective | str) -> str:
+    return objective if isinstance(objective, str) else objective.name
+
+
 def samplers_of(objective: Objective | str) -> tuple[str, ...]:
-    kind = objective if isinstance(objective, str) else objective.name
-    return FLOW_SAMPLERS if kind == "flow" else DIFFUSION_SAMPLERS
+    return {"flow": FLOW_SAMPLERS, "meanflow": MEANFLOW_SAMPLERS}.get(_kind(objective), DIFFUSION_SAMPLERS)
 
 
 def default_sampler(objective: Objective | str) -> str:
-    return _DEFAULTS[objective if isinstance(objective, str) else objective.name][0]
+    return _DEFAULTS[_kind(objective)][0]
 
 
-def default_steps(objective: Objective | str) -> int:
-    return _DEFAULTS[objective if isinstance(objective, str) else objective.name][1]
+def default_steps(objective: Objective | str, usual: int | None = None) -> int:
+    """The sampling steps when none are given: the objective's default, or `usual` where the
+    command has its own (eval: 50), except for few-step objectives (MeanFlow), whose default holds."""
+    if usual is None or _kind(objective) in _FEW_STEP:
+        return _DEFAULTS[_kind(objective)][1]
+    return usual
+
+
+def default_cfg(objective: Objective, usual: float) -> float:
+    """The guidance scale when none is given: the one built into a model trained with guidance
+    (MeanFlow's ``--train-cfg``), else the command's `usual` one (sample 4.0, eval 1.5)."""
+    return objective.train_cfg if isinstance(objective, MeanFlowObjective) and objective.guided else usual
+
+
+def check_cfg(objective: Objective, cfg: float) -> None:
+    """UserError when `cfg` is a scale a model cannot sample at: a model trained with its guidance
+    built in (MeanFlow, omega != 1) samples at that omega only."""
+    if isinstance(objective, MeanFlowObjective) and objective.guided and cfg != objective.train_cfg:
+        raise UserError(f"this MeanFlow model has guidance scale {objective.train_cfg:g} built in (trained with --train-cfg "
+                        f"{objective.train_cfg:g}) and samples at that scale only; use --cfg {objective.train_cfg:g} "
+                        f"(the default), not {cfg:g}")
+
+
+def model_options(objective: Objective | str) -> dict[str, Any]:
+    """What an objective needs of the network beyond the model config, as `create_model` keyword
+    arguments (recorded in a run's model_args): MeanFlow's interval input; nothing for the others,
+    so their model args and state-dict keys are what they were."""
+    return {"interval_embedding": True} if _kind(objective) == "meanflow" else {}
 
 
 def check_steps(objective: Objective, steps: int) -> None:
@@ -95,7 +140,7 @@ def check_steps(objective: Objective, steps: int) -> None:
 
 def objective_sampler(
     objective: Objective, name: str | None, steps: int, spacing: str = DEFAULT_SPACING
-) -> Sampler | FlowSampler:
+) -> Sampler | FlowSampler | MeanFlowSampler:
     """The sampler called ``name`` (None: the objective's default) for a model of ``objective``."""
     name = name or default_sampler(objective)
     if name not in samplers_of(objective):
@@ -106,6 +151,8 @@ def objective_sampler(
     check_steps(objective, steps)
     if isinstance(objective, FlowObjective):
         return FlowSampler(name, steps, objective)
+    if isinstance(objective, MeanFlowObjective):
+        return MeanFlowSampler(name, steps, objective)
     return Sampler(
         name, steps, objective.noise_schedule, objective.diffusion_steps, objective.learn_sigma, spacing
     )

@@ -37,7 +37,7 @@ from ditforge.config import TrainConfig
 from ditforge.diffusion import create_diffusion
 from ditforge.diffusion.sampling import Sampler
 from ditforge.models import DiT
-from ditforge.sample import sample_batch
+from ditforge.sampling.generate import sample_batch
 from ditforge.train.distributed import Dist
 from ditforge.train.step import TrainStep, step_randomness
 

@@ -368,7 +368,7 @@ def list_items(data: str, **hf) -> ItemList:
     if data.startswith("hf:"):
         return list_hf_dataset(data, **hf)
     if is_builtin(data):
-        full = load_digits("train")
+        full = load_data(data, "train")  # the split that training on the set itself uses
 
         def load(i, size, crop):
             from PIL import Image

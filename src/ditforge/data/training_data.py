@@ -13,12 +13,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ditforge.config import TrainConfig
 from ditforge.data.loader import StoreSource, TensorSource
 from ditforge.data.sources import folder_identity, is_builtin, load_data
 from ditforge.errors import UserError
+
+if TYPE_CHECKING:  # only a type: the data reads two fields of the run's config, which sits above data
+    from ditforge.config import TrainConfig
 
 
 @dataclass

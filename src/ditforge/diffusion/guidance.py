@@ -7,6 +7,9 @@
 variance channels ``v`` (when the model learns sigma) come from the conditional
 half, as in DiT.
 
+Options of the model beyond (x_t, t, y) (MeanFlow's ``interval``, one value per sample) pass
+through ``denoise(x_t, t, **options)``, doubled with the batch when guided.
+
 Guidance interval (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval
 Improves Sample and Distribution Quality in Diffusion Models", Sec. 3): guidance only for
 timesteps ``lo <= t <= hi``; elsewhere the model runs once, conditionally, on the plain batch.
@@ -54,8 +57,9 @@ def guided_denoiser(
             (per sample), the conditional model elsewhere. None (default): guide at every t.
 
     Returns:
-        ``denoise(x_t, t) -> (N, K, H, W)``: guided eps in the first ``channels``
-        channels, the conditional half's remaining channels after them.
+        ``denoise(x_t, t, **options) -> (N, K, H, W)``: guided eps in the first ``channels``
+        channels, the conditional half's remaining channels after them; ``options`` are (N,)
+        tensors passed on to the model (doubled with the batch).
     """
     if cfg_scale < 0:
         raise ValueError(
@@ -71,19 +75,20 @@ def guided_denoiser(
 
     if cfg_scale == 1.0:
 
-        def denoise_conditional(x_t: Tensor, t: Tensor) -> Tensor:
-            return model(x_t, t, y)
+        def denoise_conditional(x_t: Tensor, t: Tensor, **options: Tensor) -> Tensor:
+            return model(x_t, t, y, **options)
 
         return denoise_conditional
 
     y_null = torch.full_like(y, null_class)
     y_both = torch.cat([y, y_null])  # (2N,)
 
-    def denoise_guided(x_t: Tensor, t: Tensor) -> Tensor:
+    def denoise_guided(x_t: Tensor, t: Tensor, **options: Tensor) -> Tensor:
         n = x_t.shape[0]
         if n != y.shape[0]:
             raise ValueError(f"x_t has batch size {n} but y has {y.shape[0]} labels")
-        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), y_both.to(x_t.device))  # (2N, K, H, W)
+        both = {k: torch.cat([v, v]) for k, v in options.items()}  # (2N,) each
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), y_both.to(x_t.device), **both)  # (2N, K, H, W)
         if out.shape[1] < channels:
             raise ValueError(
                 f"model output has {out.shape[1]} channels, fewer than channels={channels} eps channels"
@@ -97,14 +102,14 @@ def guided_denoiser(
         return denoise_guided
     lo, hi = interval
 
-    def denoise_in_interval(x_t: Tensor, t: Tensor) -> Tensor:
+    def denoise_in_interval(x_t: Tensor, t: Tensor, **options: Tensor) -> Tensor:
         inside = (t >= lo) & (t <= hi)  # (N,) bool
         if not bool(inside.any()):
-            return model(x_t, t, y)  # no sample is guided at this t: the plain batch only
-        out = denoise_guided(x_t, t)  # (N, K, H, W)
+            return model(x_t, t, y, **options)  # no sample is guided at this t: the plain batch only
+        out = denoise_guided(x_t, t, **options)  # (N, K, H, W)
         if bool(inside.all()):
             return out
         # samples at different t (not done by our samplers): the unguided rows need the conditional output
-        return torch.where(inside.view(-1, *([1] * (out.ndim - 1))), out, model(x_t, t, y).to(out.dtype))
+        return torch.where(inside.view(-1, *([1] * (out.ndim - 1))), out, model(x_t, t, y, **options).to(out.dtype))
 
     return denoise_in_interval

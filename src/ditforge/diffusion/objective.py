@@ -37,6 +37,8 @@ class DiffusionObjective:
         return torch.randint(0, self.diffusion_steps, (n,), generator=generator, device=device)
 
     def training_losses(
-        self, model: Callable[[Tensor, Tensor, Tensor], Tensor], x0: Tensor, t: Tensor, y: Tensor, noise: Tensor
+        self, model: Callable[[Tensor, Tensor, Tensor], Tensor], x0: Tensor, t: Tensor, y: Tensor, noise: Tensor,
+        drop: Tensor | None = None,
     ) -> dict[str, Tensor]:
+        """``drop`` (the step's label drops, which `model` applies) does not change the target here."""
         return self.diffusion.training_losses(model, x0, t, y, noise=noise)

@@ -6,7 +6,7 @@ guided model, ``guidance.py``) and the starting noise gives x_0:
     sampler = Sampler("dpm++2m", 20, noise_schedule="linear", diffusion_steps=1000, spacing="logsnr")
     x0 = sampler(denoise, noise, generator=gen)     # (N, C, H, W), 20 model evaluations
 
-``sample.py``, ``sample_bulk.py``, ``evaluate.py`` and the training previews hold only this
+``sampling/``, ``evaluation/`` and the training previews hold only this
 object, so a new solver (the flow objective's Euler and Heun, say) is one more entry in
 ``SAMPLERS`` and one more branch in ``Sampler.__call__``, with no caller changed.
 
@@ -78,6 +78,11 @@ class Sampler:
     def guidance_times(self, interval: tuple[float, float] | None) -> tuple[float, float] | None:
         """A guidance interval in fractions of the noise level (0 = data, 1 = noise) -> model timesteps."""
         return None if interval is None else (interval[0] * self.diffusion_steps, interval[1] * self.diffusion_steps)
+
+    @staticmethod
+    def guidance_scale(cfg: float) -> float:
+        """The classifier-free guidance scale applied at sampling for ``--cfg`` ``cfg``: ``cfg``."""
+        return cfg
 
     def describe(self) -> str:
         """E.g. ``50 DDPM steps`` or ``20 DPM++2M steps (logsnr spacing)``."""

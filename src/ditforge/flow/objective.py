@@ -117,6 +117,7 @@ class FlowObjective:
         t: Tensor,  # (N,) times in [0, 1]
         y: Tensor,  # (N,) labels
         noise: Tensor,  # (N, C, H, W) eps
+        drop: Tensor | None = None,  # (N,) the step's label drops, applied by `model`; no change to the target
     ) -> dict[str, Tensor]:
         """Per-sample losses (N,): ``loss`` (the flow-matching MSE, plus the cosine term when
         ``cosine_weight`` > 0: module docstring), ``mse`` and, then, ``cosine``."""

@@ -47,6 +47,11 @@ class FlowSampler:
         """A guidance interval in fractions of the noise level t -> the network's s = 1 - t."""
         return None if interval is None else (1 - interval[1], 1 - interval[0])
 
+    @staticmethod
+    def guidance_scale(cfg: float) -> float:
+        """The classifier-free guidance scale applied at sampling for ``--cfg`` ``cfg``: ``cfg``."""
+        return cfg
+
     def describe(self) -> str:
         """E.g. ``25 HEUN steps (50 model evaluations)``."""
         return f"{self.steps} {self.name.upper()} steps ({self.nfe} model evaluations)"

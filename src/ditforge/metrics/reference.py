@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-import ditforge.evaluate as _evaluate
 from ditforge.errors import UserError
 from ditforge.metrics.inception import MissingFileError
+from ditforge.metrics.statistics import feature_statistics
 
 REFERENCE_FORMAT = "ditforge-inception-reference"
 REFERENCE_VERSION = 1
@@ -61,7 +61,7 @@ def _moments(x: np.ndarray, what: str) -> Stats:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise UserError(f"{what} features must be (N, D) with N >= 2 to estimate a covariance; got shape {x.shape}")
-    return _evaluate.feature_statistics(x)
+    return feature_statistics(x)
 
 
 def _subset(features: np.ndarray, max_count: int, seed: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 `evaluations/evaluator.py`), written from their definitions, on Inception-v3 features.
 
 - FID (Heusel et al. 2017): Frechet distance between Gaussians fitted to pool_3 features
-  (mean and unbiased covariance), `ditforge.evaluate.frechet_distance`.
+  (mean and unbiased covariance), `statistics.frechet_distance`.
 - sFID (Nash et al. 2021): the same on the spatial features (first 7 channels of mixed_6/conv).
 - Inception Score (Salimans et al. 2016): p(y|x) = softmax of the logits; for each chunk of
   `split_size` samples IS = exp(mean_x KL(p(y|x) || p(y))) with p(y) the chunk's mean prediction;
@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import ditforge.evaluate as _evaluate
 from ditforge.errors import UserError
 from ditforge.metrics.reference import RefStats, Stats
+from ditforge.metrics.statistics import frechet_distance
 
 
 def _as_stats(s: RefStats | Stats, spatial: bool) -> Stats | None:
@@ -35,7 +35,7 @@ def _as_stats(s: RefStats | Stats, spatial: bool) -> Stats | None:
 
 def fid(stats_a: RefStats | Stats, stats_b: RefStats | Stats) -> float:
     """FID between two pool_3 statistics, each (mu, sigma) or a RefStats."""
-    return _evaluate.frechet_distance(*_as_stats(stats_a, False), *_as_stats(stats_b, False))
+    return frechet_distance(*_as_stats(stats_a, False), *_as_stats(stats_b, False))
 
 
 def sfid(stats_a: RefStats | Stats, stats_b: RefStats | Stats) -> float:
@@ -43,7 +43,7 @@ def sfid(stats_a: RefStats | Stats, stats_b: RefStats | Stats) -> float:
     a, b = _as_stats(stats_a, True), _as_stats(stats_b, True)
     if a is None or b is None:
         raise UserError("sFID needs spatial statistics on both sides; this reference has none")
-    return _evaluate.frechet_distance(*a, *b)
+    return frechet_distance(*a, *b)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

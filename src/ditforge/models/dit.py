@@ -7,6 +7,15 @@ models/layers.py (norms, embedders), models/blocks.py (attention, MLPs, block, f
 models/attention.py (the attention kernels), models/positions.py (sin-cos and rotary
 position embeddings), models/recompute.py (what blocks keep for backward).
 
+Two times (MeanFlow, Geng et al. 2025, arXiv 2505.13447: ``meanflow/``; of the time conditionings
+the paper compares, (t, t - r) is its default): with ``interval_embedding=True`` the network also takes an interval
+h = t - r >= 0 through a second timestep embedder, ``h_embedder``, whose output is added to the
+conditioning, c = t_emb + y_emb + h_emb. Its last linear layer starts at zero, so at
+initialisation h_emb = 0 for every h and the network is exactly the DiT it would be without it
+(the flow model a MeanFlow fine-tune starts from). Without the option (the default) the module
+tree, the state-dict keys and ``repr`` are the official ones. ``forward(..., tangents=...)`` also
+returns the network's Jacobian-vector product along (dx, dt, dh) (``forward_with_tangents``).
+
 The module tree, parameter names and shapes follow the official checkpoints exactly
 (``DiT-XL-2-256x256.pt`` and friends load with ``strict=True``), and ``repr(model)`` matches
 the print of the reference implementation (which builds its attention and MLP from timm;
@@ -25,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ditforge.models.attention import forward_mode_attention
 from ditforge.models.blocks import MLPS, BlockOptions, DiTBlock, FinalLayer
 from ditforge.models.layers import NORMS, LabelEmbedder, PatchEmbed, TimestepEmbedder
 from ditforge.models.positions import RotaryEmbedding2D, get_2d_sincos_pos_embed
@@ -57,6 +67,7 @@ class DiT(nn.Module):
 
     ``norm``, ``mlp``, ``rope`` and ``qk_norm`` are the block options of LightningDiT (see
     `BlockOptions`); their defaults give the paper's DiT with the official state-dict keys.
+    ``interval_embedding`` adds MeanFlow's second time, the interval h (module docstring).
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class DiT(nn.Module):
         mlp: str = "gelu",
         rope: bool = False,
         qk_norm: bool = False,
+        interval_embedding: bool = False,
     ):
         super().__init__()
         for name, value in (
@@ -101,6 +113,8 @@ class DiT(nn.Module):
             raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
         if not (isinstance(class_dropout_prob, (int, float)) and 0.0 <= class_dropout_prob <= 1.0):
             raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob!r}")
+        if not isinstance(interval_embedding, bool):
+            raise ValueError(f"interval_embedding must be true or false, got {interval_embedding!r}")
         self.options = BlockOptions(norm=norm, mlp=mlp, rope=rope, qk_norm=qk_norm)
         if rope and (hidden_size // num_heads) % 4 != 0:
             raise ValueError(
@@ -121,6 +135,8 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
+        # MeanFlow's interval h = t - r (None: a one-time DiT, the official module tree and keys)
+        self.h_embedder = TimestepEmbedder(hidden_size) if interval_embedding else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding: a parameter (so it is in the state dict, as in the official
@@ -182,6 +198,14 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
+        # Interval embedding MLP: its first layer as the timestep MLP's, its output layer zero, so
+        # that h_emb = 0 for every interval h at initialisation: the network is then exactly the
+        # one-time DiT with the same other weights (a flow model that a MeanFlow fine-tune starts from).
+        if self.h_embedder is not None:
+            nn.init.normal_(self.h_embedder.mlp[0].weight, std=0.02)
+            nn.init.constant_(self.h_embedder.mlp[2].weight, 0)
+            nn.init.constant_(self.h_embedder.mlp[2].bias, 0)
+
         # adaLN-Zero: zero the modulation layers of every block, so each block starts as the
         # identity (all gates are 0).
         for block in self.blocks:
@@ -206,6 +230,11 @@ class DiT(nn.Module):
         x = x.permute(0, 5, 1, 3, 2, 4)  # (N, C', H/p, p, W/p, p) == einsum 'nhwpqc->nchpwq'
         return x.reshape(x.shape[0], c, h * p, w * p)  # (N, C', H, W)
 
+    @property
+    def interval_embedding(self) -> bool:
+        """Whether the network takes MeanFlow's interval h (module docstring)."""
+        return self.h_embedder is not None
+
     def forward(
         self,
         x: torch.Tensor,
@@ -213,6 +242,9 @@ class DiT(nn.Module):
         y: torch.Tensor,
         force_drop_ids: Optional[torch.Tensor] = None,
         return_hidden: int = 0,
+        interval: Optional[torch.Tensor] = None,
+        tangents: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
+        tangent_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (N, C, H, W) noisy inputs, t (N,) timesteps (float or int), y (N,) class ids in
         [0, num_classes) (``num_classes`` itself is the null class when it exists);
@@ -220,7 +252,14 @@ class DiT(nn.Module):
 
         ``return_hidden`` k in [1, depth] also returns the tokens (N, T, D) after block k (the
         input of block k + 1), for representation alignment (REPA, ``ditforge/repa``): the
-        output is then ``(out, hidden)``; 0 (the default) computes exactly what it did before."""
+        output is then ``(out, hidden)``; 0 (the default) computes exactly what it did before.
+
+        ``interval`` (N,) or 0-d: MeanFlow's h = t - r, for a model built with
+        ``interval_embedding`` (None there: h = 0, the instantaneous velocity). ``tangents``
+        (dx, dt, dh), shaped like (x, t, h) (dh None without an interval): the output is then
+        ``(out, d out)``, the network and its derivative along them, for the rows where
+        ``tangent_rows`` (N,) bool is set (None: all; elsewhere d out is 0 and the row costs a
+        plain forward: `forward_with_tangents`)."""
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
@@ -229,10 +268,30 @@ class DiT(nn.Module):
             )
         if t.ndim == 0:
             t = t.expand(x.shape[0])  # (N,)
+        h = self._interval(interval, t)  # (N,) or None
+        y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D), label drops drawn once
+        if tangents is not None:
+            if return_hidden:
+                raise ValueError("tangents and return_hidden cannot be combined")
+            return self.forward_with_tangents(x, t, h, y, tangents, tangent_rows)  # (N, C', H, W) twice
+        return self._network(x, t, h, y, return_hidden)
+
+    def _interval(self, interval: Optional[torch.Tensor], t: torch.Tensor) -> Optional[torch.Tensor]:
+        """The interval input (N,): as given, 0 where None; None for a one-time DiT."""
+        if self.h_embedder is None:
+            if interval is not None:
+                raise ValueError("this DiT takes no interval (built without interval_embedding)")
+            return None
+        if interval is None:
+            return torch.zeros_like(t, dtype=t.dtype if t.is_floating_point() else torch.float32)  # (N,)
+        return interval.expand(t.shape[0]) if interval.ndim == 0 else interval  # (N,)
+
+    def _network(self, x, t, h, y_emb, return_hidden: int = 0):
+        """The network from the label embedding y_emb (N, D) on: x (N, C, H, W), t (N,), h (N,) or None."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H*W / p**2
-        t = self.t_embedder(t)  # (N, D)
-        y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
-        c = t + y  # (N, D)
+        c = self.t_embedder(t) + y_emb  # (N, D)
+        if self.h_embedder is not None:
+            c = c + self.h_embedder(h)  # (N, D): + the interval's embedding (0 at initialisation)
         hidden = None
         for indices, mode in self._groups_split_at(return_hidden):
             x = run_blocks([self.blocks[i] for i in indices], x, c, mode if self.training else "none")  # (N, T, D)
@@ -241,6 +300,54 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)  # (N, T, p*p*C')
         x = self.unpatchify(x)  # (N, C', H, W)
         return x if not return_hidden else (x, hidden)  # (N, C', H, W) [, (N, T, D)]
+
+    def forward_with_tangents(self, x, t, h, y_emb, tangents, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, dF), each (N, C', H, W): the network F(x, t, h) (label embedding y_emb (N, D) fixed)
+        and its Jacobian-vector product dF = dF/dx dx + dF/dt dt + dF/dh dh along ``tangents``
+        (dx, dt, dh) (dh None without an interval), by forward-mode AD (``torch.func.jvp``) with
+        the attention kernel that has a forward-mode rule (`forward_mode_attention`).
+
+        ``rows`` (N,) bool: only those rows get the JVP; the others run the plain forward (any
+        attention kernel) and get dF = 0, which costs a caller that needs no derivative there
+        (MeanFlow at r = t) nothing extra. Selecting them reads the mask on the host (one sync
+        on a GPU). F keeps its autograd graph to the weights, so a loss on it trains them, and a
+        DDP wrapper around this module synchronises their gradients as for any forward: the JVP
+        runs inside the module's own forward, on the module itself. dF is meant as a target, to
+        be detached. Not with grad checkpointing in training: its recomputation in backward runs
+        outside the forward-mode pass and saves other tensors (torch.utils.checkpoint refuses it)."""
+        if self.training and self._grad_checkpointing != "none":
+            raise ValueError(f"grad_checkpointing {self._grad_checkpointing!r} cannot recompute a forward-mode (JVP) "
+                             "pass; use 'none'")
+        if len(tangents) != 3 or (h is None) != (tangents[2] is None):
+            raise ValueError("tangents must be (dx, dt, dh), dh None exactly when the DiT takes no interval")
+        if rows is None:
+            return self._jvp(x, t, h, y_emb, tangents)
+        picked = rows.nonzero().squeeze(1)  # (J,) the rows with a JVP (a host sync: their count)
+        rest = (~rows).nonzero().squeeze(1)  # (N - J,)
+        if rest.numel() == 0:
+            return self._jvp(x, t, h, y_emb, tangents)
+        if picked.numel() == 0:
+            out = self._network(x, t, h, y_emb)  # (N, C', H, W)
+            return out, torch.zeros_like(out)
+
+        def take(v, i):
+            return None if v is None else v[i]
+
+        out_j, d_j = self._jvp(x[picked], t[picked], take(h, picked), y_emb[picked], tuple(take(v, picked) for v in tangents))
+        out_r = self._network(x[rest], t[rest], take(h, rest), y_emb[rest])  # (N - J, C', H, W)
+        order = torch.argsort(torch.cat([picked, rest]))  # back to the rows' own order
+        return torch.cat([out_j, out_r])[order], torch.cat([d_j, torch.zeros_like(out_r)])[order]
+
+    def _jvp(self, x, t, h, y_emb, tangents) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward_with_tangents` on every row: one torch.func.jvp of the network."""
+        primals = (x, t) if h is None else (x, t, h)
+
+        def network(*inputs: torch.Tensor) -> torch.Tensor:
+            x_, t_, h_ = (*inputs, None) if h is None else inputs
+            return self._network(x_, t_, h_, y_emb)  # (N, C', H, W)
+
+        with forward_mode_attention():
+            return torch.func.jvp(network, primals, tuple(tangents[: len(primals)]))  # (N, C', H, W) twice
 
     def _groups_split_at(self, k: int) -> list[tuple[tuple[int, ...], str]]:
         """The block groups of `grad_checkpointing`, a group that holds blocks k - 1 and k cut in
@@ -299,7 +406,8 @@ def create_model(name: str, **kwargs) -> DiT:
     ``create_model("DiT-Ti/2", input_size=8, in_channels=1, num_classes=10)``.
 
     ``kwargs`` go to :class:`DiT` (input_size, in_channels, num_classes, learn_sigma,
-    class_dropout_prob, mlp_ratio, and the block options norm, mlp, rope, qk_norm); depth, hidden_size, num_heads and patch_size are fixed
+    class_dropout_prob, mlp_ratio, the block options norm, mlp, rope, qk_norm, and MeanFlow's
+    interval_embedding); depth, hidden_size, num_heads and patch_size are fixed
     by the name.
     """
     if name not in _MODEL_CONFIGS:

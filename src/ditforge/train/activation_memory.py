@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ditforge.train.device import autocast
-from ditforge.train.step import step_randomness
+from ditforge.train.step import conditioned, step_randomness
 
 
 class _StorageTracker(TorchDispatchMode):
@@ -108,9 +108,7 @@ def alive_after_forward(model, objective, cfg, x: torch.Tensor, y: torch.Tensor,
     try:
         with tracker, torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t), autocast(precision, device):
             tracker.part = "loss"
-            losses = objective.training_losses(
-                lambda x_t, tt, labels: model(x_t, tt, labels, force_drop_ids=drop), x, t, y, noise=noise
-            )
+            losses = objective.training_losses(conditioned(model, drop), x, t, y, noise=noise, drop=drop)
             loss = losses["loss"].mean()
         del losses
         gc.collect()

@@ -111,7 +111,7 @@ def tidy_checkpoints(run_dir: str | Path) -> list[str]:
         else:
             shutil.rmtree(p)
     if recovered:
-        _fsync_dir(root)
+        fsync_path(root)
     return recovered
 
 
@@ -157,7 +157,8 @@ def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (a folder: the renames into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -206,7 +207,7 @@ def save_checkpoint(
     for name in written:
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_path(tmp)
 
     # The same step saved again (e.g. the final save after a resume at it): at every moment the
     # folder or its `.old` copy is a whole checkpoint of this step (tidy_checkpoints recovers it).
@@ -216,7 +217,7 @@ def save_checkpoint(
             shutil.rmtree(old)  # stale: `final` is the checkpoint
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     if old.exists():
         shutil.rmtree(old)
 

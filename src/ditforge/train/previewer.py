@@ -14,44 +14,27 @@ from typing import Any, Callable
 import torch
 
 from ditforge.config import TrainConfig
-from ditforge.data.sources import is_builtin
 from ditforge.data.training_data import TrainingData
-from ditforge.evaluate import BuiltinReport, evaluate_builtin
-from ditforge.evaluate_run import RunReport, evaluate_run
+from ditforge.evaluation.builtin import BuiltinReport
+from ditforge.evaluation.report import evaluate_model
+from ditforge.evaluation.run_report import RunReport
 from ditforge.models import DiT, create_model
-from ditforge.pictures import make_grid, save_png_atomic
 from ditforge.objectives import objective_of_run
-from ditforge.sample import generate, load_decoder
+from ditforge.pictures import save_png_atomic
+from ditforge.sampling.generate import preview_classes, sample_picture
+from ditforge.sampling.load import load_decoder
 from ditforge.train import distributed
 
-PREVIEW_CLASSES = 10
 PREVIEW_PER_CLASS = 8
 
 
-def preview_classes(num_classes: int) -> list[int]:
-    """At most `PREVIEW_CLASSES` class ids spread evenly over `num_classes`, first and last included."""
-    if num_classes <= PREVIEW_CLASSES:
-        return list(range(num_classes))
-    return [round(i * (num_classes - 1) / (PREVIEW_CLASSES - 1)) for i in range(PREVIEW_CLASSES)]
-
-
 def save_preview(model: DiT, cfg: TrainConfig, data: TrainingData, path: Path, decode=None, precision: str = "fp32") -> Path:
-    classes = preview_classes(data.num_classes)
-    x, _ = generate(
-        model,
-        classes,
-        PREVIEW_PER_CLASS,
-        cfg_scale=cfg.sample_cfg,
-        steps=int(cfg.sample_steps),
-        sampler=cfg.sample_sampler,
-        seed=cfg.seed,
-        objective=objective_of_run(cfg),
-        precision=precision,
+    picture = sample_picture(
+        model, preview_classes(data.num_classes), data.class_names, PREVIEW_PER_CLASS, cfg.sample_cfg,
+        int(cfg.sample_steps), cfg.sample_sampler, cfg.seed, objective_of_run(cfg), decode, precision=precision,
     )
-    if decode is not None:
-        x = decode(x.to(next(model.parameters()).device)).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return save_png_atomic(make_grid(x, [data.class_names[c] for c in classes], PREVIEW_PER_CLASS), path)
+    return save_png_atomic(picture, path)
 
 
 class Previewer:
@@ -103,14 +86,8 @@ class Previewer:
         if m is None:
             return None
         cfg = self.cfg
-        if not is_builtin(cfg.data):
-            return evaluate_run(
-                m, cfg.to_dict(), self.run_dir, self.data.class_names, cfg.eval_per_class, cfg.sample_cfg,
-                int(cfg.sample_steps), cfg.sample_sampler, seed=cfg.seed, objective=objective_of_run(cfg),
-                decode=self.decode(), with_fid=cfg.eval_fid,
-                precision=self.precision,
-            )
-        return evaluate_builtin(
-            m, cfg.data, cfg.eval_per_class, cfg.sample_cfg, int(cfg.sample_steps), cfg.sample_sampler, seed=cfg.seed,
-            objective=objective_of_run(cfg), precision=self.precision,
+        return evaluate_model(
+            m, cfg.to_dict(), self.run_dir, self.data.class_names, cfg.eval_per_class, cfg.sample_cfg,
+            int(cfg.sample_steps), cfg.sample_sampler, cfg.seed, objective_of_run(cfg), self.decode(),
+            with_fid=cfg.eval_fid, precision=self.precision,
         )

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ditforge.evaluate import BuiltinReport
-from ditforge.evaluate_run import RunReport
+from ditforge.evaluation.builtin import BuiltinReport
+from ditforge.evaluation.run_report import RunReport
 from ditforge.errors import NonFiniteLossError, quiet
 from ditforge.progress import PLAIN_INTERVAL_S, Progress
 from ditforge.train import distributed

@@ -27,16 +27,29 @@ from ditforge.train.device import autocast
 from ditforge.train.ema import EMA, ema_decay_at
 
 #: Per-sample terms an objective may return beside ``loss`` that the log line and TensorBoard show
-#: (the flow objective's cosine term of ``--cosine-loss``); REPA's alignment term is added as ``repa``.
-LOGGED_TERMS = frozenset({"cosine"})
+#: (the flow objective's cosine term of ``--cosine-loss``; MeanFlow's unweighted error ``u_mse``,
+#: since its adaptively weighted loss stays near 1 / (C H W)); REPA's alignment term is added as ``repa``.
+LOGGED_TERMS = frozenset({"cosine", "u_mse"})
+
+
+def conditioned(model, drop: torch.Tensor | None):
+    """The network as an objective calls it, ``net(x_t, t, labels, **options)``: `model` (wrapped or
+    not) with this micro-batch's label drops `drop` (N,) as ``force_drop_ids``, unless the objective
+    passes its own (MeanFlow's unconditional velocity); other options (``interval``, ``tangents``)
+    pass through to the module's forward, inside the DDP wrapper's forward when there is one."""
+
+    def net(x_t, t, labels, force_drop_ids=drop, **options):
+        return model(x_t, t, labels, force_drop_ids=force_drop_ids, **options)
+
+    return net
 
 
 def step_randomness(cfg: TrainConfig, step: int, shape: tuple[int, ...], objective: Objective, device: torch.device):
-    """Times (G,), noise (G, C, H, W) and label-drop flags (G,) of the global batch of `step`."""
+    """Times (G,) (MeanFlow: (G, 2)), noise (G, C, H, W) and label-drop flags (G,) of the global batch of `step`."""
     # (meta tensors hold no values: a dry run on the meta device draws without a generator)
     g = torch.Generator(device=device).manual_seed(cfg.seed * 2**32 + step) if device.type != "meta" else None
     n = cfg.global_batch
-    t = objective.sample_time(n, g, device)  # (G,): diffusion steps, or flow times in [0, 1]
+    t = objective.sample_time(n, g, device)  # (G,): diffusion steps, or flow times in [0, 1]; (G, 2) MeanFlow's (t, r)
     noise = torch.randn((n, *shape), generator=g, device=device)  # (G, C, H, W)
     drop = torch.rand(n, generator=g, device=device) < cfg.model.class_dropout_prob  # (G,)
     return t, noise, drop
@@ -94,15 +107,14 @@ class TrainStep:
             drop = drop_all[sl] if use_drop else None
 
             if self.repa is None:
-                def forward(x_t, t, labels, drop=drop):
-                    return self.forward_model(x_t, t, labels, force_drop_ids=drop)
+                forward = conditioned(self.forward_model, drop)
             else:  # the same call, that also keeps the tokens after block `depth`
                 forward = HiddenTokens(self.forward_model, self.repa.depth, drop)
             # Reduce gradients once, in the last micro-batch's backward: DDP reads its flag in the
             # forward, FSDP2 in the backward, so the context holds both.
             with self._no_sync(skip=i < len(batches) - 1):
                 with autocast(self.precision, device):
-                    losses = self.objective.training_losses(forward, x, t_all[sl], y, noise_all[sl])
+                    losses = self.objective.training_losses(forward, x, t_all[sl], y, noise_all[sl], drop=drop)
                     loss = losses["loss"].mean() / len(batches)  # this micro-batch's share of the step loss
                     for name in LOGGED_TERMS.intersection(losses):
                         terms[name] = terms.get(name, 0) + losses[name].detach().mean() / len(batches)

@@ -6,7 +6,8 @@ decides the next step is restored: weights, EMA, optimizer moments and step, the
 and the RNG state, so a resumed run ends with the same weights as an uninterrupted one.
 
 The loop reads top to bottom over named parts, each in its own module: `find_run` and
-`resume_or_start` (train/resume.py), the step (train/step.py), `Reporter` (log line,
+`resume_or_start` (train/resume.py), `init_from.prepare` (the weights of --init-from at a fresh
+start, train/init_from.py), the step (train/step.py), `Reporter` (log line,
 TensorBoard, finiteness of the losses; train/reporter.py), `Checkpointer` (finiteness of the
 weights, train/checkpointer.py) and `Previewer` (preview grids, in-training evaluation;
 train/previewer.py). Host syncs (`.item()`) happen only at log and checkpoint steps: the step
@@ -28,8 +29,9 @@ from ditforge.data.loader import InfiniteLoader, Prefetcher
 from ditforge.data.training_data import TrainingData, open_training_data
 from ditforge.errors import UserError
 from ditforge.models import DiT, create_model
+from ditforge.objectives import model_options
 from ditforge.repa.aligner import build_aligner, training_source
-from ditforge.train import distributed
+from ditforge.train import distributed, init_from
 from ditforge.train.checkpointer import Checkpointer
 from ditforge.train.device import enable_tf32, keep_freed_host_memory, resolve_precision
 from ditforge.train.previewer import Previewer
@@ -61,6 +63,7 @@ def build_model(cfg: TrainConfig, data: TrainingData) -> tuple[DiT, dict[str, An
         learn_sigma=cfg.model.learn_sigma,
         class_dropout_prob=cfg.model.class_dropout_prob,
         **cfg.model.block_options(),
+        **model_options(cfg.objective),  # MeanFlow's interval input; nothing for the others
     )
     try:
         return create_model(**args), args
@@ -69,10 +72,11 @@ def build_model(cfg: TrainConfig, data: TrainingData) -> tuple[DiT, dict[str, An
 
 
 def run_metadata(cfg: TrainConfig, model_args: dict[str, Any], data: TrainingData, precision: str,
-                 device: torch.device) -> dict[str, Any]:
+                 device: torch.device, source: dict[str, Any] | None = None) -> dict[str, Any]:
     """What every checkpoint records besides tensors: enough to rebuild the model and decode its
     samples, and the resolved precision and the device type it was trained with (a resume on
-    another device keeps the one and says that the other changed, train/resume.py)."""
+    another device keeps the one and says that the other changed, train/resume.py), and `source`,
+    what the run's initial weights came from (--init-from: train/init_from.py `Init.record`)."""
     return dict(
         ditforge_version=__version__,
         config=cfg.to_dict(),
@@ -81,6 +85,7 @@ def run_metadata(cfg: TrainConfig, model_args: dict[str, Any], data: TrainingDat
         model_args=model_args,
         data=dict(name=data.name, class_names=data.class_names, shape=list(data.shape), count=len(data), identity=data.identity),
         autoencoder=data.autoencoder,
+        init_from=source,  # None: random initial weights
     )
 
 
@@ -115,11 +120,13 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, data)
+    init = init_from.prepare(cfg, d, model, model_args, data, found)  # --init-from at a fresh start: rank 0 reads it
     aligner = build_aligner(cfg, model, data, d.device)  # REPA (None when off)
     stepper = TrainStep(cfg, model, d, precision, aligner)
+    init.load(model, stepper.ema.module, d)  # the same weights into model and EMA on every rank (a no-op without)
     start = resume_or_start(cfg, d, model, stepper, data, precision, found)
     loader = open_loader(cfg, data, start.position, d, training_source(cfg, aligner, data, d.device))
-    meta = run_metadata(cfg, model_args, data, precision, d.device)
+    meta = run_metadata(cfg, model_args, data, precision, d.device, init.record)
     extras = {"projector": (aligner.projector, stepper.repa_opt)} if aligner is not None else None
     checkpointer = Checkpointer(run_dir, d, model, stepper.ema.module, stepper.opt, meta, cfg.keep_last, start.checkpoint, extras)
     previewer = Previewer(cfg, d, data, stepper.ema.module, model_args, precision)

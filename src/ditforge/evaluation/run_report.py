@@ -2,7 +2,7 @@
 
 One call answers "did it learn my classes?" and "how close is it to the real images?":
 
-- the judge (`ditforge.judge`, a small CNN trained once on the run's own training split and
+- the judge (`evaluation/judge.py`, a small CNN trained once on the run's own training split and
   cached in `RUN/judge/`) reads `per_class` generated samples of every class: the share read
   as the requested class, overall and per class, next to the judge's accuracy on the held-out
   real split (its ceiling) and the ratio of the two;
@@ -42,10 +42,10 @@ import torch
 from ditforge.data.sources import ImageSet, load_data, split_indices, to_uint8
 from ditforge.data.training_data import data_identity, is_latent_store
 from ditforge.diffusion.sampling import DEFAULT_SPACING
-from ditforge.judge import Judge, load_judge, per_class_accuracy, score_heldout, train_judge
+from ditforge.evaluation.judge import Judge, load_judge, per_class_accuracy, score_heldout, train_judge
 from ditforge.models import DiT
 from ditforge.objectives import DiffusionObjective, Objective, default_sampler
-from ditforge.sample import generate
+from ditforge.sampling.generate import generate
 
 MAX_TRAIN = 20_000
 MAX_HELDOUT = 10_000

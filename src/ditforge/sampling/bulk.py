@@ -3,7 +3,7 @@
 Samples are cut into shards of `shard_size`; shard k holds samples [k S, (k + 1) S). The
 starting noise of sample i comes from its own generator, seeded by (seed, i), and the step noise
 of stochastic samplers from one generator per batch, seeded by (seed, first sample of the batch)
-(`sample.noise_seed`), so the file does not depend on how many processes made it, and with a
+(`generate.noise_seed`), so the file does not depend on how many processes made it, and with a
 deterministic sampler not on the batch size either (up to the network's rounding). Under
 torchrun rank r makes shards k = r, r + W, ...; each shard is written atomically to
 `OUT.parts/`, so a killed run resumes without redoing finished shards; rank 0 then streams the
@@ -27,10 +27,10 @@ from ditforge.data.sources import to_uint8
 from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS
 from ditforge.errors import UserError
 from ditforge.npz import NpzStreamWriter, save_npz_atomic
-from ditforge.sample import (
-    SampleOptions, SamplingModel, choose_sampler, interval_text, load_for_sampling, prepare_sampling, sample_batch,
-    start_noise, step_generator,
-)
+from ditforge.sampling.command import SampleOptions, prepare_sampling
+from ditforge.sampling.generate import choose_sampler, sample_batch, start_noise, step_generator
+from ditforge.sampling.load import SamplingModel, load_for_sampling
+from ditforge.sampling.options import interval_text
 from ditforge.train import distributed
 
 
@@ -49,7 +49,7 @@ def to_hwc_uint8(x: torch.Tensor) -> np.ndarray:
     return pix.permute(0, 2, 3, 1).numpy()
 
 
-#: How the noise follows from the seed (`sample.noise_seed`), recorded with the shards.
+#: How the noise follows from the seed (`generate.noise_seed`), recorded with the shards.
 NOISE_DERIVATION = "blake2b(seed:index:purpose)"
 
 

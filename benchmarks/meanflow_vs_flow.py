@@ -1,0 +1,129 @@
+"""One- and two-step MeanFlow against the best flow recipe at 20 evaluations, at equal training
+time on this machine (issue 25's goals), on a built-in set (digits or mnist).
+
+Runs, in one sitting, each into OUT/<name>:
+- flow:        the demo's recipe (flow matching, logit-normal times, the modern blocks), STEPS steps;
+- meanflow:    the same model, batch and blocks with `--objective meanflow`, as many steps as fit
+               in the flow run's training time (the step-cost ratio measured by `ditforge bench`);
+- meanflow-g:  the same, trained with guidance `--train-cfg OMEGA` (one evaluation, guided);
+- finetune:    `--objective meanflow --init-from OUT/flow`, STEPS / 2 steps.
+and judges each with `ditforge eval` (the built-in set's SVC class accuracy and MLP-feature Frechet
+distance to its held-out split, 50 samples a class, seeds 0..SEEDS-1 averaged):
+flow at 20 Euler and 20 AB2 evaluations, cfg 1 and cfg 1.5; MeanFlow at 1 and 2 evaluations.
+
+    .venv/bin/python benchmarks/meanflow_vs_flow.py --data digits --out runs/meanflow-digits
+Results are appended to OUT/results.jsonl as they finish (a rerun resumes: trained runs resume
+from their checkpoint, finished evaluations are skipped); the table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BLOCKS = ["--norm", "rms", "--mlp", "swiglu", "--rope", "--qk-norm"]
+
+
+def cli(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "ditforge", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"ditforge {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def train(out: Path, name: str, base: list[str], *extra: str) -> float:
+    """Train OUT/name (resumes when there); the wall seconds of the command (0 when it was done)."""
+    run = out / name
+    done = out / f"{name}.seconds"
+    if done.is_file():
+        return float(done.read_text())
+    t0 = time.perf_counter()
+    cli("train", "--run-dir", str(run), *base, *extra)
+    seconds = time.perf_counter() - t0
+    done.write_text(f"{seconds:.1f}\n")
+    return seconds
+
+
+def step_ratio(out: Path, model: str, data_shape: tuple[int, int], batch: int) -> float:
+    """MeanFlow step time over flow step time, from `ditforge bench` in this sitting."""
+    times = {}
+    for objective in ("flow", "meanflow"):
+        report = out / f"bench-{objective}.json"
+        cli("bench", "--model", model, "--input-size", str(data_shape[1]), "--channels", str(data_shape[0]),
+            "--batch", str(batch), "--precision", "fp32", "--objective", objective, *BLOCKS, "--json", str(report))
+        times[objective] = json.loads(report.read_text())["step_ms"]
+    return times["meanflow"] / times["flow"]
+
+
+def evaluate(out: Path, results: Path, name: str, steps: int, cfg: float, sampler: str | None, seeds: int) -> dict:
+    key = dict(run=name, steps=steps, cfg=cfg, sampler=sampler or "meanflow")
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            if all(row.get(k) == v for k, v in key.items()):
+                return row
+    fds, accs = [], []
+    for seed in range(seeds):
+        report = out / f"{name}-{steps}-{cfg}-{key['sampler']}-{seed}.json"
+        args = ["eval", str(out / name), "--steps", str(steps), "--cfg", str(cfg), "--seed", str(seed), "--json", str(report)]
+        cli(*args, *(["--sampler", sampler] if sampler else []))
+        r = json.loads(report.read_text())
+        fds.append(r["fd_generated"])
+        accs.append(r["class_accuracy"])
+    row = dict(key, fd=sum(fds) / seeds, fds=fds, accuracy=sum(accs) / seeds, accuracies=accs,
+               fd_real=r["fd_real"], heldout_accuracy=r["heldout_accuracy"])
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="digits", choices=("digits", "mnist"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--steps", type=int, default=400, help="the flow run's steps (the demo's: 400)")
+    ap.add_argument("--model", default=None, help="default: DiT-Ti/2 (digits), DiT-Ti/4 (mnist)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--omega", type=float, default=1.5, help="training-time guidance of the guided MeanFlow run")
+    ap.add_argument("--seeds", type=int, default=2)
+    a = ap.parse_args()
+    model = a.model or ("DiT-Ti/2" if a.data == "digits" else "DiT-Ti/4")
+    shape = (1, 8) if a.data == "digits" else (1, 28)
+    out = Path(a.out or f"runs/meanflow-{a.data}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    base = ["--data", a.data, "--model", model, "--batch-size", str(a.batch), "--precision", "fp32", "--no-progress",
+            "--ckpt-every", str(a.steps), *BLOCKS]
+
+    ratio_file = out / "step_ratio.txt"
+    if not ratio_file.is_file():
+        ratio_file.write_text(f"{step_ratio(out, model, shape, a.batch):.4f}\n")
+    ratio = float(ratio_file.read_text())
+    mf_steps = max(1, round(a.steps / ratio))
+    seconds = {
+        "flow": train(out, "flow", base, "--objective", "flow", "--time-dist", "logit-normal", "--steps", str(a.steps)),
+        "meanflow": train(out, "meanflow", base, "--objective", "meanflow", "--steps", str(mf_steps)),
+        "meanflow-g": train(out, "meanflow-g", base, "--objective", "meanflow", "--train-cfg", str(a.omega),
+                            "--steps", str(mf_steps)),
+        "finetune": train(out, "finetune", base, "--objective", "meanflow", "--init-from", str(out / "flow"),
+                          "--steps", str(a.steps // 2)),
+    }
+    rows = [evaluate(out, results, "flow", 20, cfg, s, a.seeds) for cfg in (1.0, a.omega) for s in ("euler", "ab2")]
+    rows += [evaluate(out, results, n, k, 1.0, None, a.seeds) for n in ("meanflow", "finetune") for k in (1, 2)]
+    rows += [evaluate(out, results, "meanflow-g", k, a.omega, None, a.seeds) for k in (1, 2)]
+
+    print(f"{a.data}, {model}, batch {a.batch}; step cost meanflow / flow = {ratio:.2f}; flow {a.steps} steps, "
+          f"meanflow {mf_steps} steps (same time), finetune {a.steps // 2} steps from the flow run")
+    print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    print(f"{'run':<12} {'sampler':<9} {'NFE':>4} {'cfg':>4} {'FD':>8} {'acc':>6}")
+    for r in rows:
+        nfe = r["steps"]
+        print(f"{r['run']:<12} {r['sampler']:<9} {nfe:>4} {r['cfg']:>4g} {r['fd']:>8.2f} {r['accuracy']:>6.3f}")
+
+
+if __name__ == "__main__":
+    main()

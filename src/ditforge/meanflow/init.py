@@ -1,0 +1,90 @@
+"""A MeanFlow model from a trained flow model: the flow weights, and the interval embedder at zero.
+
+A MeanFlow DiT is a flow DiT plus ``h_embedder``, the embedder of the interval h = t - r
+(``models/dit.py``). With that embedder's output layer at zero it adds nothing to the
+conditioning for any h, so the MeanFlow network equals the flow network it is built from, at
+every (r, t): a fine-tune (``train --objective meanflow --init-from FLOW_RUN``) starts from the
+flow model's samples, the average velocity over any interval read as the instantaneous one.
+
+What fits (`check_flow_source`): a flow model on the linear path that predicts the velocity, the
+parameterisation MeanFlow's network shares (``objective.py``: F = -u, at h = 0 the flow's output).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ditforge.errors import UserError
+
+__all__ = ["INTERVAL_PREFIX", "interval_keys", "interval_embedder_state", "flow_state_for_meanflow", "load_flow_weights",
+           "check_flow_source"]
+
+#: State-dict prefix of the interval embedder: its keys are the only ones a flow model lacks.
+INTERVAL_PREFIX = "h_embedder."
+#: Its output layer, zero so that it contributes 0 (DiT.initialize_weights).
+_OUTPUT_LAYER = INTERVAL_PREFIX + "mlp.2."
+
+
+def interval_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """The interval embedder's keys in a state dict (empty for a one-time DiT)."""
+    return [k for k in state if k.startswith(INTERVAL_PREFIX)]
+
+
+def interval_embedder_state(target: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The interval embedder's tensors for a MeanFlow model that starts from a flow model: its first
+    layer as `target` (a MeanFlow DiT or its state dict) holds it (its own initialisation), its output
+    layer zero, so that it adds 0 for every h. UserError if `target` has no interval embedder."""
+    state = target.state_dict() if isinstance(target, nn.Module) else target
+    own = interval_keys(state)
+    if not own:
+        raise UserError("the model has no interval embedder (build it with interval_embedding=True) to add to the flow weights")
+    return {k: torch.zeros_like(state[k]) if k.startswith(_OUTPUT_LAYER) else state[k].detach().clone() for k in own}
+
+
+def check_flow_source(flow_config: Mapping) -> None:
+    """UserError unless a flow objective's settings (TrainConfig's ``flow`` section) are the ones a
+    MeanFlow network continues: the linear path, velocity prediction."""
+    path, prediction = flow_config.get("path", "linear"), flow_config.get("prediction", "velocity")
+    if (path, prediction) != ("linear", "velocity"):
+        raise UserError(f"a MeanFlow model starts from a flow model on the linear path that predicts the velocity; "
+                        f"this one has path {path!r}, prediction {prediction!r}")
+
+
+def flow_state_for_meanflow(flow_state: Mapping[str, Tensor], model: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The full state dict of the MeanFlow `model` (a DiT with ``interval_embedding``, or its state
+    dict) from a flow model's `flow_state`: every tensor from `flow_state` (same keys, same shapes,
+    cast to the model's dtypes), except the interval embedder's, which the flow model lacks
+    (`interval_embedder_state`: the model's own first layer, the output layer zero). Loads with
+    ``strict=True``; any key missing or extra beyond the interval embedder's, or of another
+    shape, is a one-line UserError."""
+    target = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    interval = interval_embedder_state(target)
+    own = list(interval)
+    if interval_keys(flow_state):
+        raise UserError("the source already has an interval embedder (h_embedder.*): it is a MeanFlow model, not a flow "
+                        "model; load it as it is")
+    mine, theirs = set(target) - set(own), set(flow_state)
+    for key in sorted(mine - theirs):
+        raise UserError(f"{key}: in the MeanFlow model but not in the flow weights; they need the same network")
+    for key in sorted(theirs - mine):
+        raise UserError(f"{key}: in the flow weights but not in the MeanFlow model; they need the same network")
+    out = {}
+    for key, value in target.items():
+        if key in interval:
+            out[key] = interval[key]
+            continue
+        source = flow_state[key]
+        if tuple(source.shape) != tuple(value.shape):
+            raise UserError(f"{key}: flow weights {tuple(source.shape)} vs MeanFlow model {tuple(value.shape)}; they need "
+                            "the same network")
+        out[key] = source.detach().to(dtype=value.dtype, device=value.device).clone()
+    return out
+
+
+def load_flow_weights(model: nn.Module, flow_state: Mapping[str, Tensor]) -> None:
+    """Load a flow model's weights into the MeanFlow `model`, the interval embedder at zero
+    (`flow_state_for_meanflow`, then ``load_state_dict(strict=True)``)."""
+    model.load_state_dict(flow_state_for_meanflow(flow_state, model), strict=True)
