@@ -98,8 +98,10 @@ def _read_report(path: Path) -> dict:
 
 
 def _data_name(weights: ModelWeights) -> str:
-    data = str(weights.objective_config.get("data") or weights.objective_config.get("training", {}).get("data", ""))
-    return data if data.startswith("hf:") or "/" not in data.rstrip("/") else Path(data.rstrip("/")).name or "unknown"
+    """The training data's name for the card: a built-in or `hf:` name as it is, a folder by its
+    last part, "unknown" where the source records none (a hub or diffusers folder)."""
+    data = str(weights.objective_config.get("data", "")).rstrip("/")
+    return (data if data.startswith("hf:") else Path(data).name) or "unknown"
 
 
 def export(opts: ExportOptions) -> ExportResult:

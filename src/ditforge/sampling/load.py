@@ -35,8 +35,8 @@ def load_for_sampling(
     if objective is not None and objective not in OBJECTIVES:
         raise UserError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     w = read_model(path, model_name, objective, use_ema)
-    return SamplingModel(w.build(), w.class_names, w.objective, source=w.source.removesuffix(f"/{Path(w.source).name}")
-                         if w.source.endswith(".safetensors") else w.source, step=w.step, autoencoder=w.autoencoder)
+    folder = str(Path(w.source).parent) if w.source.endswith(".safetensors") else w.source  # the checkpoint or hub folder
+    return SamplingModel(w.build(), w.class_names, w.objective, source=folder, step=w.step, autoencoder=w.autoencoder)
 
 
 def load_decoder(autoencoder: dict[str, Any] | str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
