@@ -5,7 +5,7 @@ import pytest
 from ditforge.bench import train_flops_per_image
 from ditforge.models import create_model
 from ditforge.train.auto import (
-    BUDGET_S, GPU_RATE, MAX_STEPS, MIN_STEPS, RATE_PER_CORE, DeviceInfo, choose_defaults, pick_patch,
+    BUDGET_S, GPU_RATE, MAX_STEPS, MIN_STEPS, MODERN_BLOCKS, RATE_PER_CORE, DeviceInfo, choose_defaults, pick_patch,
 )
 
 CPU_BF16 = DeviceInfo("cpu", 2, True)
@@ -37,9 +37,11 @@ def test_28px_folder_on_a_two_core_bf16_cpu():
     # the most steps (a multiple of 50) that fit the budget
     assert ch.steps % 50 == 0 and ch.steps * seconds <= BUDGET_S < (ch.steps + 50) * seconds
     assert ch.steps == 800  # 0.66 s a step: the tiny recipe's 800 steps fit about ten minutes
-    assert len(ch.reasons) == 4 and all(isinstance(r, str) and r for r in ch.reasons)
+    assert len(ch.reasons) == 5 and all(isinstance(r, str) and r for r in ch.reasons)
     assert ch.as_overrides() == {"model.name": "DiT-Ti/4", "precision": "bf16", "steps": 800, "objective": "flow",
-                                 "flow.time_distribution": "logit-normal"}
+                                 "flow.time_distribution": "logit-normal", "model.norm": "rms", "model.mlp": "swiglu",
+                                 "model.rope": True, "model.qk_norm": True}
+    assert any(r.startswith("blocks RMSNorm, SwiGLU, RoPE, qk-norm:") for r in ch.reasons)
 
 
 def test_cpu_without_native_bf16_stays_fp32_and_trains_fewer_steps():
@@ -61,9 +63,11 @@ def test_steps_are_clamped_and_gpu_gets_the_most():
 
 
 def test_flags_given_win_and_recipes_are_kept():
-    given = {"model": "DiT-Ti/2", "precision": "fp32", "steps": 50, "objective": "diffusion"}
+    given = {"model": "DiT-Ti/2", "precision": "fp32", "steps": 50, "objective": "diffusion", **MODERN_BLOCKS}
     ch = _choose(CPU_BF16, (1, 28, 28), given=given)
     assert (ch.model, ch.precision, ch.steps, ch.objective) == (None, None, None, None) and ch.as_overrides() == {}
+    no_rope = _choose(CPU_BF16, (1, 28, 28), given={"rope": False, "norm": "layer"})  # each block flag wins alone
+    assert no_rope.blocks == {"mlp": "swiglu", "qk_norm": True} and "blocks SwiGLU, qk-norm:" in " ".join(no_rope.reasons)
     uniform_flow = _choose(CPU_BF16, (1, 28, 28), given={"time_dist": "uniform"})
     assert uniform_flow.objective == "flow" and uniform_flow.time_distribution is None  # the user's times kept
     plain_flow = _choose(CPU_BF16, (1, 28, 28), given={"objective": "flow"})
@@ -95,13 +99,17 @@ def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(t
 
     cfg, lines = choose()
     assert (cfg.model.name, cfg.objective, cfg.flow.time_distribution) == ("DiT-Ti/4", "flow", "logit-normal")
+    assert (cfg.model.norm, cfg.model.mlp, cfg.model.rope, cfg.model.qk_norm) == ("rms", "swiglu", True, True)
     assert any(line.startswith("objective flow with logit-normal times") for line in lines)
     recorded = cfg.to_dict()
+    mine, _ = choose("--no-rope", "--norm", "layer")  # block flags win, one by one
+    assert (mine.model.norm, mine.model.mlp, mine.model.rope, mine.model.qk_norm) == ("layer", "swiglu", False, True)
     recorded.update(objective="diffusion", steps=123, sample_sampler="")
     run.mkdir()
     TrainConfig.from_dict(recorded).save(run / "config.json")
     cfg, lines = choose("--steps", "7")  # the rerun of that run: its recorded choices, the flag given wins
     assert (cfg.objective, cfg.steps, cfg.model.name) == ("diffusion", 7, "DiT-Ti/4")
+    assert cfg.model.norm == "rms" and f"norm rms: kept from {run / 'config.json'}" in lines
     assert f"objective diffusion: kept from {run / 'config.json'}" in lines and not any("steps" in line for line in lines)
 
 

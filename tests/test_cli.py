@@ -37,7 +37,7 @@ def test_help_documents_every_option_with_default():
     train_help = " ".join(run_cli("train", "--help").stdout.split())  # undo argparse's line wrapping
     assert "(default: DiT-Ti/2)" in train_help and "(default: 0.001)" in train_help
     sample_help = " ".join(run_cli("sample", "--help").stdout.split())
-    assert "(default: 4.0;" in sample_help and "(default: 250; flow: 50; meanflow: 1)" in sample_help
+    assert "(default: 4.0;" in sample_help and "(default: 20; flow: 20; meanflow: 1)" in sample_help
     assert "meanflow: 1) (default: None)" not in sample_help  # the help's own default text, not argparse's too
 
 
@@ -63,7 +63,7 @@ def test_train_log_line_has_loss_and_throughput(tmp_path):
 def test_sample_grid_is_deterministic_and_labelled(trained_run, tmp_path):
     args = ["sample", str(trained_run), "--classes", "3", "5", "7", "--per-class", "4", "--steps", "10"]
     run_cli(*args, "--seed", "0", "--out", str(tmp_path / "a.png"))
-    run_cli(*args, "--seed", "0", "--out", str(tmp_path / "b.png"), "--sampler", "ddpm")
+    run_cli(*args, "--seed", "0", "--out", str(tmp_path / "b.png"), "--sampler", "dpm++2m-sde")  # the default, named
     run_cli(*args, "--seed", "1", "--out", str(tmp_path / "c.png"))
     run_cli(*args, "--sampler", "ddim", "--cfg", "1.0", "--out", str(tmp_path / "d.png"))
     a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "abc")

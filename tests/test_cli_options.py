@@ -93,9 +93,9 @@ def test_every_option_of_a_command_sets_a_field_and_every_field_has_one(command)
 def test_a_command_parses_to_its_options_with_their_defaults(command):
     cls = OPTIONS[command]
     required = {"sample": ["RUN"], "extract": ["--data", "digits", "--out", "STORE"],
-                "export": ["RUN", "--format", "hub", "--out", "STORE"]}.get(command, [])
+                "export": ["RUN", "--format", "hub", "--out", "STORE"], "verify": ["PATH"]}.get(command, [])
     opts = options_from_args(cls, _parser(command).parse_args(required))
-    given = {"checkpoint": "RUN", "data": "digits", "out": "STORE", "format": "hub"}
+    given = {"checkpoint": "RUN", "data": "digits", "out": "STORE", "format": "hub", "path": "PATH"}
     for f in dataclasses.fields(cls):
         expected = f.default if f.default is not dataclasses.MISSING else given[f.name]
         if command == "sample" and f.name == "out":

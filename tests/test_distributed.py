@@ -1,11 +1,8 @@
 """Data-parallel training under torchrun on CPU (gloo, 2 processes), against one process."""
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -132,19 +129,5 @@ def test_uneven_global_batch_is_refused(tmp_path):
     assert "global batch 15 does not split evenly over 2 process(es)" in out.stderr + out.stdout
 
 
-def test_killed_torchrun_resumes_to_the_same_weights(tmp_path):
-    args = [a if a != "6" else "30" for a in ARGS]
-    straight = tmp_path / "straight"
-    torchrun("train", "--run-dir", str(straight), *args)
-    killed = tmp_path / "killed"
-    proc = torchrun("train", "--run-dir", str(killed), *args, popen=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-0000003").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "checkpoints" / "step-0000030").exists()
-    assert "resumed from" in torchrun("train", "--run-dir", str(killed), *args).stdout
-    for name in ("model", "ema", "optimizer"):
-        _assert_close(_weights(straight, 30, name), _weights(killed, 30, name), atol=0.0)
+# A killed torchrun resuming to the weights of an uninterrupted one: tests/test_preemption.py
+# (test_torchrun_max_restarts_resumes_a_killed_rank_...: one rank SIGKILLed, the group restarted and resumed).

@@ -55,8 +55,10 @@ def test_a_corrupt_checkpoint_stops_every_rank_with_one_line(diverged, tmp_path)
     traceback as a bug of ours. Now both ranks raise the same one-line error; rank 0 prints it."""
     run = tmp_path / "run"
     shutil.copytree(diverged[0], run)
+    for ckpt in list_checkpoints(run):  # the latest alone would be set aside and the previous one resumed: every one
+        cut = ckpt / "model.safetensors"
+        cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     weights = list_checkpoints(run)[-1] / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     proc = torchrun("train", "--run-dir", str(run), *ARGS)  # a hang raises TimeoutExpired
     assert proc.returncode != 0
     messages = _messages(proc)

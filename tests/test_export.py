@@ -11,6 +11,9 @@ from PIL import Image
 
 from conftest import run_cli
 
+# a store gets the modern blocks by default (train/auto.py); the formats of others need the paper's
+PAPER_BLOCKS = ("--norm", "layer", "--mlp", "gelu", "--no-rope", "--no-qk-norm")
+
 
 @pytest.fixture(scope="module")
 def latent_run(tmp_path_factory):
@@ -28,7 +31,8 @@ def latent_run(tmp_path_factory):
     assert manifest["class_names"] == [str(c) for c in range(10)] and manifest["image_size"] == 32, out
     run = root / "run"
     run_cli("train", "--data", str(root / "store"), "--run-dir", str(run), "--model", "DiT-S/2", "--objective", "diffusion", "--steps", "2",
-            "--batch-size", "8", "--ckpt-every", "2", "--sample-every", "2", "--sample-steps", "5", "--no-progress")
+            "--batch-size", "8", "--ckpt-every", "2", "--sample-every", "2", "--sample-steps", "5", "--no-progress",
+            *PAPER_BLOCKS)  # DiT's blocks, which DiTPipeline and the official code have
     return root, run
 
 

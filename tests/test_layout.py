@@ -17,7 +17,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: The layers, bottom first: a module may import its own layer and the ones below. A module
 #: belongs to the longest prefix that names it.
 LAYERS: list[tuple[str, ...]] = [
-    ("ditforge", "ditforge.errors", "ditforge.flags", "ditforge.progress", "ditforge.npz"),  # no ditforge imports
+    ("ditforge", "ditforge.errors", "ditforge.flags", "ditforge.progress", "ditforge.npz",
+     "ditforge.folder_lock", "ditforge.checksums", "ditforge.preemption", "ditforge.write_failures"),  # no ditforge imports but errors
     ("ditforge.models", "ditforge.diffusion", "ditforge.flow", "ditforge.meanflow"),  # networks and the maths of each objective
     ("ditforge.objectives",),  # the objective boundary
     # device, torchrun and checkpoint files: everything that runs or stores a model uses them,
@@ -31,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ditforge.sampling",),  # saved model -> samples; the `sample` command
     ("ditforge.evaluation",),  # how good the samples are; the `eval` command
     ("ditforge.train", "ditforge.bench"),  # the training loop, its previews; the benchmark command
-    ("ditforge.cli", "ditforge.__main__", "ditforge.export"),  # the commands' entry points
+    ("ditforge.cli", "ditforge.__main__", "ditforge.export", "ditforge.verify"),  # the commands' entry points
 ]
 
 

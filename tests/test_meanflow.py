@@ -342,9 +342,9 @@ def test_a_meanflow_run_resolves_its_sampling_defaults():
     flow and diffusion runs record what they did before."""
     assert (_config().sample_steps, _config().sample_cfg) == ("1", 4.0)
     assert _config(meanflow=dict(train_cfg=2.5)).sample_cfg == 2.5
-    assert (TrainConfig().sample_steps, TrainConfig().sample_cfg) == ("50", 4.0)
+    assert (TrainConfig().sample_steps, TrainConfig().sample_cfg) == ("20", 4.0)
     guided = objective_from_config(dict(objective="meanflow", meanflow=dict(train_cfg=2.5)))
-    assert (default_steps(guided, 50), default_cfg(guided, 1.5), samplers_of(guided)) == (1, 2.5, ("meanflow",))
+    assert (default_steps(guided), default_cfg(guided, 1.5), samplers_of(guided)) == (1, 2.5, ("meanflow",))
     check_cfg(guided, 2.5)
     with pytest.raises(UserError, match="use --cfg 2.5"):
         check_cfg(guided, 1.0)

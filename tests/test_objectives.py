@@ -13,7 +13,9 @@ from conftest import TINY_TRAIN, run_cli
 from ditforge.config import TrainConfig
 from ditforge.errors import UserError
 from ditforge.models import create_model
-from ditforge.objectives import DiffusionObjective, FlowObjective, objective_from_config, objective_sampler
+from ditforge.objectives import (
+    DiffusionObjective, FlowObjective, default_sampler, default_steps, objective_from_config, objective_sampler,
+)
 from ditforge.sampling.generate import generate, start_noise
 from ditforge.sampling.load import load_for_sampling
 from ditforge.train.step import step_randomness
@@ -38,9 +40,29 @@ def test_config_names_the_objective_and_old_configs_are_diffusion():
         objective_sampler(flow, "dpm++2m", 10)
     with pytest.raises(UserError, match="between 1 and 1000"):
         objective_sampler(DiffusionObjective(), "ddim", 1001)
-    assert objective_sampler(flow, None, 2000).name == "heun"  # no upper bound on flow steps
+    assert objective_sampler(flow, None, 2000).name == "euler"  # no upper bound on flow steps
     with pytest.raises(UserError, match="flow settings"):
         TrainConfig(objective="flow", flow=dict(time_distribution="normal"))
+
+
+def test_every_command_defaults_to_the_fast_sampler_of_its_objective():
+    """Issue 30: 20 evaluations of DPM-Solver++(2M) SDE (diffusion) or Euler (flows) where 250
+    DDPM steps or 50 Heun steps (100 evaluations) were the defaults; MeanFlow its one jump. `sample`,
+    bulk `.npz` and `eval` take `default_sampler` / `default_steps`; the previews resolve theirs in
+    the run config, recorded so a rerun keeps them; flags win; a chain shorter than 20 steps is
+    sampled at its length."""
+    assert (default_sampler("diffusion"), default_steps(DiffusionObjective())) == ("dpm++2m-sde", 20)
+    assert (default_sampler("flow"), default_steps(FlowObjective())) == ("euler", 20)
+    assert objective_sampler(DiffusionObjective(), None, default_steps(DiffusionObjective())).nfe == 20
+    assert objective_sampler(FlowObjective(), None, default_steps(FlowObjective())).nfe == 20
+    assert default_steps(DiffusionObjective(diffusion_steps=8)) == 8
+    for objective, sampler in (("diffusion", "dpm++2m-sde"), ("flow", "euler")):
+        cfg = TrainConfig(objective=objective)
+        assert (cfg.sample_sampler, cfg.sample_steps) == (sampler, "20")
+        assert TrainConfig.from_dict(cfg.to_dict()).sample_sampler == sampler
+    assert TrainConfig(diffusion=dict(diffusion_steps=8, noise_schedule="cosine")).sample_steps == "8"
+    cfg = TrainConfig(sample_sampler="ddpm", sample_steps="250")
+    assert (cfg.sample_sampler, cfg.sample_steps) == ("ddpm", "250")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +76,7 @@ def flow_run(tmp_path_factory):
 def test_flow_run_records_its_objective_and_samples_with_each_solver(flow_run, tmp_path):
     config = json.loads((flow_run / "config.json").read_text())
     assert config["objective"] == "flow" and config["flow"]["time_distribution"] == "logit-normal"
-    assert config["sample_sampler"] == "heun"
+    assert (config["sample_sampler"], config["sample_steps"]) == ("euler", "3")  # recorded resolved
     assert (flow_run / "samples" / "step-0000004.png").is_file()
     for sampler in ("euler", "heun", "ab2", "sde"):
         out = run_cli("sample", str(flow_run), "--sampler", sampler, "--steps", "3", "--per-class", "2", "--cfg", "2",
@@ -65,7 +87,10 @@ def test_flow_run_records_its_objective_and_samples_with_each_solver(flow_run, t
     bad = run_cli("sample", str(flow_run), "--objective", "diffusion", "--out", str(tmp_path / "x.png"), check=False)
     assert bad.returncode == 2 and "trained with the flow objective" in bad.stderr
     out = run_cli("eval", str(flow_run), "--per-class", "2", "--steps", "3", "--json", str(tmp_path / "e.json")).stdout
-    assert "HEUN" in out and json.loads((tmp_path / "e.json").read_text())["sampler"] == "heun"
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert "3 EULER steps, 3 evaluations" in out and (report["sampler"], report["nfe"]) == ("euler", 3)
+    out = run_cli("eval", str(flow_run), "--per-class", "2", "--steps", "3", "--sampler", "heun", "--no-fid").stdout
+    assert "3 HEUN steps, 6 evaluations" in out  # a flag wins over the default
 
 
 def test_official_sit_weights_sample_as_sit_does(tmp_path):
@@ -88,4 +113,4 @@ def test_official_sit_weights_sample_as_sit_does(tmp_path):
     assert torch.allclose(ours, x, atol=1e-5)
     out = run_cli("sample", str(tmp_path / "SiT-Ti-2.pt"), "--model", "SiT-Ti/2", "--steps", "2", "--per-class", "1",
                   "--out", str(tmp_path / "g.png")).stdout
-    assert "2 HEUN steps" in out and (tmp_path / "g.png").is_file()
+    assert "2 EULER steps" in out and (tmp_path / "g.png").is_file()

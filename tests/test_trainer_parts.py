@@ -138,6 +138,7 @@ def test_a_run_resumed_on_another_device_keeps_its_precision_and_says_so(tmp_pat
     """A checkpoint records the precision and the device type it was trained with. One that says
     bf16 on cuda (a GPU run; edited here) resumes on this CPU in bf16, and the log says that the
     run moved and why it is no longer bit-identical: the noise generator runs on the device."""
+    from ditforge.train.checkpoint import dump_state
     from ditforge.train.trainer import train
 
     args = dict(run_dir=str(tmp_path / "run"), global_batch=8, ckpt_every=1, log_every=1, sample_steps="2",
@@ -146,7 +147,7 @@ def test_a_run_resumed_on_another_device_keeps_its_precision_and_says_so(tmp_pat
     path = tmp_path / "run" / "checkpoints" / "step-0000001" / "state.json"
     state = json.loads(path.read_text())
     assert (state["precision"], state["device"]) == ("fp32", "cpu")
-    path.write_text(json.dumps(dict(state, precision="bf16", device="cuda")))
+    path.write_text(dump_state(dict(state, precision="bf16", device="cuda")))  # as a GPU run writes it, its checksum too
     with caplog.at_level(logging.INFO, logger="ditforge.train"):
         train(TrainConfig(**args, steps=2), progress=False)
     resumed = [m for m in caplog.messages if m.startswith("resumed from")]

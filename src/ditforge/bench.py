@@ -54,6 +54,8 @@ def forward_macs(model: DiT) -> int:
     embed = tokens * d * c * p * p + 256 * d + d * d  # patchify conv; timestep MLP
     if model.interval_embedding:
         embed += 256 * d + d * d  # MeanFlow's interval MLP
+    if model.guidance_embedding:
+        embed += 256 * d + d * d  # iMF's guidance-scale MLP
     per_block = (
         d * 6 * d  # adaLN modulation (once per image)
         + tokens * d * 3 * d  # fused q, k, v
@@ -76,6 +78,8 @@ def parameter_count(model: DiT) -> int:
     embed = (d * c * p * p + d) + tokens * d + (256 * d + d + d * d + d) + rows * d  # patches, pos, t, y
     if model.interval_embedding:
         embed += 256 * d + d + d * d + d  # MeanFlow's interval MLP, as the timestep MLP
+    if model.guidance_embedding:
+        embed += 256 * d + d + d * d + d  # iMF's guidance-scale MLP, the same
     if opts.mlp == "swiglu":
         hs = swiglu_hidden(hidden_mlp)
         mlp = (d * 2 * hs + 2 * hs) + (hs * d + d)  # w12, w3

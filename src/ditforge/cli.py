@@ -8,7 +8,9 @@
 
 A user's mistake (bad value, missing file, checkpoint that does not fit) is one line on
 stderr and exit status 2; a diverged run is one line and status 1; anything else is a bug of
-ours: its traceback, a line asking for a report, and status 3.
+ours: its traceback, a line asking for a report, and status 3. A command stopped by SIGTERM,
+SIGUSR1 or a first Ctrl-C after saving its work is one line naming what it saved and the command
+that continues, and status 75 (`preemption.py`); a second Ctrl-C, status 130.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import errno
 import json
 import logging
 import os
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -34,11 +35,25 @@ from ditforge.errors import UserError
 from ditforge.evaluation.command import EvalOptions
 from ditforge.export import ExportOptions
 from ditforge.flags import add_option, add_options, options_from_args
+from ditforge.preemption import EXIT_PREEMPTED, Stopped
+from ditforge.write_failures import storage_errno
 from ditforge.sampling.command import SampleOptions
+from ditforge.verify import VerifyOptions
 
 EXIT_DIVERGED = 1
 EXIT_USER_ERROR = 2
+EXIT_DAMAGED = 1  # `verify`: some file is not as written (train's 1 is a diverged run)
 EXIT_BUG = 3
+# EXIT_PREEMPTED (75): stopped by SIGTERM, SIGUSR1 or a first Ctrl-C after saving (preemption.py)
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: 128 + SIGINT, as a shell reports a process it interrupted
+
+
+def rerun_command(argv: list[str] | None, distributed: bool) -> str:
+    """The command line that continues this one (the same one), as a user would type it."""
+    import shlex
+
+    words = shlex.join(sys.argv[1:] if argv is None else argv)
+    return f"torchrun ... -m ditforge {words}" if distributed else f"ditforge {words}"
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -76,7 +91,7 @@ def _add_train(sub) -> None:
 
 #: The options of every command but train: one dataclass each, declared in the module that runs it.
 OPTIONS = {"extract": ExtractOptions, "sample": SampleOptions, "eval": EvalOptions, "export": ExportOptions,
-           "bench": BenchOptions}
+           "bench": BenchOptions, "verify": VerifyOptions}
 
 _PARSERS = {
     "extract": dict(
@@ -101,6 +116,12 @@ _PARSERS = {
         "hub (model.safetensors, config.json and a model card; ditforge sample / eval / train --init-from read it).",
     ),
     "bench": dict(help="training throughput: images/s, step time, peak memory, model FLOP/s and MFU"),
+    "verify": dict(
+        help="check that the files of a latent store, run, checkpoint, export or .npz are the bytes that were written",
+        description="Check every file of PATH against the size and checksum recorded when it was written (a store's "
+        "manifest, a checkpoint's state.json, an .npz's zip CRCs) and its header; name every damaged file with what is "
+        "wrong. Exit status 0: all good; 1: some file is damaged; 2: PATH is nothing ditforge writes.",
+    ),
 }
 
 
@@ -111,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"ditforge {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{extract,train,sample,eval,export,bench}")
-    for name in ("extract", "train", "sample", "eval", "export", "bench"):
+    sub = parser.add_subparsers(dest="command", metavar="{extract,train,sample,eval,export,bench,verify}")
+    for name in ("extract", "train", "sample", "eval", "export", "bench", "verify"):
         if name == "train":
             _add_train(sub)
         else:
@@ -141,7 +162,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 # name in train/auto.py -> config path (and the train parser's dest)
 _AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps", "objective": "objective",
-                "time_dist": "flow.time_distribution"}
+                "time_dist": "flow.time_distribution", "norm": "model.norm", "mlp": "model.mlp", "rope": "model.rope",
+                "qk_norm": "model.qk_norm"}
 
 
 def _node(values: dict, path: str) -> tuple[dict, str]:
@@ -164,6 +186,9 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     adopted = _adopt_init_source(args, values, given) if cfg.init_from and not saved_path.is_file() else []
     if adopted:
         cfg = TrainConfig.from_dict(_preview_sampler_of_objective(args, values))
+    if cfg.init_from:  # the source's network decides the blocks (official files record none: the flags, else DiT's)
+        for k in ("norm", "mlp", "rope", "qk_norm"):
+            given.setdefault(k, values["model"][k])
     adapt = args.preset == "tiny" and adapts_to_data(cfg.data)
     if adapt and saved_path.is_file():
         from ditforge.train.resume import saved_config  # also when config.json is damaged: the checkpoint's
@@ -270,7 +295,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for line in chosen:
         print(f"chose {line}")
     if chosen:
-        print("(--model, --precision, --objective, --time-dist and --steps given on the command line override these choices)")
+        print("(--model, --precision, --objective, --time-dist, --steps and the block flags given on the command line "
+              "override these choices)")
     result = train(cfg, progress=not args.no_progress)
     if not result.is_main:
         return 0
@@ -342,8 +368,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ditforge.verify import verify_command
+
+    report = verify_command(options_from_args(VerifyOptions, args))
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else EXIT_DAMAGED
+
+
 COMMANDS = {"extract": cmd_extract, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "verify": cmd_verify}
 
 
 # What fits in less GPU memory, per command: its own options.
@@ -379,6 +414,15 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_host_memory()  # every command allocates and frees the same tensors over and over
     try:
         return COMMANDS[args.command](args)
+    except Stopped as e:  # SIGTERM, SIGUSR1 or a first Ctrl-C, after the work in flight was saved
+        if not is_quiet(e):
+            print(f"ditforge {args.command}: {e}; to continue, rerun the same command: {rerun_command(argv, e.distributed)}",
+                  file=sys.stderr)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # the second Ctrl-C
+        print(f"ditforge {args.command}: interrupted; what was saved before (the last checkpoint, shard or part) is "
+              "intact: rerun the same command to continue from it", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except NonFiniteLossError as e:
         if not is_quiet(e):  # under torchrun: rank 0 prints, the others exit alike
             print(f"ditforge {args.command}: error: {e}", file=sys.stderr)
@@ -411,28 +455,17 @@ def _report_bug(command: str) -> int:
     return EXIT_BUG
 
 
-# A full disk, a quota, a file-size limit, a read-only or failing mount: the machine's state, which
-# the user can change, not a bug. `write()`, `np.savez` and safetensors report these with no file name.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
-# safetensors' writer (Rust) raises SafetensorError("... I/O error: No space left on device (os error 28)")
-_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
-
-
 def storage_error_line(e: BaseException) -> str | None:
     """One line for an OSError about a named file or about the machine's storage (also as raised
-    by safetensors), saying that what was written before is intact; None for any other error."""
-    if isinstance(e, OSError):
-        if e.filename is not None:
-            return str(e)  # names the file and the reason
-        code, reason = e.errno, e.strerror or str(e)
-    else:
-        m = _RUST_OS_ERROR.search(str(e))
-        if m is None:
-            return None
-        code = int(m.group(1))
-        reason = os.strerror(code)
-    if code not in STORAGE_ERRNOS:
+    by safetensors), saying that what was written before is intact; None for any other error.
+    The writes of checkpoints, shards and `.npz` files say more (`write_failures.py`: which file,
+    the bytes it needs); this is for any other write a full disk stops."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return str(e)  # names the file and the reason
+    code = storage_errno(e)  # a full disk, a quota, a file-size limit, a read-only or failing mount
+    if code is None:
         return None
+    reason = (e.strerror if isinstance(e, OSError) else None) or os.strerror(code)
     return (f"{reason} ({errno.errorcode[code]}) while reading or writing files; free space, or raise the quota or limit, and rerun the "
             "same command: files are written under temporary names and renamed when complete, so the checkpoints, "
             "shards and outputs already written are intact (a run resumes from its last checkpoint)")

@@ -36,15 +36,18 @@ from ditforge.errors import DamagedFileError, UserError
 from ditforge import flags
 from ditforge.flags import flag
 from ditforge.flow import FlowObjective
+from ditforge.write_failures import failing_write
 from ditforge.meanflow import MeanFlowObjective
+from ditforge.objectives import default_sampler, default_steps
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PREFETCH = ("auto", "on", "off")
 PARALLEL = ("ddp", "fsdp")
 NOISE_SCHEDULES = ("linear", "cosine")
 OBJECTIVES = ("diffusion", "flow", "meanflow")
-#: Preview defaults of `sample_cfg` and `sample_steps` where an objective has none of its own
-PREVIEW_CFG, PREVIEW_STEPS = 4.0, "50"
+#: Preview default of `sample_cfg` where an objective has none of its own (steps and sampler:
+#: the objective's, `objectives.default_steps` / `default_sampler`, as `sample` and `eval`)
+PREVIEW_CFG = 4.0
 
 
 def _grad_checkpoint_help() -> str:
@@ -135,6 +138,14 @@ class DiffusionConfig:
                 f"unknown noise schedule {self.noise_schedule!r}; choose one of: {', '.join(NOISE_SCHEDULES)}"
             )
         _positive_int("diffusion_steps", self.diffusion_steps)
+        from ditforge.diffusion.schedules import MIN_LINEAR_STEPS
+
+        if self.noise_schedule == "linear" and self.diffusion_steps < MIN_LINEAR_STEPS:
+            raise UserError(
+                f"diffusion_steps {self.diffusion_steps} is too few for the linear schedule (its betas, 1e-4..0.02 x "
+                f"1000 / T, pass 1 below T = {MIN_LINEAR_STEPS}); use --diffusion-steps {MIN_LINEAR_STEPS} or more, or "
+                "--noise-schedule cosine"
+            )
 
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -263,16 +274,16 @@ class TrainConfig:
     ckpt_every: int = field(default=200, metadata=flag("--ckpt-every", "checkpoint every N steps"))
     keep_last: int = field(default=2, metadata=flag("--keep-last", "checkpoints kept, 0 = all"))
     sample_every: int = field(default=0, metadata=flag("--sample-every", "preview grid every N steps, 0 = only at the end"))
-    # "" = 50, or a few-step objective's own default (MeanFlow: 1); recorded resolved
+    # "" = the objective's default (objectives.default_steps); recorded resolved
     sample_steps: str = field(default="", metadata=flag(  # the previews' respacing
         "--sample-steps", "sampling steps of the previews and --eval-every (diffusion: at most --diffusion-steps)",
-        shown=f"{PREVIEW_STEPS}; meanflow: 1"))
+        shown=f"{default_steps('diffusion')}; meanflow: {default_steps('meanflow')}"))
     # None = 4, or the guidance a MeanFlow model has built in (--train-cfg); recorded resolved
     sample_cfg: float | None = field(default=None, metadata=flag(
         "--sample-cfg", "guidance scale of the previews", shown=f"{PREVIEW_CFG}; meanflow: its --train-cfg when not 1"))
-    # "" = the objective's default sampler (ddpm; heun for flows)
+    # "" = the objective's default sampler (objectives.default_sampler); recorded resolved
     sample_sampler: str = field(default="", metadata=flag(
-        "--sample-sampler", "sampler of the previews and --eval-every", choices=_sampler_names, shown="ddpm; flow: heun"))
+        "--sample-sampler", "sampler of the previews and --eval-every", choices=_sampler_names, shown=f"{default_sampler('diffusion')}; flow: {default_sampler('flow')}"))
     eval_every: int = field(default=0, metadata=flag(
         "--eval-every", "class accuracy read by the judge (per class too; built-in sets: and Frechet distance) every "
         "N steps, logged to TensorBoard; 0 = off"))
@@ -322,19 +333,18 @@ class TrainConfig:
             raise UserError(f"unknown prefetch setting {self.prefetch!r}; choose one of: {', '.join(PREFETCH)}")
         if self.parallel not in PARALLEL:
             raise UserError(f"unknown parallel strategy {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
-        from ditforge.objectives import default_cfg, default_steps, objective_of_run
+        from ditforge.objectives import default_cfg, objective_of_run
 
-        steps = str(self.sample_steps) if str(self.sample_steps) else str(default_steps(self.objective, int(PREVIEW_STEPS)))
         top = self.diffusion.diffusion_steps if self.objective == "diffusion" else None
+        steps = str(self.sample_steps) if str(self.sample_steps) else str(min(default_steps(self.objective), top or 10**9))
         if not (steps.isdigit() and 1 <= int(steps) <= (top or int(steps))):
             limit = f"from 1 to diffusion_steps = {top}" if top else "of at least 1"
-            raise UserError(f"sample_steps (the previews' sampling steps) must be a whole number {limit}, got {steps!r}"
-                            + ("" if str(self.sample_steps) else " (the default; pass --sample-steps N)"))
+            raise UserError(f"sample_steps (the previews' sampling steps) must be a whole number {limit}, got {steps!r}")
         self.sample_steps = steps
         from ditforge.models.recompute import normalize_spec
 
         self.grad_checkpoint = normalize_spec(self.grad_checkpoint)
-        from ditforge.objectives import default_sampler, samplers_of
+        from ditforge.objectives import samplers_of
 
         self.sample_sampler = self.sample_sampler or default_sampler(self.objective)
         if self.sample_sampler not in samplers_of(self.objective):
@@ -372,6 +382,9 @@ class TrainConfig:
         if self.meanflow.guided and not self.model.class_dropout_prob > 0:
             raise UserError(f"--train-cfg {self.meanflow.train_cfg:g} needs the model's unconditional velocity, which needs "
                             "label dropout; set --class-dropout 0.1 (or --train-cfg 1)")
+        if self.meanflow.guidance_input and not self.model.class_dropout_prob > 0:
+            raise UserError(f"--train-cfg-max {self.meanflow.train_cfg_max:g} needs the model's unconditional velocity, which "
+                            "needs label dropout; set --class-dropout 0.1 (or --train-cfg-max 0)")
         try:
             check_cfg(objective_of_run(self), self.sample_cfg)
         except UserError as e:
@@ -398,11 +411,12 @@ class TrainConfig:
         if path.is_file() and path.read_bytes() == text.encode():
             return
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with failing_write(path, len(text.encode()), [tmp]):  # a full disk: one line, no .tmp left
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

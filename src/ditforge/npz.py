@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
+from ditforge.write_failures import failing_write
+
 
 class NpzStreamWriter:
     """Write arrays of known shape and dtype into an `.npz` in pieces along the first axis.
@@ -74,13 +76,19 @@ class NpzStreamWriter:
         return self.path
 
     def abort(self) -> None:
-        """Drop the unfinished file."""
-        if self.current is not None:
-            self.current[1].close()
-            self.current = None
-        self.zip.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
+        """Drop the unfinished file, also when closing it fails (closing writes: on a full disk it
+        fails again)."""
+        try:
+            if self.current is not None:
+                handle, self.current = self.current[1], None
+                handle.close()
+            self.zip.close()
+        except (OSError, ValueError):
+            if self.zip.fp is not None:  # the file itself, without writing anything more
+                self.zip.fp.close()
+                self.zip.fp = None
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "NpzStreamWriter":
         return self
@@ -96,10 +104,7 @@ def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
     """np.savez to a temporary name, then rename: a kill never leaves a half-written file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    try:
+    with failing_write(path, sum(a.nbytes for a in arrays.values()) + 1024 * len(arrays), [tmp]):  # + zip and .npy headers
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

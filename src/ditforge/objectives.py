@@ -47,13 +47,16 @@ __all__ = [
 ]
 
 OBJECTIVES = ("diffusion", "flow", "meanflow")
-#: Sampling defaults per objective: the paper's 250 DDPM steps; Heun for flows (SiT's ODE is
-#: adaptive dopri5; 50 Heun steps = 100 evaluations is within its error on our models); one
-#: MeanFlow jump (the one evaluation MeanFlow is trained for: ``meanflow/sampling.py``).
-_DEFAULTS = {"diffusion": ("ddpm", 250), "flow": ("heun", 50), "meanflow": ("meanflow", MEANFLOW_STEPS)}
-#: Objectives whose default steps belong to the model, not to a solver's accuracy: every command
-#: (also eval and the previews, which otherwise take their own) samples them with that default.
-_FEW_STEP = frozenset({"meanflow"})
+#: Sampling defaults per objective, the same for `sample`, bulk `.npz`, `eval` and the previews:
+#: the fewest evaluations that stayed within the sampling noise of the best sampler on our
+#: curves (README "Fast samplers": `benchmarks/sampler_curve.py` on the digits and MNIST, at cfg
+#: 1.0 and 1.5). Diffusion: DPM-Solver++(2M) SDE at 20 steps against DDPM at 250 (FID 22.36 /
+#: 22.31 on the digits at cfg 1.5, 23.97 / 23.58 at 1.0; Lu et al. 2022 report 15-20 steps for
+#: guided sampling). Flows: Euler at 20 steps against Heun at 50 (100 evaluations; 20.89 / 21.80,
+#: MNIST 56.45 / 72.66). Ten steps scored as well on these small models, but not on the
+#: published ImageNet curves, so 20. MeanFlow: the one jump it is trained for
+#: (``meanflow/sampling.py``). The paper's protocol is `--sampler ddpm --steps 250`.
+_DEFAULTS = {"diffusion": ("dpm++2m-sde", 20), "flow": ("euler", 20), "meanflow": ("meanflow", MEANFLOW_STEPS)}
 
 
 class Objective(Protocol):
@@ -100,18 +103,23 @@ def default_sampler(objective: Objective | str) -> str:
     return _DEFAULTS[_kind(objective)][0]
 
 
-def default_steps(objective: Objective | str, usual: int | None = None) -> int:
-    """The sampling steps when none are given: the objective's default, or `usual` where the
-    command has its own (eval: 50), except for few-step objectives (MeanFlow), whose default holds."""
-    if usual is None or _kind(objective) in _FEW_STEP:
-        return _DEFAULTS[_kind(objective)][1]
-    return usual
+def default_steps(objective: Objective | str) -> int:
+    """The sampling steps when none are given (every command alike); for a diffusion model with
+    fewer diffusion steps T than that, T."""
+    steps = _DEFAULTS[_kind(objective)][1]
+    if isinstance(objective, DiffusionObjective):
+        steps = min(steps, objective.diffusion_steps)
+    return steps
 
 
 def default_cfg(objective: Objective, usual: float) -> float:
     """The guidance scale when none is given: the one built into a model trained with guidance
     (MeanFlow's ``--train-cfg``), else the command's `usual` one (sample 4.0, eval 1.5)."""
-    return objective.train_cfg if isinstance(objective, MeanFlowObjective) and objective.guided else usual
+    if isinstance(objective, MeanFlowObjective) and objective.guided:
+        return objective.train_cfg
+    if isinstance(objective, MeanFlowObjective) and objective.guidance_input:
+        return min(usual, objective.train_cfg_max)  # the largest scale it was trained on, at most
+    return usual
 
 
 def check_cfg(objective: Objective, cfg: float) -> None:
@@ -121,13 +129,20 @@ def check_cfg(objective: Objective, cfg: float) -> None:
         raise UserError(f"this MeanFlow model has guidance scale {objective.train_cfg:g} built in (trained with --train-cfg "
                         f"{objective.train_cfg:g}) and samples at that scale only; use --cfg {objective.train_cfg:g} "
                         f"(the default), not {cfg:g}")
+    if isinstance(objective, MeanFlowObjective) and objective.guidance_input and not 1 <= cfg <= objective.train_cfg_max:
+        raise UserError(f"this MeanFlow model takes the guidance scale as an input, trained on [1, {objective.train_cfg_max:g}] "
+                        f"(--train-cfg-max {objective.train_cfg_max:g}); use a --cfg in that range, not {cfg:g}")
 
 
 def model_options(objective: Objective | str) -> dict[str, Any]:
     """What an objective needs of the network beyond the model config, as `create_model` keyword
-    arguments (recorded in a run's model_args): MeanFlow's interval input; nothing for the others,
-    so their model args and state-dict keys are what they were."""
-    return {"interval_embedding": True} if _kind(objective) == "meanflow" else {}
+    arguments (recorded in a run's model_args): MeanFlow's interval input, and iMF's guidance-scale
+    input for a MeanFlow objective with ``train_cfg_max``; nothing for the others, so their model
+    args and state-dict keys are what they were."""
+    if _kind(objective) != "meanflow":
+        return {}
+    scale_input = isinstance(objective, MeanFlowObjective) and objective.guidance_input
+    return {"interval_embedding": True, **({"guidance_embedding": True} if scale_input else {})}
 
 
 def check_steps(objective: Objective, steps: int) -> None:

@@ -25,7 +25,8 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Counts steps from `initial` to `total`. `say` receives the plain lines and the estimate
     (the trainer passes its logger); `stream` is where the bar would draw, and whether it is a
-    terminal decides between bar and lines (`tty` overrides that, for tests)."""
+    terminal decides between bar and lines (`tty` overrides that, for tests). `unit` names what
+    is counted ("step"; `extract` and bulk `sample` count images)."""
 
     def __init__(
         self,
@@ -38,8 +39,9 @@ class Progress:
         interval_s: float = PLAIN_INTERVAL_S,
         estimate_after: int = ESTIMATE_AFTER,
         clock: Callable[[], float] = time.perf_counter,
+        unit: str = "step",
     ):
-        self.total, self.n, self.desc, self.say, self.clock = total, initial, desc, say, clock
+        self.total, self.n, self.desc, self.say, self.clock, self.unit = total, initial, desc, say, clock, unit
         self.interval_s, self.estimate_after = interval_s, estimate_after
         stream = stream if stream is not None else sys.stderr
         self.tty = stream.isatty() if tty is None else tty
@@ -47,7 +49,7 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=stream)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=stream)
         self.t_first: float | None = None  # when the first step ended (timing starts there)
         self.n_first = initial
         self.t_line = clock()
@@ -72,14 +74,22 @@ class Progress:
             self.estimated = True
             left = (self.total - self.n) / rate
             self.say(
-                f"{self.desc}: {rate:.2f} steps/s over the first steps; {self.total - self.n} steps left, "
+                f"{self.desc}: {rate:.2f} {self.unit}s/s over the first {self.unit}s; {self.total - self.n} {self.unit}s left, "
                 f"about {format_duration(left)} (the whole run about {format_duration(self.total / rate)})"
             )
         if self.bar is None and self.clock() - self.t_line >= self.interval_s and self.n < self.total:
             self.t_line = self.clock()
             left = f", about {format_duration((self.total - self.n) / rate)} left" if rate else ""
-            self.say(f"{self.desc}: step {self.n}/{self.total} ({100 * self.n / self.total:.0f}%){left}")
+            self.say(f"{self.desc}: {self.unit} {self.n}/{self.total} ({100 * self.n / self.total:.0f}%){left}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def progress_of(total: int, initial: int, desc: str, batch: int, stream: TextIO | None = None) -> Progress:
+    """The progress of a command that counts images in batches of `batch` (`extract`, bulk
+    `sample`): a bar on a terminal, else a plain line on stderr every `PLAIN_INTERVAL_S`."""
+    stream = stream if stream is not None else sys.stderr
+    return Progress(total, initial, desc, say=lambda line: print(line, file=stream, flush=True), stream=stream,
+                    estimate_after=3 * batch, unit="image")

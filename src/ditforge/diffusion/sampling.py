@@ -84,6 +84,11 @@ class Sampler:
         """The classifier-free guidance scale applied at sampling for ``--cfg`` ``cfg``: ``cfg``."""
         return cfg
 
+    @staticmethod
+    def guidance_input(cfg: float) -> None:
+        """The scale fed to the network as an input: none (only iMF models take one)."""
+        return None
+
     def describe(self) -> str:
         """E.g. ``50 DDPM steps`` or ``20 DPM++2M steps (logsnr spacing)``."""
         text = f"{self.steps} {self.name.upper()} steps"

@@ -37,6 +37,10 @@ def cosine_alpha_bar(t: float | np.ndarray) -> float | np.ndarray:
     return np.cos((t + COSINE_OFFSET) / (1.0 + COSINE_OFFSET) * math.pi / 2) ** 2
 
 
+#: The fewest steps the linear schedule has: its last beta is 0.02 x 1000 / T, at most 1.
+MIN_LINEAR_STEPS = 20
+
+
 def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     """Betas of a named schedule, float64, shape ``(num_timesteps,)``.
 

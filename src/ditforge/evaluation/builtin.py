@@ -27,7 +27,7 @@ from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS
 from ditforge.errors import UserError
 from ditforge.metrics.statistics import feature_statistics, frechet_distance
 from ditforge.models import DiT
-from ditforge.objectives import DiffusionObjective, Objective, default_sampler
+from ditforge.objectives import DiffusionObjective, Objective, default_sampler, objective_sampler
 from ditforge.sampling.generate import generate
 from ditforge.sampling.options import interval_text
 
@@ -80,9 +80,11 @@ class BuiltinReport:
     heldout_accuracy: float  # the classifier on real held-out images: the ceiling
     spacing: str | None = None  # the solvers' time grid (None for DDPM / DDIM)
     cfg_interval: tuple[float, float] | None = None  # guidance only for t / T in [lo, hi]
+    nfe: int | None = None  # model evaluations per sample (None in reports written before it)
 
     def line(self) -> str:
         how = f"{self.steps} {self.sampler.upper()} steps" + (f" ({self.spacing} spacing)" if self.spacing else "")
+        how += f", {self.nfe} evaluations" if self.nfe is not None else ""
         how += interval_text(self.cfg_interval)
         return (
             f"quality ({self.data}, cfg {self.cfg:g}, {how}, "
@@ -135,5 +137,5 @@ def evaluate_builtin(
     fd_real = frechet_distance(*feature_statistics(judge.features(train.images[idx])), *ref)
     return BuiltinReport(
         data_name, cfg_scale, steps, sampler, per_class, accuracy, fd_generated, fd_real, heldout_accuracy,
-        spacing if sampler in SOLVERS else None, cfg_interval,
+        spacing if sampler in SOLVERS else None, cfg_interval, objective_sampler(objective, sampler, steps, spacing).nfe,
     )

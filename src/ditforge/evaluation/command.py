@@ -19,8 +19,6 @@ from ditforge.sampling.options import (
     EVAL_CFG, cfg_interval_option, cfg_option, objective_option, precision_option, sampler_option, spacing_option,
 )
 
-EVAL_STEPS = 50  # sampling steps of eval for diffusion and flow models (few-step objectives: their own)
-
 
 @dataclass
 class EvalOptions:
@@ -32,7 +30,7 @@ class EvalOptions:
     per_class: int = field(default=50, metadata=flag("--per-class", "generated samples per class"))
     cfg: float | None = cfg_option(EVAL_CFG, "the paper's FID setting is 1.5; pictures use 4.0")
     steps: int | None = field(default=None, metadata=flag(
-        "--steps", "sampling steps", shown=f"{EVAL_STEPS}; meanflow: 1"))
+        "--steps", "sampling steps", shown=f"{default_steps('diffusion')}; meanflow: {default_steps('meanflow')}"))
     sampler: str | None = sampler_option("sampler of the run's objective")
     spacing: str = spacing_option()
     cfg_interval: tuple[float, float] | None = cfg_interval_option()
@@ -90,7 +88,7 @@ def evaluate_checkpoint(opts: EvalOptions) -> EvalResult:
         config, trained_on, folder = state["config"], state.get("data"), ckpt.parent.parent
     sm = load_for_sampling(ckpt, use_ema=not opts.raw_weights, objective=opts.objective)
     opts = replace(opts, cfg=opts.cfg if opts.cfg is not None else default_cfg(sm.objective, EVAL_CFG),
-                   steps=opts.steps if opts.steps is not None else default_steps(sm.objective, EVAL_STEPS))
+                   steps=opts.steps if opts.steps is not None else default_steps(sm.objective))
     device = pick_device()
     precision = resolve_precision(opts.precision, device)
     enable_tf32()

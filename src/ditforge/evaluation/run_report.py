@@ -44,7 +44,7 @@ from ditforge.data.training_data import data_identity, is_latent_store
 from ditforge.diffusion.sampling import DEFAULT_SPACING
 from ditforge.evaluation.judge import Judge, load_judge, per_class_accuracy, score_heldout, train_judge
 from ditforge.models import DiT
-from ditforge.objectives import DiffusionObjective, Objective, default_sampler
+from ditforge.objectives import DiffusionObjective, Objective, default_sampler, objective_sampler
 from ditforge.sampling.generate import generate
 
 MAX_TRAIN = 20_000
@@ -176,11 +176,13 @@ class RunReport:
     num_heldout: int | None = None
     data_changed: bool | None = None  # the data differs from what training recorded (None: nothing recorded)
     data_warning: str | None = None  # the line that says so
+    nfe: int | None = None  # model evaluations per sample
 
     def line(self) -> str:
         worst = sorted(self.classes, key=lambda c: c["samples"])[:3]
         text = (
-            f"quality ({self.data}, cfg {self.cfg:g}, {self.steps} {self.sampler.upper()} steps, {self.per_class} per class): "
+            f"quality ({self.data}, cfg {self.cfg:g}, {self.steps} {self.sampler.upper()} steps"
+            + (f", {self.nfe} evaluations" if self.nfe is not None else "") + f", {self.per_class} per class): "
             f"class accuracy {self.class_accuracy:.3f} (judge on real held-out {self.heldout_accuracy:.3f}, "
             f"ratio {self.accuracy_ratio:.2f}) | lowest: "
             + ", ".join(f"{c['name']} {c['samples']:.2f}" for c in worst)
@@ -276,6 +278,7 @@ def evaluate_run(
     info = judge.info
     report = RunReport(
         data=Path(config["data"]).name, cfg=cfg_scale, steps=steps, sampler=sampler, per_class=per_class,
+        nfe=objective_sampler(objective, sampler, steps, spacing).nfe,
         class_accuracy=accuracy, heldout_accuracy=info.heldout_accuracy,
         accuracy_ratio=accuracy / info.heldout_accuracy if info.heldout_accuracy > 0 else float("nan"),
         classes=[dict(id=c, name=names[c], samples=per[c], heldout=info.heldout_per_class[c],

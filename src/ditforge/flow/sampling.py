@@ -52,6 +52,11 @@ class FlowSampler:
         """The classifier-free guidance scale applied at sampling for ``--cfg`` ``cfg``: ``cfg``."""
         return cfg
 
+    @staticmethod
+    def guidance_input(cfg: float) -> None:
+        """The scale fed to the network as an input: none (only iMF models take one)."""
+        return None
+
     def describe(self) -> str:
         """E.g. ``25 HEUN steps (50 model evaluations)``."""
         return f"{self.steps} {self.name.upper()} steps ({self.nfe} model evaluations)"

@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditforge.data.autoencoder.normalisation import is_plain_scale
 from ditforge.diffusion.schedules import beta_schedule
 from ditforge.errors import CheckpointError, UserError
 from ditforge.formats.weights import ModelWeights
@@ -127,6 +128,10 @@ def check_exportable(weights: ModelWeights) -> None:
     args, ae = weights.model_args, weights.autoencoder
     if ae.get("kind") == "identity":
         raise _refuse("it is a pixel-space model (autoencoder 'identity') and DiTPipeline always decodes latents through a VAE", "pixel")
+    if ae.get("kind") not in ("diffusers-kl", "sd-vae") or not is_plain_scale(ae):
+        raise _refuse(f"its latents are those of {ae.get('kind')!r} normalised by shift {ae.get('shift', 0)}, scale "
+                      f"{ae.get('scale')} and latent_norm {ae.get('latent_norm', 'scale')!r}, and DiTPipeline decodes an "
+                      "AutoencoderKL's latents divided by one scaling factor only", "hub")
     kind = weights.objective_config.get("objective", "diffusion")
     if kind != "diffusion":
         raise _refuse(f"it was trained with the {kind} objective and diffusers' DiTPipeline samples only Gaussian "

@@ -36,9 +36,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ditforge.data.autoencoder.normalisation import is_plain_scale
 from ditforge.errors import CheckpointError, UserError
 from ditforge.formats.weights import ModelWeights
 from ditforge.models import count_parameters, create_model
+from ditforge.checksums import record_file
 from ditforge.train.checkpoint import check_weights, fsync_path
 
 FORMAT = {"format": "ditforge-hub", "version": 1}
@@ -80,7 +82,8 @@ def diffusers_applies(weights: ModelWeights) -> bool:
     paper_blocks = (args.get("norm", "layer"), args.get("mlp", "gelu"), args.get("rope", False), args.get("qk_norm", False)) == (
         "layer", "gelu", False, False)
     return (weights.objective_config.get("objective", "diffusion") == "diffusion" and paper_blocks
-            and weights.autoencoder.get("kind", "identity") != "identity"
+            and weights.autoencoder.get("kind", "identity") in ("diffusers-kl", "sd-vae")
+            and is_plain_scale(weights.autoencoder)  # DiTPipeline only divides by vae.config.scaling_factor
             and args.get("class_dropout_prob", 0.1) > 0)  # DiTPipeline guides with a null row
 
 
@@ -219,6 +222,7 @@ def write_hub(
     if grid is not None:
         shutil.copyfile(grid, staging / grid_name)
     (staging / CARD).write_text(card)
+    config["checksums"] = {WEIGHTS: record_file(staging / WEIGHTS)}  # size and CRC-32, for `ditforge verify DIR`
     (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     for name in files:
         fsync_path(staging / name)
@@ -356,6 +360,8 @@ def _why_not_diffusers(config: dict[str, Any], kind: str) -> str:
         return "pixel-space models"
     if kind != "diffusion":
         return f"{kind}-objective models"
+    if not is_plain_scale(config["autoencoder"]) or config["autoencoder"].get("kind") not in ("diffusers-kl", "sd-vae"):
+        return "latents other than an AutoencoderKL's divided by one scale factor"
     return "RMSNorm / SwiGLU / RoPE / qk-norm blocks" if any(
         (args.get("norm", "layer") != "layer", args.get("mlp", "gelu") != "gelu", args.get("rope"), args.get("qk_norm"))) else "such models"
 

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from ditforge.data.autoencoder.normalisation import is_plain_scale
 from ditforge.errors import CheckpointError, UserError
 from ditforge.formats.hub import diffusers_applies
 from ditforge.formats.weights import ModelWeights
@@ -210,6 +211,7 @@ def _vae(autoencoder: dict[str, Any]) -> tuple[str | None, str | None]:
     if kind != "diffusers-kl":
         return None, None
     fits = (autoencoder.get("channels", 4) == 4 and autoencoder.get("downsample", 8) == 8
+            and is_plain_scale(autoencoder)  # no shift, no channel statistics: their sample.py only divides by the scale
             and abs(float(autoencoder.get("scale", SD_VAE_SCALE)) - SD_VAE_SCALE) < 1e-9)
     if not fits:
         return None, None

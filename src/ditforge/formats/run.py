@@ -43,7 +43,7 @@ def read_checkpoint(ckpt: Path, use_ema: bool = True) -> ModelWeights:
     weights = ckpt / ("ema.safetensors" if use_ema else "model.safetensors")
     return ModelWeights(
         model_args=args,
-        state_dict=read_tensors(weights),
+        state_dict=read_tensors(weights, state),  # checked against its recorded size and checksum
         class_names=list(names),
         objective_config=config,
         autoencoder=state.get("autoencoder", {"kind": "identity"}),

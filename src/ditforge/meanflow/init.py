@@ -6,6 +6,9 @@ conditioning for any h, so the MeanFlow network equals the flow network it is bu
 every (r, t): a fine-tune (``train --objective meanflow --init-from FLOW_RUN``) starts from the
 flow model's samples, the average velocity over any interval read as the instantaneous one.
 
+An iMF model (the guidance scale as an input, ``--train-cfg-max``) also has ``w_embedder``, which
+starts the same way, from a flow model or from a MeanFlow model without it (`added_embedders`).
+
 What fits (`check_flow_source`): a flow model on the linear path that predicts the velocity, the
 parameterisation MeanFlow's network shares (``objective.py``: F = -u, at h = 0 the flow's output).
 """
@@ -19,13 +22,34 @@ from torch import Tensor, nn
 
 from ditforge.errors import UserError
 
-__all__ = ["INTERVAL_PREFIX", "interval_keys", "interval_embedder_state", "flow_state_for_meanflow", "load_flow_weights",
-           "check_flow_source"]
+__all__ = ["INTERVAL_PREFIX", "GUIDANCE_PREFIX", "interval_keys", "interval_embedder_state", "added_embedders",
+           "flow_state_for_meanflow", "load_flow_weights", "check_flow_source"]
 
 #: State-dict prefix of the interval embedder: its keys are the only ones a flow model lacks.
 INTERVAL_PREFIX = "h_embedder."
-#: Its output layer, zero so that it contributes 0 (DiT.initialize_weights).
-_OUTPUT_LAYER = INTERVAL_PREFIX + "mlp.2."
+#: State-dict prefix of iMF's guidance-scale embedder (a MeanFlow model trained with --train-cfg-max).
+GUIDANCE_PREFIX = "w_embedder."
+#: The embedders a model may have that the model it starts from lacks; each one's output layer
+#: ("mlp.2.") zero, so that it contributes 0 (DiT.initialize_weights).
+_ADDED = (INTERVAL_PREFIX, GUIDANCE_PREFIX)
+_OUTPUT_LAYER = "mlp.2."
+
+
+def _started_at_zero(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The tensors of the embedder at `prefix` in `state`, its output layer zero."""
+    return {k: torch.zeros_like(v) if k.startswith(prefix + _OUTPUT_LAYER) else v.detach().clone()
+            for k, v in state.items() if k.startswith(prefix)}
+
+
+def added_embedders(target: Mapping[str, Tensor], source: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The embedders (interval, guidance scale) that the `target` state dict has and the `source`
+    lacks, as `target` holds them but with their output layers zero: what a model started from
+    `source` takes so that it computes what `source` did."""
+    out: dict[str, Tensor] = {}
+    for prefix in _ADDED:
+        if any(k.startswith(prefix) for k in target) and not any(k.startswith(prefix) for k in source):
+            out.update(_started_at_zero(target, prefix))
+    return out
 
 
 def interval_keys(state: Mapping[str, Tensor]) -> list[str]:
@@ -38,10 +62,9 @@ def interval_embedder_state(target: nn.Module | Mapping[str, Tensor]) -> dict[st
     layer as `target` (a MeanFlow DiT or its state dict) holds it (its own initialisation), its output
     layer zero, so that it adds 0 for every h. UserError if `target` has no interval embedder."""
     state = target.state_dict() if isinstance(target, nn.Module) else target
-    own = interval_keys(state)
-    if not own:
+    if not interval_keys(state):
         raise UserError("the model has no interval embedder (build it with interval_embedding=True) to add to the flow weights")
-    return {k: torch.zeros_like(state[k]) if k.startswith(_OUTPUT_LAYER) else state[k].detach().clone() for k in own}
+    return _started_at_zero(state, INTERVAL_PREFIX)
 
 
 def check_flow_source(flow_config: Mapping) -> None:
@@ -61,7 +84,8 @@ def flow_state_for_meanflow(flow_state: Mapping[str, Tensor], model: nn.Module |
     ``strict=True``; any key missing or extra beyond the interval embedder's, or of another
     shape, is a one-line UserError."""
     target = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    interval = interval_embedder_state(target)
+    interval_embedder_state(target)  # UserError without one
+    interval = added_embedders(target, flow_state)  # the interval embedder (and an iMF model's guidance one)
     own = list(interval)
     if interval_keys(flow_state):
         raise UserError("the source already has an interval embedder (h_embedder.*): it is a MeanFlow model, not a flow "

@@ -42,6 +42,26 @@ u_tgt and as the JVP's tangent, so that one evaluation of the trained model give
 at scale omega. Samples whose label the step dropped to the null class keep v (they train the
 unconditional model). omega = 1 is no guidance and costs nothing extra.
 
+The guidance scale as a network input (improved MeanFlow, iMF: Geng, Lu, Wu, Shechtman, Kolter,
+He 2025, arXiv 2512.02012, Sec. 5; ``--train-cfg-max S``): omega is drawn per sample, log-uniform
+on [1, S] (iMF's power distribution with beta = 1), and fed to the network (``w_embedder``,
+``models/dit.py``), so one model samples at any scale in [1, S] in one evaluation. The target
+follows iMF: with the network's own instantaneous velocities (h = 0, no gradient) v_c =
+u_theta(z_t, t, t | y, omega) and v_u = u_theta(z_t, t, t | null, 1),
+
+    v~ = v + (1 - 1/omega) (v_c - v_u),
+
+whose fixed point v_c = v_u + omega (E[v | z_t, y] - v_u) is classifier-free guidance at scale
+omega. Its JVP runs along v_c (`--mf-tangent model`, below; v_u for a row whose label is
+dropped, whose target stays v) or along v~ (`sample`).
+
+The JVP's tangent (``--mf-tangent``): the velocity the target's total derivative is taken along.
+MeanFlow uses the sample's own v (or v~; `sample`, the default); iMF uses the network's own
+instantaneous velocity u_theta(z_t, t, t) (`model`, no gradient, one more forward without
+gradient when the scale is not an input): the true trajectory's direction is E[v | z_t], of which
+v is a noisy draw, so the network's estimate gives a target of lower variance once it is good
+(a fine-tune from a flow model starts with it good).
+
 Our network's conventions (as ``flow/objective.py``): it sees SiT's time s = 1 - t (0 = noise,
 1 = data) and predicts SiT's velocity, so its output is F = -u (the average velocity in s); its
 second time input is the interval h = t - r >= 0 (the same in s and t: (1 - r) - (1 - t)). So
@@ -65,12 +85,23 @@ from ditforge.diffusion.gaussian import mean_flat
 from ditforge.flags import flag
 from ditforge.flow.paths import Path
 
-__all__ = ["MeanFlowObjective", "sample_time_pairs"]
+__all__ = ["MeanFlowObjective", "sample_time_pairs", "sample_guidance_scales"]
+
+
+#: What the JVP's tangent can be (module docstring)
+TANGENTS = ("sample", "model")
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
     """(N,) -> (N, 1, ..., 1), broadcastable against x (N, C, H, W)."""
     return t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+def sample_guidance_scales(n: int, generator: torch.Generator | None, device: torch.device, top: float) -> Tensor:
+    """(n,) float32 guidance scales omega, log-uniform on [1, top]: top ** U, U ~ U[0, 1) (n uniform
+    draws from ``generator``)."""
+    u = torch.rand(n, generator=generator, device=device)  # (n,)
+    return torch.exp(u * torch.log(torch.tensor(float(top), device=device)))  # (n,) in [1, top)
 
 
 def sample_time_pairs(
@@ -106,11 +137,18 @@ class MeanFlowObjective:
         "--train-cfg", "meanflow: guidance scale omega built into the model at training (the target velocity mixed "
         "with the model's own unconditional one; 1 = none); such a model samples at --cfg omega in one evaluation",
         metavar="OMEGA"))
+    train_cfg_max: float = field(default=0.0, metadata=flag(
+        "--train-cfg-max", "meanflow, improved MeanFlow (iMF): the guidance scale as a network input, drawn log-uniform in "
+        "[1, S] for each sample at training; such a model samples at any --cfg in [1, S] in one evaluation (0 = off)",
+        metavar="S"))
+    tangent: str = field(default="sample", metadata=flag(
+        "--mf-tangent", "meanflow: the velocity the JVP runs along: the sample's v (the paper) or the network's own "
+        "instantaneous velocity, without gradient (iMF)", choices=TANGENTS))
 
     name: ClassVar[str] = "meanflow"
 
     def __post_init__(self) -> None:
-        for key in ("time_mean", "time_std", "flow_share", "weight_p", "weight_c", "train_cfg"):
+        for key in ("time_mean", "time_std", "flow_share", "weight_p", "weight_c", "train_cfg", "train_cfg_max"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
                 raise ValueError(f"meanflow {key} must be a finite number, got {value!r}")
@@ -124,6 +162,14 @@ class MeanFlowObjective:
             raise ValueError(f"meanflow weight_c must be > 0 (the paper: 1e-3), got {self.weight_c!r}")
         if not self.train_cfg > 0:
             raise ValueError(f"meanflow train_cfg (omega) must be > 0 (1 = no guidance), got {self.train_cfg!r}")
+        if self.tangent not in TANGENTS:
+            raise ValueError(f"meanflow tangent must be one of {', '.join(TANGENTS)}, got {self.tangent!r}")
+        if not (self.train_cfg_max == 0 or self.train_cfg_max > 1):
+            raise ValueError(f"meanflow train_cfg_max (the largest guidance scale input) must be > 1, or 0 for none; got "
+                             f"{self.train_cfg_max!r}")
+        if self.train_cfg_max and self.guided:
+            raise ValueError(f"meanflow train_cfg {self.train_cfg:g} (one scale built in) and train_cfg_max "
+                             f"{self.train_cfg_max:g} (the scale as an input) exclude each other; give one of them")
 
     @property
     def interpolant(self) -> Path:
@@ -134,10 +180,20 @@ class MeanFlowObjective:
         """Whether the model has guidance built in (trained with omega != 1)."""
         return self.train_cfg != 1.0
 
+    @property
+    def guidance_input(self) -> bool:
+        """Whether the network takes the guidance scale as an input (iMF, ``--train-cfg-max``)."""
+        return self.train_cfg_max > 0
+
     # -- training -----------------------------------------------------------------------------
     def sample_time(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """(n, 2) training times, each row (t, r) with t >= r (0 = data): `sample_time_pairs`."""
-        return sample_time_pairs(n, generator, device, self.time_mean, self.time_std, self.flow_share)
+        """(n, 2) training times, each row (t, r) with t >= r (0 = data): `sample_time_pairs`; with
+        the guidance scale as an input, (n, 3): each row (t, r, omega), omega drawn after the times
+        (`sample_guidance_scales`), so the times are those of a run without it."""
+        times = sample_time_pairs(n, generator, device, self.time_mean, self.time_std, self.flow_share)
+        if not self.guidance_input:
+            return times
+        return torch.cat([times, sample_guidance_scales(n, generator, device, self.train_cfg_max)[:, None]], dim=1)
 
     @staticmethod
     def network_time(t: Tensor) -> Tensor:
@@ -160,18 +216,47 @@ class MeanFlowObjective:
             return v_guided
         return torch.where(_like(drop, v).bool(), v, v_guided)  # (N, C, H, W)
 
+    def model_velocity(self, model: Callable[..., Tensor], z: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """(N, C, H, W) the network's own instantaneous velocity u_theta(z_t, t, t) at the step's
+        labels (a dropped label: the null class's), without gradient: the `model` tangent."""
+        with torch.no_grad():
+            return -model(z, self.network_time(t), y, interval=torch.zeros_like(t))[:, : z.shape[1]].to(z.dtype)
+
+    def scale_conditioned_velocity(
+        self, model: Callable[..., Tensor], z: Tensor, t: Tensor, y: Tensor, v: Tensor, w: Tensor, drop: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(v~, tangent), each (N, C, H, W), for a network with the scale omega `w` (N,) as an input
+        (iMF, module docstring): v~ = v + (1 - 1/w) (v_c - v_u) and the tangent v_c, from one
+        forward of the doubled batch at h = 0 with no gradient; v and v_u where `drop` (N,) is set."""
+        n, channels = z.shape[0], z.shape[1]
+        with torch.no_grad():
+            rows = torch.cat([torch.zeros(n, dtype=torch.long, device=z.device), torch.ones(n, dtype=torch.long, device=z.device)])
+            s = self.network_time(t)
+            out = model(torch.cat([z, z]), torch.cat([s, s]), torch.cat([y, y]), interval=torch.zeros(2 * n, device=z.device,
+                        dtype=t.dtype), force_drop_ids=rows, guidance=torch.cat([w, torch.ones_like(w)]))  # (2N, C', H, W)
+            u_all = -out[:, :channels].to(v.dtype)  # the instantaneous velocities (h = 0): u = -F
+            v_c, v_u = u_all[:n], u_all[n:]  # (N, C, H, W) each: conditional at omega, unconditional
+            v_guided = v + _like(1 - 1 / w, v) * (v_c - v_u)  # (N, C, H, W)
+        if drop is None:
+            return v_guided, v_c
+        dropped = _like(drop, v).bool()
+        return torch.where(dropped, v, v_guided), torch.where(dropped, v_u, v_c)
+
     def prediction_and_target(
-        self, model: Callable[..., Tensor], z: Tensor, r: Tensor, t: Tensor, y: Tensor, v: Tensor
+        self, model: Callable[..., Tensor], z: Tensor, r: Tensor, t: Tensor, y: Tensor, v: Tensor,
+        tangent: Tensor | None = None, guidance: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(u_theta(z, r, t), u_tgt), both (N, C, H, W): the network's average velocity (with its
         graph to the weights) and the detached target of Eq. 10 for the velocity (tangent) ``v``,
         from one forward-mode pass of the network (``model(..., tangents=...)``: its output and
         JVP; no second forward for the prediction). Rows with r = t need no derivative (their
         target is v): the network runs them as a plain forward (``tangent_rows``), so a batch
-        with the paper's 75% at r = t pays the JVP for a quarter of it."""
+        with the paper's 75% at r = t pays the JVP for a quarter of it. ``tangent`` (None: ``v``) is
+        the velocity the JVP runs along; ``guidance`` (N,) the scale input of an iMF network."""
         channels, h = z.shape[1], t - r  # h (N,) the interval
-        tangents = (v, -torch.ones_like(t), torch.ones_like(t))  # (dz, ds, dh) along d/dt, r fixed
-        out, d_out = model(z, self.network_time(t), y, interval=h, tangents=tangents, tangent_rows=h > 0)  # F, dF
+        tangents = (v if tangent is None else tangent, -torch.ones_like(t), torch.ones_like(t))  # (dz, ds, dh) along d/dt
+        scale = {} if guidance is None else {"guidance": guidance}
+        out, d_out = model(z, self.network_time(t), y, interval=h, tangents=tangents, tangent_rows=h > 0, **scale)  # F, dF
         u, du_dt = -out[:, :channels], -d_out[:, :channels].detach()  # u = -F, du/dt = -dF
         u_tgt = v - _like(h, v) * du_dt.to(v.dtype)  # (N, C, H, W), Eq. 10
         return u, u_tgt.detach()
@@ -180,17 +265,24 @@ class MeanFlowObjective:
         self,
         model: Callable[..., Tensor],
         x0: Tensor,  # (N, C, H, W) data
-        t: Tensor,  # (N, 2) times (t, r)
+        t: Tensor,  # (N, 2) times (t, r); (N, 3) (t, r, omega) with the guidance scale as an input
         y: Tensor,  # (N,) labels
         noise: Tensor,  # (N, C, H, W) eps
         drop: Tensor | None = None,  # (N,) bool: labels the step drops to the null class
     ) -> dict[str, Tensor]:
         """Per-sample losses (N,): ``loss`` (the adaptively weighted squared error, module
         docstring) and ``u_mse``, the unweighted mean squared error of u against its target."""
+        w = t[:, 2] if self.guidance_input else None  # (N,) omega, the iMF network's input
         t, r = t[:, 0], t[:, 1]  # (N,) each
         z = self.interpolant.interpolate(x0, noise, t)  # (N, C, H, W), z_t
-        v = self.guided_velocity(model, z, t, y, noise - x0, drop)  # (N, C, H, W), v (or v~)
-        u, u_tgt = self.prediction_and_target(model, z, r, t, y, v)
+        if w is None:
+            v = self.guided_velocity(model, z, t, y, noise - x0, drop)  # (N, C, H, W), v (or v~)
+            tangent = self.model_velocity(model, z, t, y) if self.tangent == "model" else v
+            u, u_tgt = self.prediction_and_target(model, z, r, t, y, v, tangent=tangent)
+        else:
+            v, v_model = self.scale_conditioned_velocity(model, z, t, y, noise - x0, w, drop)  # (N, C, H, W) each
+            tangent = v_model if self.tangent == "model" else v
+            u, u_tgt = self.prediction_and_target(model, z, r, t, y, v, tangent=tangent, guidance=w)
         acc = torch.promote_types(u.dtype, torch.float32)  # float32 under bf16 autocast, float64 for float64
         error = u.to(acc) - u_tgt.to(acc)  # (N, C, H, W)
         mse = mean_flat(error**2)  # (N,)

@@ -14,7 +14,9 @@ sampler of zhuyu-cs/MeanFlow does the same), exact only as the steps shrink; the
 is the trained one (Sec. 4.2). A model trained with omega != 1 has its guidance built in: its one
 evaluation is the guided velocity at scale omega, so its ``--cfg`` is omega (the default) and the
 network runs once, conditionally (`guidance_scale`: 1); any other scale is a one-line error
-(``objectives.check_cfg``), since the model cannot be re-guided at another scale.
+(``objectives.check_cfg``), since the model cannot be re-guided at another scale. A model trained
+with the scale as an input (iMF, ``--train-cfg-max S``) samples at any ``--cfg`` in [1, S]: the
+scale is its input (`guidance_input`), the network runs once, conditionally.
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ class MeanFlowSampler:
     def guidance_scale(self, cfg: float) -> float:
         """The classifier-free guidance scale applied at sampling for ``--cfg`` ``cfg``: 1 (one
         conditional evaluation) for a model with its guidance built in, else ``cfg``."""
-        return 1.0 if self.objective.guided else cfg
+        return 1.0 if self.objective.guided or self.objective.guidance_input else cfg
+
+    def guidance_input(self, cfg: float) -> float | None:
+        """The scale fed to the network as an input for ``--cfg`` ``cfg``: ``cfg`` for an iMF model
+        (trained with the scale as an input), else None (no such input)."""
+        return float(cfg) if self.objective.guidance_input else None
 
     def describe(self) -> str:
         """E.g. ``1 MEANFLOW step (1 model evaluation)``."""

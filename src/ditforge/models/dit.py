@@ -16,6 +16,13 @@ initialisation h_emb = 0 for every h and the network is exactly the DiT it would
 tree, the state-dict keys and ``repr`` are the official ones. ``forward(..., tangents=...)`` also
 returns the network's Jacobian-vector product along (dx, dt, dh) (``forward_with_tangents``).
 
+The guidance scale as an input (improved MeanFlow, Geng et al. 2025, arXiv 2512.02012, Sec. 5:
+"guidance as explicit conditioning"): with ``guidance_embedding=True`` a third embedder,
+``w_embedder``, embeds the scale omega (N,) and adds it to the label's embedding, c = t_emb +
+y_emb + h_emb + w_emb, so one network serves every scale it was trained on. Its output layer
+starts at zero too (w_emb = 0 for every omega: the same network as without it), and omega is
+constant along a JVP, as the label is.
+
 The module tree, parameter names and shapes follow the official checkpoints exactly
 (``DiT-XL-2-256x256.pt`` and friends load with ``strict=True``), and ``repr(model)`` matches
 the print of the reference implementation (which builds its attention and MLP from timm;
@@ -67,7 +74,8 @@ class DiT(nn.Module):
 
     ``norm``, ``mlp``, ``rope`` and ``qk_norm`` are the block options of LightningDiT (see
     `BlockOptions`); their defaults give the paper's DiT with the official state-dict keys.
-    ``interval_embedding`` adds MeanFlow's second time, the interval h (module docstring).
+    ``interval_embedding`` adds MeanFlow's second time, the interval h, and ``guidance_embedding``
+    iMF's guidance-scale input (module docstring).
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class DiT(nn.Module):
         rope: bool = False,
         qk_norm: bool = False,
         interval_embedding: bool = False,
+        guidance_embedding: bool = False,
     ):
         super().__init__()
         for name, value in (
@@ -113,8 +122,9 @@ class DiT(nn.Module):
             raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
         if not (isinstance(class_dropout_prob, (int, float)) and 0.0 <= class_dropout_prob <= 1.0):
             raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob!r}")
-        if not isinstance(interval_embedding, bool):
-            raise ValueError(f"interval_embedding must be true or false, got {interval_embedding!r}")
+        for name, value in (("interval_embedding", interval_embedding), ("guidance_embedding", guidance_embedding)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         self.options = BlockOptions(norm=norm, mlp=mlp, rope=rope, qk_norm=qk_norm)
         if rope and (hidden_size // num_heads) % 4 != 0:
             raise ValueError(
@@ -137,6 +147,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         # MeanFlow's interval h = t - r (None: a one-time DiT, the official module tree and keys)
         self.h_embedder = TimestepEmbedder(hidden_size) if interval_embedding else None
+        # iMF's guidance scale omega as an input (None: no such input, the keys as before)
+        self.w_embedder = TimestepEmbedder(hidden_size) if guidance_embedding else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding: a parameter (so it is in the state dict, as in the official
@@ -201,10 +213,12 @@ class DiT(nn.Module):
         # Interval embedding MLP: its first layer as the timestep MLP's, its output layer zero, so
         # that h_emb = 0 for every interval h at initialisation: the network is then exactly the
         # one-time DiT with the same other weights (a flow model that a MeanFlow fine-tune starts from).
-        if self.h_embedder is not None:
-            nn.init.normal_(self.h_embedder.mlp[0].weight, std=0.02)
-            nn.init.constant_(self.h_embedder.mlp[2].weight, 0)
-            nn.init.constant_(self.h_embedder.mlp[2].bias, 0)
+        # The guidance-scale MLP the same way: w_emb = 0 for every omega at initialisation.
+        for extra in (self.h_embedder, self.w_embedder):
+            if extra is not None:
+                nn.init.normal_(extra.mlp[0].weight, std=0.02)
+                nn.init.constant_(extra.mlp[2].weight, 0)
+                nn.init.constant_(extra.mlp[2].bias, 0)
 
         # adaLN-Zero: zero the modulation layers of every block, so each block starts as the
         # identity (all gates are 0).
@@ -235,6 +249,11 @@ class DiT(nn.Module):
         """Whether the network takes MeanFlow's interval h (module docstring)."""
         return self.h_embedder is not None
 
+    @property
+    def guidance_embedding(self) -> bool:
+        """Whether the network takes iMF's guidance scale omega as an input (module docstring)."""
+        return self.w_embedder is not None
+
     def forward(
         self,
         x: torch.Tensor,
@@ -245,6 +264,7 @@ class DiT(nn.Module):
         interval: Optional[torch.Tensor] = None,
         tangents: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
         tangent_rows: Optional[torch.Tensor] = None,
+        guidance: Optional[torch.Tensor] = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (N, C, H, W) noisy inputs, t (N,) timesteps (float or int), y (N,) class ids in
         [0, num_classes) (``num_classes`` itself is the null class when it exists);
@@ -259,7 +279,10 @@ class DiT(nn.Module):
         (dx, dt, dh), shaped like (x, t, h) (dh None without an interval): the output is then
         ``(out, d out)``, the network and its derivative along them, for the rows where
         ``tangent_rows`` (N,) bool is set (None: all; elsewhere d out is 0 and the row costs a
-        plain forward: `forward_with_tangents`)."""
+        plain forward: `forward_with_tangents`).
+
+        ``guidance`` (N,) or 0-d: the guidance scale omega, for a model built with
+        ``guidance_embedding`` (None there: 1, no guidance); constant along the tangents."""
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
@@ -270,6 +293,7 @@ class DiT(nn.Module):
             t = t.expand(x.shape[0])  # (N,)
         h = self._interval(interval, t)  # (N,) or None
         y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D), label drops drawn once
+        y = self._with_guidance(y, guidance, t)  # (N, D): + omega's embedding (iMF; 0 at initialisation)
         if tangents is not None:
             if return_hidden:
                 raise ValueError("tangents and return_hidden cannot be combined")
@@ -285,6 +309,18 @@ class DiT(nn.Module):
         if interval is None:
             return torch.zeros_like(t, dtype=t.dtype if t.is_floating_point() else torch.float32)  # (N,)
         return interval.expand(t.shape[0]) if interval.ndim == 0 else interval  # (N,)
+
+    def _with_guidance(self, y_emb: torch.Tensor, guidance: Optional[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        """The label embedding (N, D) plus the guidance scale's (a model with ``guidance_embedding``;
+        omega = 1 where None), which the JVP then holds fixed with it."""
+        if self.w_embedder is None:
+            if guidance is not None:
+                raise ValueError("this DiT takes no guidance scale (built without guidance_embedding)")
+            return y_emb
+        if guidance is None:
+            guidance = torch.ones(t.shape[0], device=y_emb.device)
+        w = guidance.expand(t.shape[0]) if guidance.ndim == 0 else guidance  # (N,)
+        return y_emb + self.w_embedder(w).to(y_emb.dtype)  # (N, D)
 
     def _network(self, x, t, h, y_emb, return_hidden: int = 0):
         """The network from the label embedding y_emb (N, D) on: x (N, C, H, W), t (N,), h (N,) or None."""
@@ -406,8 +442,8 @@ def create_model(name: str, **kwargs) -> DiT:
     ``create_model("DiT-Ti/2", input_size=8, in_channels=1, num_classes=10)``.
 
     ``kwargs`` go to :class:`DiT` (input_size, in_channels, num_classes, learn_sigma,
-    class_dropout_prob, mlp_ratio, the block options norm, mlp, rope, qk_norm, and MeanFlow's
-    interval_embedding); depth, hidden_size, num_heads and patch_size are fixed
+    class_dropout_prob, mlp_ratio, the block options norm, mlp, rope, qk_norm, MeanFlow's
+    interval_embedding and iMF's guidance_embedding); depth, hidden_size, num_heads and patch_size are fixed
     by the name.
     """
     if name not in _MODEL_CONFIGS:

@@ -25,13 +25,17 @@ import torch
 
 from ditforge.data.sources import to_uint8
 from ditforge.diffusion.sampling import DEFAULT_SPACING, SOLVERS
-from ditforge.errors import UserError
+from ditforge.errors import UserError, quiet
+from ditforge.folder_lock import FolderLock, output_lock_file
 from ditforge.npz import NpzStreamWriter, save_npz_atomic
+from ditforge.progress import progress_of
+from ditforge.preemption import StopRequest, Stopped
 from ditforge.sampling.command import SampleOptions, prepare_sampling
 from ditforge.sampling.generate import choose_sampler, sample_batch, start_noise, step_generator
 from ditforge.sampling.load import SamplingModel, load_for_sampling
 from ditforge.sampling.options import interval_text
 from ditforge.train import distributed
+from ditforge.write_failures import failing_write
 
 
 def sample_labels(num_samples: int, num_classes: int, seed: int, balanced: bool) -> torch.Tensor:
@@ -106,10 +110,14 @@ def sample_to_npz(
     cfg_interval: tuple[float, float] | None = None,
     precision: str = "fp32",
     model: torch.nn.Module | None = None,
+    stop: StopRequest | None = None,
 ) -> dict:
     """Write `num_samples` samples to `out`; return a summary (rank 0; other ranks: their part).
-    `model` is what runs (`sm.model` compiled, say; default `sm.model` itself)."""
+    `model` is what runs (`sm.model` compiled, say; default `sm.model` itself). Once `stop` has
+    heard a signal, this rank stops after the part in flight is written, raising `Stopped`
+    (rerunning continues from the parts written, into the same file)."""
     d = d or distributed.Dist(device=next(sm.model.parameters()).device)
+    stop_request = stop  # (`stop` below is the end of a part's range)
     sm.model.eval()
     model = sm.model if model is None else model  # a compiled module reads the attributes of sm.model
     if num_samples <= 0:
@@ -139,10 +147,8 @@ def sample_to_npz(
     todo = [k for k in mine if not (parts / f"shard-{k:05d}.npz").exists()]
     total = sum(min(shard_size, num_samples - k * shard_size) for k in todo)
     bar = None
-    if progress and d.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="sample", unit="img", dynamic_ncols=True)
+    if progress and d.is_main:  # a bar on a terminal, plain lines in a log (progress.py)
+        bar = progress_of(total, 0, "sample", batch_size)
     t0 = time.perf_counter()
     shape = (sm.model.in_channels, sm.model.input_size, sm.model.input_size)
     for k in todo:
@@ -160,6 +166,13 @@ def sample_to_npz(
             if bar is not None:
                 bar.update(y.numel())
         save_npz_atomic(parts / f"shard-{k:05d}.npz", images=np.concatenate(images), labels=labels[start:stop].numpy())
+        if stop_request is not None and stop_request.requested and k != todo[-1]:
+            if bar is not None:
+                bar.close()
+            written = sum(1 for p in parts.glob("shard-*.npz"))
+            error = Stopped(f"stopped by {stop_request.signal_name} after writing {parts / f'shard-{k:05d}.npz'} "
+                            f"({written} of {num_shards} parts of {out} are written)", distributed=d.enabled)
+            raise error if d.is_main else quiet(error)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -170,7 +183,9 @@ def sample_to_npz(
         return summary
 
     first = np.load(parts / "shard-00000.npz")["images"]
-    with NpzStreamWriter(out, {"arr_0": ((num_samples, *first.shape[1:]), np.uint8), "labels": ((num_samples,), np.int64)}) as w:
+    nbytes = num_samples * (first[0].nbytes + 8)  # images and labels (a full disk: one line naming OUT, no temporary file)
+    with failing_write(out, nbytes), \
+            NpzStreamWriter(out, {"arr_0": ((num_samples, *first.shape[1:]), np.uint8), "labels": ((num_samples,), np.int64)}) as w:
         for k in range(num_shards):
             w.write("arr_0", np.load(parts / f"shard-{k:05d}.npz")["images"])
         w.write("labels", labels.numpy())
@@ -195,18 +210,23 @@ class NpzResult:
 def sample_npz(opts: SampleOptions) -> NpzResult:
     """`opts.num_samples` (default 50,000) samples of `opts.checkpoint` into the ADM .npz `opts.out`,
     shared out over the ranks under torchrun."""
-    sm = load_for_sampling(opts.checkpoint, opts.model_name, use_ema=opts.use_ema, objective=opts.objective)
-    opts = opts.for_model(sm)
     d = distributed.init()
+    # one writer per output (OUT and OUT.parts/, folder_lock.py), before anything is loaded or written
+    lock = FolderLock(output_lock_file(opts.out), "ditforge sample", opts.out)
     try:
+        distributed.raise_together(d, lock.acquire if d.is_main else lambda: None)
+        sm = load_for_sampling(opts.checkpoint, opts.model_name, use_ema=opts.use_ema, objective=opts.objective)
+        opts = opts.for_model(sm)
         s = prepare_sampling(sm, opts, d.device)
         n = opts.num_samples if opts.num_samples is not None else 50_000
-        summary = sample_to_npz(
-            sm, opts.out, n, opts.cfg, opts.steps, opts.sampler, opts.seed,
-            opts.balanced, opts.batch_size, opts.shard_size, decode=s.decode,
-            legacy_three_channel=opts.legacy_three_channel, d=d, spacing=opts.spacing, cfg_interval=opts.cfg_interval,
-            precision=s.precision, model=s.model,
-        )
+        with StopRequest() as stop:  # SIGTERM, SIGUSR1, Ctrl-C: the part in flight is finished first (preemption.py)
+            summary = sample_to_npz(
+                sm, opts.out, n, opts.cfg, opts.steps, opts.sampler, opts.seed,
+                opts.balanced, opts.batch_size, opts.shard_size, decode=s.decode,
+                legacy_three_channel=opts.legacy_three_channel, d=d, spacing=opts.spacing, cfg_interval=opts.cfg_interval,
+                precision=s.precision, model=s.model, stop=stop,
+            )
         return NpzResult(summary, s.precision, d.device.type, d.is_main)
     finally:
+        lock.release()
         distributed.shutdown()

@@ -97,7 +97,7 @@ def prepare_sampling(sm: SamplingModel, opts: SampleOptions, device: torch.devic
     model = sm.model.to(device)
     if opts.compile:
         model = torch.compile(model)
-    decode = load_decoder(opts.vae if opts.vae is not None else sm.autoencoder, device)
+    decode = load_decoder(sm.autoencoder, device, vae=opts.vae)  # --vae: other weights, the recorded normalisation
     return Sampling(sm, model, decode, precision)
 
 

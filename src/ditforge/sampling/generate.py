@@ -91,9 +91,13 @@ def sample_batch(
     ``cfg_interval``: guide only at noise levels in [LO, HI] (None: at every step). The network runs
     in `precision` (autocast), the sampler's arithmetic in fp32."""
 
+    scale = sampler.guidance_input(cfg_scale)  # the scale as the network's input (iMF models), else None
+
     def network(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, **options: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            options = dict(options, guidance=torch.full((x.shape[0],), scale, device=x.device))
         with autocast(precision, x.device):
-            return model(x, t, labels, **options).float()  # options: MeanFlow's interval
+            return model(x, t, labels, **options).float()  # options: MeanFlow's interval, iMF's scale
 
     denoise = guided_denoiser(
         network, y, sampler.guidance_scale(cfg_scale), model.num_classes, model.in_channels, legacy_three_channel,

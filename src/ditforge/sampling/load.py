@@ -39,11 +39,17 @@ def load_for_sampling(
     return SamplingModel(w.build(), w.class_names, w.objective, source=folder, step=w.step, autoencoder=w.autoencoder)
 
 
-def load_decoder(autoencoder: dict[str, Any] | str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The decode function of a recorded autoencoder (`describe()` output) or a `--vae` string;
-    None for the identity recorded by pixel-space runs."""
-    if isinstance(autoencoder, dict) and autoencoder.get("kind") == "identity":
-        return None
-    from ditforge.data.autoencoder import load_autoencoder
+def load_decoder(autoencoder: dict[str, Any] | str, device: torch.device,
+                 vae: str | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The decode function of a recorded autoencoder (`describe()` output, or a `--vae` string):
+    it undoes exactly the normalisation the record says (shift, scale, channel statistics). None
+    for the identity recorded by pixel-space runs. `vae` (`sample --vae`) swaps the weights that
+    decode, keeping the record's normalisation."""
+    from ditforge.data.autoencoder import load_autoencoder, with_recorded_normalisation
 
+    if vae is not None:
+        record = autoencoder if isinstance(autoencoder, dict) else {}
+        return with_recorded_normalisation(vae, record, device=device).decode
+    if isinstance(autoencoder, dict) and autoencoder.get("kind") == "identity" and "channel_mean" not in autoencoder:
+        return None
     return load_autoencoder(autoencoder, device=device).decode

@@ -41,7 +41,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ditforge.checksums import check_file, own_checksum_damage, record_file, safetensors_damage, with_own_checksum
 from ditforge.errors import CheckpointError
+from ditforge.write_failures import failing_write
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
@@ -169,6 +171,16 @@ def fsync_path(path: Path) -> None:
 # -- save / load ---------------------------------------------------------------------------
 
 
+def checkpoint_bytes(state: Any) -> int:
+    """The bytes of the tensors in `state` (nested dicts, lists, tuples): what a checkpoint of
+    them needs on disk, give or take the headers and state.json."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        state = list(state.values())
+    return sum(checkpoint_bytes(s) for s in state) if isinstance(state, (list, tuple)) else 0
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -181,50 +193,64 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of `step` atomically; return its folder. `extras` maps a name to the
     (weights, optimizer state) of a trained module that is not part of the model (REPA's
-    projector): NAME.safetensors, NAME_optimizer.safetensors, state.json's extras[NAME]."""
+    projector): NAME.safetensors, NAME_optimizer.safetensors, state.json's extras[NAME].
+    A write the storage refuses (full disk, quota) is one `WriteFailed` line naming the folder and
+    the bytes it needs; its temporary folder is removed and the checkpoints before stay as they were."""
     final = checkpoint_dir(run_dir, step)
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
+    nbytes = checkpoint_bytes([model_state, ema_state, optimizer_state, extras or {}]) + 64 * 1024  # + RNG, JSON, headers
     tmp = _hidden(final, TMP)
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a save that was killed
-    tmp.mkdir()
+    with failing_write(final, nbytes, [tmp]):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was killed
+        tmp.mkdir()
+        _write_files(tmp, dict(meta, step=step), model_state, ema_state, optimizer_state, extras or {})
+        _install(tmp, final)
+    if keep_last > 0:
+        for stale in list_checkpoints(run_dir)[:-keep_last]:
+            remove_checkpoint(stale)
+    return final
 
+
+def _write_files(tmp: Path, state: dict[str, Any], model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor],
+                 optimizer_state: dict[str, Any], extras: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> None:
+    """A checkpoint's files into the empty folder `tmp`, each flushed to disk; `state` (meta and
+    step) becomes state.json with the optimizer's structure, the extras' and every file's record."""
     opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
     save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file(_rng_state(), tmp / "rng.safetensors")
-    state = dict(meta, step=step, optimizer=opt_meta)
+    state = dict(state, optimizer=opt_meta)
     written = list(FILES)
-    for name, (weights, opt_state) in (extras or {}).items():
+    for name, (weights, opt_state) in extras.items():
         extra_tensors, extra_meta = _flatten_optimizer(opt_state)
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / f"{name}.safetensors")
         save_file(extra_tensors, tmp / f"{name}_optimizer.safetensors")
         state.setdefault("extras", {})[name] = {"optimizer": extra_meta}
         written += [f"{name}.safetensors", f"{name}_optimizer.safetensors"]
-    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    for name in written:
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
+    # each tensor file's size and checksum, read back once from the page cache as it is flushed to
+    # disk; state.json carries its own checksum (`dump_state`)
+    state["files"] = {name: record_file(tmp / name, fsync=True) for name in written if name != "state.json"}
+    (tmp / "state.json").write_text(dump_state(state))
+    with open(tmp / "state.json", "rb") as f:
+        os.fsync(f.fileno())
     fsync_path(tmp)
 
-    # The same step saved again (e.g. the final save after a resume at it): at every moment the
-    # folder or its `.old` copy is a whole checkpoint of this step (tidy_checkpoints recovers it).
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the written folder `tmp` to `final`. The same step saved again (e.g. the final save
+    after a resume at it): at every moment the folder or its `.old` copy is a whole checkpoint of
+    this step (tidy_checkpoints recovers it)."""
     old = _hidden(final, OLD)
     if final.exists():
         if old.exists():
             shutil.rmtree(old)  # stale: `final` is the checkpoint
         os.rename(final, old)
     os.rename(tmp, final)
-    fsync_path(root)
+    fsync_path(final.parent)
     if old.exists():
         shutil.rmtree(old)
-
-    if keep_last > 0:
-        for stale in list_checkpoints(run_dir)[:-keep_last]:
-            remove_checkpoint(stale)
-    return final
 
 
 # Entries of state.json and their types: what resuming and sampling read of it.
@@ -243,12 +269,7 @@ def read_state(ckpt_dir: str | Path, required: tuple[str, ...] = ("step",)) -> d
         raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} has no state.json; it is not a ditforge checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt ({e}); delete the folder to fall back to an older one") from None
-    problems = [] if isinstance(state, dict) else ["it is not a JSON object"]
-    if not problems:
-        problems = [f"{k!r} is missing" for k in required if k not in state]
-        problems += [f"{k!r} is not a {STATE_KEYS[k].__name__}" for k in required if k in state and not isinstance(state[k], STATE_KEYS[k])]
-        if "data" in required and isinstance(state.get("data"), dict) and not isinstance(state["data"].get("class_names"), list):
-            problems.append("'data' has no list 'class_names'")
+    problems = state_problems(state, required)
     if problems:
         raise CheckpointError(
             f"checkpoint file {str(path)!r} is damaged: {'; '.join(problems)}; delete the folder to fall back to an older one"
@@ -256,11 +277,28 @@ def read_state(ckpt_dir: str | Path, required: tuple[str, ...] = ("step",)) -> d
     return state
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """A safetensors file, with a clear error when it is missing or damaged."""
+def state_problems(state: Any, required: tuple[str, ...]) -> list[str]:
+    """What is wrong with a parsed state.json: the `required` entries (of `STATE_KEYS`) missing or
+    of another type, the most telling first, else its own checksum not matching (`state_damage`)."""
+    if not isinstance(state, dict):
+        return ["it is not a JSON object"]
+    problems = [f"{k!r} is missing" for k in required if k not in state]
+    problems += [f"{k!r} is not a {STATE_KEYS[k].__name__}" for k in required if k in state and not isinstance(state[k], STATE_KEYS[k])]
+    if "data" in required and isinstance(state.get("data"), dict) and not isinstance(state["data"].get("class_names"), list):
+        problems.append("'data' has no list 'class_names'")
+    if not problems and (damage := state_damage(state)):
+        problems = [damage]
+    return problems
+
+
+def read_tensors(path: str | Path, state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file, with a clear error when it is missing or damaged: with the `state.json`
+    of its checkpoint (`state`), also when its size or checksum is not the recorded one."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
+    if state is not None and (damage := check_file(path, (state.get("files") or {}).get(path.name))):
+        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt ({damage}); delete its folder to fall back to an older one")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -297,24 +335,106 @@ def read_training_state(ckpt_dir: str | Path, tensors: bool = True) -> tuple[dic
     for the ranks of a resume that rank 0 broadcasts to, which so never hold the whole checkpoint."""
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir, RESUME_KEYS)
-    _set_rng_state(read_tensors(ckpt_dir / "rng.safetensors"))
+    _set_rng_state(read_tensors(ckpt_dir / "rng.safetensors", state))
     if not tensors:
         return {}, {}, {}, state
-    model = read_tensors(ckpt_dir / "model.safetensors")
-    ema = read_tensors(ckpt_dir / "ema.safetensors")
+    model = read_tensors(ckpt_dir / "model.safetensors", state)
+    ema = read_tensors(ckpt_dir / "ema.safetensors", state)
     if not {"param_groups", "scalars"} <= set(state["optimizer"]):
         raise CheckpointError(f"checkpoint file {str(ckpt_dir / 'state.json')!r} is damaged: 'optimizer' lacks "
                               "'param_groups' or 'scalars'; delete the folder to fall back to an older one")
-    optimizer = _unflatten_optimizer(read_tensors(ckpt_dir / "optimizer.safetensors"), state["optimizer"])
+    optimizer = _unflatten_optimizer(read_tensors(ckpt_dir / "optimizer.safetensors", state), state["optimizer"])
     return model, ema, optimizer, state
 
 
 def read_extra_state(ckpt_dir: str | Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(weights, optimizer state) of the extra module `name` saved by `save_checkpoint(extras=...)`."""
     ckpt_dir = Path(ckpt_dir)
-    meta = read_state(ckpt_dir).get("extras", {}).get(name)
+    state = read_state(ckpt_dir)
+    meta = state.get("extras", {}).get(name)
     if not isinstance(meta, dict) or not {"param_groups", "scalars"} <= set(meta.get("optimizer", {})):
         raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} holds no {name} state (state.json has no extras.{name}); "
                               "it was written by a run without it: resume with the settings it was trained with")
-    weights = read_tensors(ckpt_dir / f"{name}.safetensors")
-    return weights, _unflatten_optimizer(read_tensors(ckpt_dir / f"{name}_optimizer.safetensors"), meta["optimizer"])
+    weights = read_tensors(ckpt_dir / f"{name}.safetensors", state)
+    return weights, _unflatten_optimizer(read_tensors(ckpt_dir / f"{name}_optimizer.safetensors", state), meta["optimizer"])
+
+
+# -- checksums -------------------------------------------------------------------------------
+
+STATE_CHECKSUM = "state_crc32"  # state.json's own checksum, over its other entries
+
+
+def dump_state(state: dict[str, Any]) -> str:
+    """The text of state.json: `state` and, last, the CRC-32 of the rest (`STATE_CHECKSUM`), so a
+    change that leaves valid JSON (a digit of the step, a flipped bit in a name) is seen too."""
+    return json.dumps(with_own_checksum(state, STATE_CHECKSUM), indent=2) + "\n"
+
+
+def state_damage(state: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed state.json against its own checksum; None when it matches or
+    records none (written before checksums were)."""
+    return own_checksum_damage(state, STATE_CHECKSUM)
+
+
+def checkpoint_problems(ckpt_dir: str | Path) -> list[tuple[Path, str]]:
+    """Every file of a checkpoint folder that is not as written, with what is wrong: missing,
+    unreadable, size or checksum not the recorded ones (state.json's `files`). A checkpoint
+    written before checksums were recorded is checked for its files' presence only."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / "state.json"
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return [(path, "missing")]
+    except (ValueError, UnicodeDecodeError) as e:
+        return [(path, f"unreadable ({type(e).__name__}: {e})")] + [
+            (ckpt_dir / n, "missing") for n in FILES if n != "state.json" and not (ckpt_dir / n).is_file()]
+    problems = [(path, "; ".join(found))] if (found := state_problems(state, RESUME_KEYS)) else []
+    files = state.get("files") if isinstance(state.get("files"), dict) else {}
+    names = list(files) or [n for n in FILES if n != "state.json"]
+    for name in names:
+        damage = check_file(ckpt_dir / name, files.get(name))
+        if damage is None and name not in files:  # no checksum recorded: its layout at least
+            damage = safetensors_damage(ckpt_dir / name)
+        if damage is not None:
+            problems.append((ckpt_dir / name, damage))
+    return problems
+
+
+DAMAGED = ".damaged"  # suffix of a checkpoint folder set aside by a resume: kept, never read or deleted
+
+
+def set_aside_damaged(run_dir: str | Path) -> list[str]:
+    """Check the run's checkpoints newest first (`checkpoint_problems`) until a whole one is found;
+    rename each damaged one before it to `step-N.damaged` (kept for inspection; no longer a
+    checkpoint, so the resume takes the previous one) and return one line for each. When none is
+    whole, nothing is renamed: `CheckpointError` names the newest one's damage. For one process
+    (rank 0), after `tidy_checkpoints`."""
+    ckpts = list_checkpoints(run_dir)
+    damaged = []
+    for ckpt in reversed(ckpts):
+        problems = checkpoint_problems(ckpt)
+        if not problems:
+            break
+        damaged.append((ckpt, problems))
+    if not damaged:
+        return []
+    if len(damaged) == len(ckpts):
+        (path, what), more = damaged[0][1][0], len(damaged[0][1]) - 1
+        raise CheckpointError(
+            f"every checkpoint of {str(run_dir)!r} is corrupt, the latest in {str(path)!r}: {what}"
+            f"{f' (and {more} more files)' if more else ''}; move them aside to start the run afresh")
+    good = ckpts[-len(damaged) - 1]
+    lines = []
+    for ckpt, problems in damaged:
+        aside, n = ckpt.with_name(ckpt.name + DAMAGED), 1
+        while aside.exists():
+            aside, n = ckpt.with_name(f"{ckpt.name}{DAMAGED}.{n}"), n + 1
+        os.rename(ckpt, aside)
+        (path, what), more = problems[0], len(problems) - 1
+        lines.append(f"checkpoint file {str(path)!r} is corrupt: {what}{f' (and {more} more files)' if more else ''}; "
+                     f"its folder is set aside as {aside.name} and the run resumes from {good}")
+    fsync_path(Path(run_dir) / "checkpoints")
+    return lines

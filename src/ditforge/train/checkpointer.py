@@ -76,9 +76,9 @@ class Checkpointer:
             name: (distributed.full_model_state(module), distributed.full_optimizer_state(module, opt))
             for name, (module, opt) in self.extras.items()
         }
-        path = None
-        if self.d.is_main:
-            path = save_checkpoint(self.run_dir, step, *states, dict(self.meta, position=position), self.keep_last, extras)
-        distributed.barrier(self.d)
+        # rank 0 writes; a write it fails (a full disk: `write_failures.py`) stops every rank with its
+        # one line, and every rank waits for it (a collective, as the barrier it replaces)
+        path = distributed.raise_together(self.d, lambda: save_checkpoint(
+            self.run_dir, step, *states, dict(self.meta, position=position), self.keep_last, extras) if self.d.is_main else None)
         self.last = checkpoint_dir(self.run_dir, step)
         return path

@@ -75,8 +75,25 @@ def init() -> Dist:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                **_restarted_group_store(rank, world))
     return Dist(rank, local_rank, world, device)
+
+
+def _restarted_group_store(rank: int, world: int) -> dict:
+    """The store of a worker group that `torchrun --max-restarts` restarted, under a prefix of its
+    own: the workers reach the agent's store, which outlives a group, so without one a restarted
+    rank could read the gloo address of the rank it replaces (connectFullMesh then fails with
+    "Connection refused" and burns a restart; seen at the first restart of both restarted runs
+    tried here, 2 gloo processes, torch 2.13). Nothing for a
+    first start: torch's own env:// rendezvous."""
+    restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if restart == 0:
+        return {}
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", rank, world))
+    return dict(store=dist.PrefixStore(f"ditforge/restart-{restart}", store), rank=rank, world_size=world)
 
 
 def shutdown() -> None:
@@ -136,6 +153,16 @@ def all_true(flag: torch.Tensor, d: Dist) -> bool:
         dist.all_reduce(f, op=dist.ReduceOp.MIN)
         return bool(f)
     return bool(flag)
+
+
+def max_over_ranks(value: int, d: Dist) -> int:
+    """The largest of the host integers `value` of all ranks: one all-reduce of one element on
+    the process's device (a collective: every rank calls it at the same point)."""
+    if not d.enabled:
+        return value
+    f = torch.tensor([value], dtype=torch.int64, device=d.device)
+    dist.all_reduce(f, op=dist.ReduceOp.MAX)
+    return int(f.item())
 
 
 def wrap(model: nn.Module, d: Dist, strategy: str = "ddp", precision: str = "fp32") -> nn.Module:

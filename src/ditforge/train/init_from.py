@@ -56,7 +56,7 @@ from ditforge.config import ModelConfig, TrainConfig
 from ditforge.data.training_data import TrainingData
 from ditforge.errors import CheckpointError, UserError
 from ditforge.formats.weights import ModelWeights
-from ditforge.meanflow.init import check_flow_source, interval_embedder_state, interval_keys
+from ditforge.meanflow.init import added_embedders, check_flow_source
 from ditforge.models.dit import MODEL_PATCH_SIZES, MODEL_SIZES
 from ditforge.objectives import objective_from_config, objective_of_run
 from ditforge.train import distributed
@@ -238,8 +238,9 @@ def adapt_state(source: ModelWeights, target: dict[str, Tensor], target_args: di
     """This run's full state dict from the source's weights (module docstring's table), in the
     dtypes of `target` (this run's fresh state dict: shapes, dtypes and its own `pos_embed`), and
     what was changed. `class_names`: this run's data's classes."""
-    if interval_keys(target) and not interval_keys(source.state_dict):  # a flow model into a MeanFlow run
-        source = replace(source, state_dict={**source.state_dict, **interval_embedder_state(target)})
+    added = added_embedders(target, source.state_dict)  # a flow model into a MeanFlow run, a MeanFlow one into iMF
+    if added:
+        source = replace(source, state_dict={**source.state_dict, **added})
     check_architecture(source, target, target_args)
     state = source.state_dict
     out = {k: (target[k] if k in OWN_KEYS else state[k]).to(target[k].dtype) for k in target if k not in (LABELS, *FINAL)}

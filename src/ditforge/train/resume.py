@@ -32,6 +32,7 @@ from ditforge.train.checkpoint import (
     read_extra_state,
     read_state,
     read_training_state,
+    set_aside_damaged,
     tidy_checkpoints,
 )
 from ditforge.train.step import TrainStep
@@ -107,8 +108,11 @@ def check_same_run(cfg: TrainConfig, run_dir: Path) -> None:
 
 def find_run(cfg: TrainConfig, d: distributed.Dist) -> Found:
     """What `cfg.run_dir` holds, first of all: rank 0 clears what killed saves left in its
-    checkpoints folder (`tidy_checkpoints`) and refuses a folder that holds another run
-    (`check_same_run`); then every rank finds the latest checkpoint and reads its state.json.
+    checkpoints folder (`tidy_checkpoints`), refuses a folder that holds another run
+    (`check_same_run`) and checks the latest checkpoint's files against the sizes and checksums
+    its state.json records, setting a damaged one aside as `step-N.damaged` with one line, so the
+    previous good one is resumed (`set_aside_damaged`); then every rank finds the latest
+    checkpoint and reads its state.json.
     An error on any rank is every rank's (a collective under torchrun)."""
     run_dir = Path(cfg.run_dir)
 
@@ -117,6 +121,8 @@ def find_run(cfg: TrainConfig, d: distributed.Dist) -> Found:
             for line in tidy_checkpoints(run_dir):
                 log.warning("%s", line)
             check_same_run(cfg, run_dir)
+            for line in set_aside_damaged(run_dir):  # the latest checkpoint's files checked; a damaged one set aside
+                log.warning("%s", line)
 
     def latest() -> Found:  # after the tidy: every rank sees the same folders
         ckpt = latest_checkpoint(run_dir)

@@ -11,13 +11,16 @@ start, train/init_from.py), the step (train/step.py), `Reporter` (log line,
 TensorBoard, finiteness of the losses; train/reporter.py), `Checkpointer` (finiteness of the
 weights, train/checkpointer.py) and `Previewer` (preview grids, in-training evaluation;
 train/previewer.py). Host syncs (`.item()`) happen only at log and checkpoint steps: the step
-itself queues work.
+itself queues work. SIGTERM, SIGUSR1 or a first Ctrl-C (`preemption.py`) ends the loop after the
+step in flight with a checkpoint of it (`stop_at`); under torchrun at the next step where the
+ranks agree (every `AGREE_EVERY` steps, the only extra sync).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,11 @@ from ditforge import __version__
 from ditforge.config import TrainConfig
 from ditforge.data.loader import InfiniteLoader, Prefetcher
 from ditforge.data.training_data import TrainingData, open_training_data
-from ditforge.errors import UserError
+from ditforge.errors import UserError, quiet
+from ditforge.folder_lock import FolderLock, folder_lock_file
 from ditforge.models import DiT, create_model
-from ditforge.objectives import model_options
+from ditforge.objectives import model_options, objective_of_run
+from ditforge.preemption import StopRequest, Stopped
 from ditforge.repa.aligner import build_aligner, training_source
 from ditforge.train import distributed, init_from
 from ditforge.train.checkpointer import Checkpointer
@@ -55,6 +60,7 @@ class TrainResult:
 def build_model(cfg: TrainConfig, data: TrainingData) -> tuple[DiT, dict[str, Any]]:
     """The DiT for this data: input size and channels follow from the data, never from a flag."""
     c, h, w = data.shape
+    check_patch(cfg.model.name, data.shape, cfg.data)
     args = dict(
         name=cfg.model.name,
         input_size=h,
@@ -63,12 +69,30 @@ def build_model(cfg: TrainConfig, data: TrainingData) -> tuple[DiT, dict[str, An
         learn_sigma=cfg.model.learn_sigma,
         class_dropout_prob=cfg.model.class_dropout_prob,
         **cfg.model.block_options(),
-        **model_options(cfg.objective),  # MeanFlow's interval input; nothing for the others
+        **model_options(objective_of_run(cfg)),  # MeanFlow's interval (and iMF's scale) input; nothing for the others
     )
     try:
         return create_model(**args), args
     except ValueError as e:
         raise UserError(f"model {cfg.model.name} does not fit data of shape {c}x{h}x{w}: {e}") from None
+
+
+def check_patch(name: str, shape: tuple[int, int, int], data: str) -> None:
+    """A one-line UserError unless the patch size of model `name` (DiT-XL/2: 2) divides the
+    (C, h, w) grid of the data; it names the patch sizes that do and a model with one."""
+    from ditforge.models.dit import MODEL_PATCH_SIZES
+
+    c, h, w = shape
+    size, _, patch = name.removeprefix("DiT-").partition("/")
+    if not patch.isdigit() or size not in MODEL_PATCH_SIZES or (h % int(patch) == 0 and w % int(patch) == 0):
+        return
+    fits = [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
+    models = [f"DiT-{size}/{p}" for p in MODEL_PATCH_SIZES[size] if p in fits]
+    raise UserError(
+        f"model {name}: patch size {patch} does not divide the {h}x{w} grid of the data {data!r} ({c}x{h}x{w}); "
+        f"patch sizes that do: {', '.join(map(str, fits))}" + (f"; e.g. --model {models[-1]}" if models else
+                                                             f"; DiT-{size} has patch sizes {', '.join(map(str, MODEL_PATCH_SIZES[size]))} only")
+    )
 
 
 def run_metadata(cfg: TrainConfig, model_args: dict[str, Any], data: TrainingData, precision: str,
@@ -101,13 +125,31 @@ def open_loader(cfg: TrainConfig, data: TrainingData, position: int, d: distribu
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     d = distributed.init()
+    # one writer per run folder, for the whole run, taken before anything is read, tidied or
+    # written (folder_lock.py); rank 0 holds it for the job, and its refusal is every rank's
+    lock = FolderLock(folder_lock_file(cfg.run_dir), "ditforge train", cfg.run_dir)
     try:
-        return _train(cfg, d, progress)
+        distributed.raise_together(d, lock.acquire if d.is_main else lambda: None)
+        with StopRequest(partial(distributed.max_over_ranks, d=d) if d.enabled else None) as stop:  # SIGTERM & co (preemption.py)
+            return _train(cfg, d, progress, stop)
     finally:
+        lock.release()
         distributed.shutdown()
 
 
-def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult:
+def stop_at(step: int, cfg: TrainConfig, stop: StopRequest, checkpointer: Checkpointer, reporter: Reporter,
+            position: int, d: distributed.Dist) -> Stopped:
+    """Checkpoint `step` (unless its regular checkpoint was just written) and return the error that
+    ends the run there: a stop signal came (preemption.py), and every rank stops at this step."""
+    if step % cfg.ckpt_every:
+        reporter.check_finite(step, checkpointer.last)
+        checkpointer.save(step, position)  # with the data position and RNG, as every checkpoint
+    error = Stopped(f"stopped by {stop.signal_name} after step {step} of {cfg.steps}; its checkpoint is {checkpointer.last}",
+                    distributed=d.enabled)
+    return error if d.is_main else quiet(error)  # rank 0 says it
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopRequest) -> TrainResult:
     run_dir = Path(cfg.run_dir)
     found = find_run(cfg, d)  # the same run? its latest checkpoint, on every rank
     precision = resolve_precision(cfg.precision, d.device, found.recorded("precision"))
@@ -147,6 +189,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool) -> TrainResult
                 reporter.evaluation(step, previewer.evaluate())
             if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
                 previewer.preview(step)
+            if step < cfg.steps and stop.agreed(step):  # a collective every AGREE_EVERY steps under torchrun
+                raise stop_at(step, cfg, stop, checkpointer, reporter, loader.position, d)
     finally:
         loader.close()
         reporter.close()

@@ -21,8 +21,11 @@ import numpy as np
 import torch
 
 from ditforge.data.store.writer import LatentWriter
-from ditforge.errors import UnreadableImage, UserError
+from ditforge.errors import UnreadableImage, UserError, quiet
 from ditforge.flags import flag
+from ditforge.preemption import StopRequest, Stopped
+from ditforge.progress import progress_of
+from ditforge.folder_lock import FolderLock, folder_lock_file
 
 # What a loader raises for an unreadable, truncated or undecodable file (`data.sources.open_image`
 # turns the decoder's errors into it): skipped and recorded. Any other exception stops the
@@ -44,6 +47,14 @@ def _load_one(load: Callable[[Any], Any], key: Any, skip_errors: tuple[type[Base
     except skip_errors as e:  # UnreadableImage already names the decoder's error
         reason = str(e) if isinstance(e, UnreadableImage) else f"{type(e).__name__}: {e}"
         return False, " ".join(reason.split())
+
+
+def stopped(stop: StopRequest, writer: LatentWriter, root: str | Path) -> Stopped:
+    """The error that ends an extraction stopped by a signal, once its shard in flight is written."""
+    done, items = writer.resume_position() - writer.items.start, len(writer.items)
+    error = Stopped(f"stopped by {stop.signal_name} after a shard: {done} of rank {writer.rank}'s {items} images are in "
+                    f"finished shards of {str(root)!r}", distributed=writer.world_size > 1)
+    return error if writer.rank == 0 else quiet(error)  # rank 0 says it
 
 
 def _to_unit(image: Any, in_channels: int, key: Any) -> torch.Tensor:
@@ -77,6 +88,7 @@ def extract(
     keep_pixels: bool = False,
     progress: bool = False,
     skip_errors: tuple[type[BaseException], ...] = SKIP_ERRORS,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Encode this rank's share of `items` into the store folder `root`; resumable.
 
@@ -93,6 +105,9 @@ def extract(
     batch ahead. `keep_pixels` also stores each image as encoded (uint8, unflipped), for REPA's
     encoder on the store. The caller then runs `finalize_store` once, on one process, after all ranks.
 
+    Once `stop` has heard a signal (SIGTERM, SIGUSR1, Ctrl-C: `preemption.py`), this rank stops
+    as soon as the shard in flight is written, raising `Stopped`; a rerun continues from there.
+
     Returns {rank, items, resumed_at, encoded, skipped, records, seconds, images_per_s}
     (encoded, skipped and the rate count this call only).
     """
@@ -101,7 +116,8 @@ def extract(
     items = items if isinstance(items, Sequence) else list(items)
     full_plan = {"items_sha256": items_digest(items), "autoencoder": autoencoder.describe(), **(plan or {}),
                  **({"keep_pixels": True} if keep_pixels else {})}  # (absent when off: older plans still resume)
-    writer = LatentWriter(root, rank, world_size, shard_size, num_items=len(items), dtype=dtype, plan=full_plan, overwrite=overwrite)
+    writer = LatentWriter(root, rank, world_size, shard_size, num_items=len(items), dtype=dtype, plan=full_plan, overwrite=overwrite,
+                          means_only=autoencoder.means_only, channel_stats=autoencoder.latent_norm == "channel")
     lo, hi = writer.items.start, writer.items.stop
     start = writer.resume_position()
     grid_start = lo + (start - lo) // batch_size * batch_size
@@ -109,9 +125,7 @@ def extract(
     t0 = time.perf_counter()
     encoded = skipped = 0
     first_shape: tuple[int, ...] | None = None
-    from tqdm import tqdm
-
-    bar = tqdm(total=hi - lo, initial=start - lo, unit="img", desc=f"extract (rank {rank})", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    bar = progress_of(hi - lo, start - lo, f"extract (rank {rank})", batch_size) if progress else None
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
 
     def submit(batch: range):
@@ -149,14 +163,19 @@ def extract(
                 keep = torch.tensor(kept) >= start
                 new_items = torch.tensor(kept)[keep]
                 pixels = x[keep].add(1).mul_(127.5).round_().to(torch.uint8) if keep_pixels else None  # exact: x = u / 127.5 - 1
+                saved = writer.resume_position()
                 writer.add(new_items, torch.tensor([int(items[i][1]) for i in new_items.tolist()]), mean[keep], std[keep], pixels)
                 encoded += int(keep.sum())
-            bar.update(batch.stop - max(batch.start, start))
+                if stop is not None and stop.requested and writer.resume_position() != saved:  # a shard was just written
+                    raise stopped(stop, writer, root)
+            if bar is not None:
+                bar.update(batch.stop - max(batch.start, start))
         summary = writer.close()
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - t0
     return {
         "rank": rank,
@@ -180,7 +199,12 @@ class ExtractOptions:
     data: str = field(metadata=flag(
         "--data", "image folder (ROOT/<class>/<image>), hf:NAME or hf:PATH, or a built-in set", required=True))
     vae: str = field(default="stabilityai/sd-vae-ft-ema", metadata=flag(
-        "--vae", "hub id, 'ema' / 'mse', a save_pretrained folder, or 'identity'"))
+        "--vae", "hub id, 'ema' / 'mse', a save_pretrained folder of a diffusers AutoencoderKL (SD, FLUX, SD3), "
+        "AutoencoderDC or AutoencoderKLQwenImage (the class from its config), or 'identity'"))
+    latent_norm: str = field(default="scale", metadata=flag(
+        "--latent-norm", "scale: the autoencoder's own (z - shift_factor) x scaling_factor from its config; channel: "
+        "also the data set's per-channel mean and std of the latents, measured while extracting and kept in the "
+        "manifest", choices=["scale", "channel"]))
     image_size: int = field(default=256, metadata=flag(
         "--image-size", "pixels; a multiple of the VAE's downsampling (8)"))
     crop: str = field(default="center", metadata=flag(
@@ -195,6 +219,9 @@ class ExtractOptions:
         "--keep-pixels", "also store each image as encoded (uint8, 3 x size^2 bytes: 192 KiB at 256 px), which REPA's "
         "encoder reads when training on the store (`train --repa-encoder`)", action="store_true"))
     overwrite: bool = field(default=False, metadata=flag("--overwrite", "replace an existing store", action="store_true"))
+    repair: bool = field(default=False, metadata=flag(
+        "--repair", "re-encode only the shards of the finished store --out that fail verification (`ditforge verify`), "
+        "with this same command's inputs; the good shards stay untouched", action="store_true"))
     hf_config: str | None = field(default=None, metadata=flag(
         "--hf-config", "Hugging Face dataset config name (default: none)"))
     hf_split: str = field(default="train", metadata=flag("--hf-split", "Hugging Face dataset split"))
@@ -225,19 +252,26 @@ def extract_store(opts: ExtractOptions) -> ExtractResult:
     if opts.data.startswith("hf:"):
         hf = dict(config=opts.hf_config, split=opts.hf_split, image_column=opts.hf_image_column, label_column=opts.hf_label_column)
     d = distributed.init()
+    lock = FolderLock(folder_lock_file(opts.out), "ditforge extract", opts.out)  # one writer per store (folder_lock.py)
     try:
+        distributed.raise_together(d, lock.acquire if d.is_main else lambda: None)
         source = list_items(opts.data, **hf)
-        ae = load_autoencoder(opts.vae, device=d.device)
+        ae = load_autoencoder(opts.vae, device=d.device, latent_norm=opts.latent_norm)
         down = getattr(ae, "downsample", 1)
         if opts.image_size % down:
             raise UserError(f"--image-size {opts.image_size} is not a multiple of the VAE's downsampling factor {down}")
         items = list(zip(source.items, source.labels))
-        summary = extract(
-            items, lambda key: source.load(key, opts.image_size, opts.crop), ae, opts.out,
-            batch_size=opts.batch_size, rank=d.rank, world_size=d.world_size, shard_size=opts.shard_size,
-            dtype=opts.dtype, plan=dict(image_size=opts.image_size, crop=opts.crop, source=opts.data),
-            overwrite=opts.overwrite, workers=opts.workers, keep_pixels=opts.keep_pixels, progress=not opts.no_progress,
-        )
+        plan = dict(image_size=opts.image_size, crop=opts.crop, source=opts.data)
+        if opts.repair:  # only the shards that fail verification, encoded again (repair.py)
+            return ExtractResult(_repair(opts, d, items, source, ae, plan))
+        with StopRequest() as stop:  # SIGTERM, SIGUSR1, Ctrl-C: the shard in flight is finished first (preemption.py)
+            summary = extract(
+                items, lambda key: source.load(key, opts.image_size, opts.crop), ae, opts.out,
+                batch_size=opts.batch_size, rank=d.rank, world_size=d.world_size, shard_size=opts.shard_size,
+                dtype=opts.dtype, plan=plan,
+                overwrite=opts.overwrite, workers=opts.workers, keep_pixels=opts.keep_pixels, progress=not opts.no_progress,
+                stop=stop,
+            )
         distributed.barrier(d)
         if not d.is_main:
             return ExtractResult("", is_main=False)
@@ -251,4 +285,18 @@ def extract_store(opts: ExtractOptions) -> ExtractResult:
             f"this process encoded {summary.get('encoded')} at {summary.get('images_per_s') or 0:.1f} images/s"
         )
     finally:
+        lock.release()
         distributed.shutdown()
+
+
+def _repair(opts: ExtractOptions, d, items, source, ae, plan: dict[str, Any]) -> str:
+    """`extract --repair`: the damaged shards of the store encoded again, one process (repair.py)."""
+    from ditforge.data.store.repair import repair_store
+
+    if d.world_size > 1:
+        raise UserError("extract --repair runs as one process: start it without torchrun")
+    if opts.overwrite:
+        raise UserError("--repair mends the store in place and --overwrite replaces it: give one of them")
+    return "\n".join(repair_store(
+        items, lambda key: source.load(key, opts.image_size, opts.crop), ae, opts.out, extract=extract,
+        batch_size=opts.batch_size, dtype=opts.dtype, plan=plan, workers=opts.workers, keep_pixels=opts.keep_pixels))

@@ -14,13 +14,21 @@ hold fewer), as three tensors over its n records:
 
 | tensor | shape | dtype | holds |
 |---|---|---|---|
-| `posterior` | (n, 2, 2, C, h, w) | float16 (or float32) | [i, f, 0]: posterior mean x scale, [i, f, 1]: its log-variance (of latent x scale; std = exp(logvar / 2), -inf where std = 0); f = 0 the image, f = 1 its horizontal flip |
+| `posterior` | (n, 2, 2, C, h, w) | float16 (or float32) | [i, f, 0]: posterior mean x scale, [i, f, 1]: its log-variance (of latent x scale; std = exp(logvar / 2), -inf where std = 0); f = 0 the image, f = 1 its horizontal flip. A deterministic autoencoder's (DC-AE): (n, 2, 1, C, h, w), the means only |
 | `label` | (n,) | int64 | class id |
 | `item` | (n,) | int64 | position of the image in the extraction's item list |
 | `pixels` (only with `extract --keep-pixels`) | (n, C_img, H, W) | uint8 | the image as encoded (after crop and resize), not flipped: what REPA's encoder reads on a latent store |
 
 The mean and log-variance of one view of one image are adjacent (16 KiB for a 4x32x32 latent
 in float16), so reading a training example is one contiguous read.
+
+"x scale" is the autoencoder's own normalisation, (z - shift) x scale from its config
+(`data/autoencoder/normalisation.py`). With `extract --latent-norm channel` each shard's header
+also holds `channel_sums` (float64 sums of its stored means per channel, JSON), and the
+manifest's autoencoder record the `channel_mean` and `channel_std` reduced from them, which the
+reader applies: the model's input is (record - channel_mean) / channel_std. A manifest with
+means-only records, channel statistics or a shift says `version` 2 (a reader of version 1 would
+misread it); the others stay version 1.
 
 Training draws `mean + std * eps` with fresh eps and a fresh flip choice at every visit
 (`reader.sample_posterior`; the original DiT code froze one posterior sample and one flip per
@@ -51,11 +59,17 @@ from typing import Any
 
 import torch
 
+from ditforge.checksums import Crc32, check_file, safetensors_damage
 from ditforge.errors import UserError
+from ditforge.write_failures import failing_write
 
 FORMAT = "ditforge-latents"
-VERSION = 1
+VERSION = 1  # of shards and rank files, and of a manifest that an earlier ditforge reads right
+# a manifest of means-only records, channel statistics or a shifted autoencoder: a ditforge
+# before them (which reads up to 1) refuses it rather than misread it
+NORMALISED_VERSION = 2
 MANIFEST = "manifest.json"
+MANIFEST_CHECKSUM = "manifest_crc32"  # the manifest's own CRC-32, over its other entries (`checksums.with_own_checksum`)
 SHARD_DIR = "shards"
 STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 RECORD_FIELDS = {
@@ -63,6 +77,7 @@ RECORD_FIELDS = {
     "label": "class id, int64",
     "item": "position of the source image in the extraction's item list, int64",
 }
+MEANS_ONLY_FIELD = {"posterior": "(2, 1, C, h, w): [f, 0] latent x scale of a deterministic autoencoder (no variance); f = 0 the image, f = 1 its horizontal flip"}
 PIXELS_FIELD = {"pixels": "(C_img, H, W) uint8: the image as encoded, unflipped (flip it with the latent's view f)"}
 SHARD_RE = re.compile(r"^shard-(\d{5})-(\d{5})\.safetensors$")
 RANK_RE = re.compile(r"^rank-(\d{5})\.json$")
@@ -86,17 +101,21 @@ def rank_file_name(rank: int) -> str:
 
 
 def write_atomic(path: Path, *chunks: bytes | memoryview) -> None:
+    """`chunks` into `path` through `PATH.tmp`, renamed when flushed; a full disk is one line
+    naming `path` and its size, and leaves no `.tmp` (`write_failures.py`)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with failing_write(path, sum(memoryview(c).nbytes for c in chunks), [tmp]):
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A safetensors file with a deterministic header (sorted keys), so equal shards are equal bytes.
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+    """A safetensors file with a deterministic header (sorted keys), so equal shards are equal bytes;
+    returns its size and checksum (`checksums.py`), taken from the bytes as they are written.
 
     The safetensors library writes its metadata in hash-map order, which changes from process to
     process; this writes the same format (8-byte header length, JSON header padded with spaces
@@ -114,7 +133,12 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         offset += nbytes
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    write_atomic(path, len(head).to_bytes(8, "little"), head, *(memoryview(arrays[n].numpy()).cast("B") for n in order))
+    chunks = [len(head).to_bytes(8, "little"), head, *(memoryview(arrays[n].numpy()).cast("B") for n in order)]
+    crc = Crc32()
+    for chunk in chunks:
+        crc.update(chunk)
+    write_atomic(path, *chunks)
+    return crc.record()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -165,6 +189,18 @@ def map_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
+def shard_damage(path: Path, recorded: dict[str, Any] | None) -> str | None:
+    """What is wrong with a shard, in a few words (missing, size, checksum against `recorded`, its
+    header), or None: what `verify` and `extract --repair` check of each shard."""
+    damage = check_file(path, recorded) or safetensors_damage(path)
+    if damage is None:
+        try:
+            shard_info(path)
+        except UserError as e:
+            damage = f"header unreadable ({e})"
+    return damage
+
+
 def shard_info(path: Path) -> dict[str, Any]:
     """Counts, item range and skipped files of one of our shards, from its header only."""
     _, header, meta = read_header(path)
@@ -172,7 +208,7 @@ def shard_info(path: Path) -> dict[str, Any]:
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
         post = header["posterior"]
-        if len(post["shape"]) != 6 or post["shape"][1:3] != [2, 2]:
+        if len(post["shape"]) != 6 or post["shape"][1:3] not in ([2, 2], [2, 1]):
             raise ValueError(f"posterior of shape {post['shape']}")
         pix = header.get("pixels")
         if pix is not None and (pix["dtype"] != "U8" or len(pix["shape"]) != 4 or pix["shape"][0] != post["shape"][0]):
@@ -185,6 +221,8 @@ def shard_info(path: Path) -> dict[str, Any]:
             "skipped": json.loads(meta.get("skipped", "[]")),
             "zero_std": meta.get("zero_std") == "1",
             "pixels_shape": header["pixels"]["shape"][1:] if "pixels" in header else None,
+            "means_only": post["shape"][2] == 1,  # a deterministic autoencoder's: no log-variance
+            "channel_sums": json.loads(meta["channel_sums"]) if "channel_sums" in meta else None,
         }
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise UserError(f"shard {str(path)!r} is not a ditforge latent shard ({type(e).__name__}: {e})") from None

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditforge.data.store.format import FORMAT, MANIFEST, SHARD_DIR, STORE_DTYPES, VERSION, map_shard
+from ditforge.data.autoencoder.normalisation import LatentNorm
+from ditforge.data.store.format import FORMAT, MANIFEST, MANIFEST_CHECKSUM, NORMALISED_VERSION, SHARD_DIR, STORE_DTYPES, map_shard
+from ditforge.checksums import check_file, check_size, own_checksum_damage
 from ditforge.errors import UserError
 
 
@@ -47,10 +49,12 @@ class LatentStore:
             raise UserError(f"{str(root)!r} is not a latent store (no {MANIFEST}); create one with `ditforge extract`")
         try:
             manifest = json.loads(path.read_text())
+            if isinstance(manifest, dict) and (damage := own_checksum_damage(manifest, MANIFEST_CHECKSUM)):
+                raise ValueError(damage)
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
-            if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-                raise ValueError(f"version {manifest.get('version')!r}; this ditforge reads up to {VERSION}")
+            if not isinstance(manifest.get("version"), int) or manifest["version"] > NORMALISED_VERSION:
+                raise ValueError(f"version {manifest.get('version')!r}; this ditforge reads up to {NORMALISED_VERSION}")
             shape = tuple(int(s) for s in manifest["latent_shape"])
             entries = [(str(s["file"]), int(s["count"])) for s in manifest["shards"]]
             count = int(manifest["count"])
@@ -61,17 +65,28 @@ class LatentStore:
         self.manifest = manifest
         self.latent_shape: tuple[int, int, int] = shape
         self._posterior: list[np.ndarray] = []
+        # 2 rows a view (mean, log-variance), 1 for a deterministic autoencoder's means-only records
+        self._rows = 1 if manifest.get("means_only") else 2
+        # the channel statistics the model's inputs are normalised by (`--latent-norm channel`), or None
+        self._channel = LatentNorm.from_record(self.autoencoder_record(manifest)).channel_part(torch.zeros(()))
         self._pixels: list[np.ndarray] = []  # (n, C_img, H, W) uint8 per shard, with `extract --keep-pixels`
         pixels_shape = manifest.get("pixels_shape")
         self.pixels_shape: tuple[int, int, int] | None = tuple(int(s) for s in pixels_shape) if pixels_shape else None
         labels, items = [], []
         self._maps = []  # keeps the mapped tensors (and their storages) alive
-        for file, n in entries:
+        # each shard's size and checksum as written (none in stores extracted before they were
+        # recorded): sizes and headers checked here, each shard's checksum the first time a batch
+        # reads from it (`_check_shards`)
+        self._sums = [{k: s[k] for k in ("size", "crc32") if k in s} for s in manifest["shards"]]
+        self._checked: set[int] = set()
+        for k, (file, n) in enumerate(entries):
             shard = root / file
             if not shard.is_file():
                 raise UserError(f"latent store {str(root)!r}: shard {file!r} listed in {MANIFEST} is missing")
+            if damage := check_size(shard, self._sums[k]):
+                raise UserError(f"latent store {str(root)!r}: shard {file!r} is damaged: {damage}; {repair_hint(root)}")
             tensors, _ = map_shard(shard)
-            expected = (n, 2, 2, *shape)
+            expected = (n, 2, self._rows, *shape)
             if "posterior" not in tensors or tuple(tensors["posterior"].shape) != expected or tensors["label"].shape != (n,):
                 raise UserError(f"latent store {str(root)!r}: shard {file!r} does not match {MANIFEST} (expected records {expected})")
             if self.pixels_shape is not None:
@@ -87,7 +102,7 @@ class LatentStore:
         self.items = torch.cat(items) if items else torch.zeros(0, dtype=torch.int64)  # (N,) item list positions
         self._offsets = np.concatenate([[0], np.cumsum([n for _, n in entries])]).astype(np.int64)
         self._np_dtype = np.float16 if manifest["dtype"] == "float16" else np.float32
-        self.deterministic = bool(manifest.get("posterior_std_zero", False))
+        self.deterministic = bool(manifest.get("posterior_std_zero", False)) or self._rows == 1
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -103,12 +118,25 @@ class LatentStore:
 
     @property
     def autoencoder(self) -> dict[str, Any]:
-        """The `describe()` of the autoencoder that made the store (for `load_autoencoder`)."""
-        return dict(self.manifest.get("autoencoder") or {"kind": "identity"})
+        """The `describe()` of the autoencoder that made the store, with the channel statistics
+        (for `load_autoencoder`: its decode undoes what the model's inputs are)."""
+        return self.autoencoder_record(self.manifest)
+
+    @staticmethod
+    def autoencoder_record(manifest: dict[str, Any]) -> dict[str, Any]:
+        return dict(manifest.get("autoencoder") or {"kind": "identity"})
+
+    def normalise(self, mean: torch.Tensor, std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Records as stored (float32 (B, C, h, w)) -> the model's inputs: (x - channel_mean) /
+        channel_std with the manifest's channel statistics, unchanged without them."""
+        if self._channel is None:
+            return mean, std
+        m, s = self._channel
+        return (mean - m) / s, None if std is None else std / s
 
     def gather(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, logvar, labels) of records `indices`, flipped where `flip`, as stored (float16
-        or float32, (B, C, h, w)): for sampling elsewhere, e.g. on the GPU with half the bytes."""
+        or float32, (B, C, h, w); logvar -inf for means-only records; before `normalise`)."""
         mean, logvar = self._gather(indices, flip)
         return torch.from_numpy(mean), torch.from_numpy(logvar), self.labels[torch.as_tensor(indices).reshape(-1)]
 
@@ -122,16 +150,29 @@ class LatentStore:
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"record indices {idx.min()}..{idx.max()} outside the store's {n} records")
         shard = np.searchsorted(self._offsets, idx, side="right") - 1  # (B,)
+        self._check_shards(shard.tolist())
         return shard.tolist(), (idx - self._offsets[shard]).tolist(), f.tolist()
+
+    def _check_shards(self, shards: list[int]) -> None:
+        """The checksum of each shard in `shards` that this process has not read from yet, against
+        the manifest's: so every record that trains was checked once per process, and damage stops
+        training with one line naming the shard. One read of each shard per process (from the page
+        cache, mostly), about the store's size at 2 GB/s spread over the first batches; a check
+        of values (finite, in range) would be cheaper but misses most flipped bits."""
+        for k in set(shards) - self._checked:
+            if self._sums[k] and (damage := check_file(self.root / self.manifest["shards"][k]["file"], self._sums[k])):
+                raise UserError(f"latent store {str(self.root)!r}: shard {self.manifest['shards'][k]['file']!r} is damaged: "
+                                f"{damage}; {repair_hint(self.root)}")
+            self._checked.add(k)
 
     def _gather(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Stored (mean, logvar) of records `indices`, flipped where `flip`: (B, C, h, w) each."""
         located = self._locate(indices, flip)
-        out = np.empty((len(located[0]), 2, *self.latent_shape), dtype=self._np_dtype)  # (B, 2, C, h, w)
+        out = np.empty((len(located[0]), self._rows, *self.latent_shape), dtype=self._np_dtype)  # (B, 2 or 1, C, h, w)
         posterior = self._posterior
         for j, (s, i, k) in enumerate(zip(*located)):
             out[j] = posterior[s][i, k]  # one contiguous copy: mean and logvar of the chosen view
-        return out[:, 0], out[:, 1]
+        return out[:, 0], out[:, 1] if self._rows == 2 else np.full_like(out[:, 0], -np.inf)
 
     def pixels(self, indices: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         """The kept images of records `indices`, flipped where `flip` (the view of their latents):
@@ -145,10 +186,12 @@ class LatentStore:
         return torch.from_numpy(out)
 
     def posterior(self, indices: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean, std, labels) of records `indices` (flipped where `flip`), float32 (B, C, h, w)."""
+        """(mean, std, labels) of the model's inputs of records `indices` (flipped where `flip`),
+        float32 (B, C, h, w): normalised by the manifest's channel statistics where it has them."""
         mean, logvar = self._gather(indices, flip)
         std = torch.from_numpy(logvar).float().mul_(0.5).exp_()
-        return torch.from_numpy(mean).float(), std, self.labels[torch.as_tensor(indices).reshape(-1)]
+        mean, std = self.normalise(torch.from_numpy(mean).float(), std)
+        return mean, std, self.labels[torch.as_tensor(indices).reshape(-1)]
 
     def sample(
         self, picks: Sequence[tuple[torch.Tensor, torch.Tensor, int]], *, seed: int, position: int, global_batch: int
@@ -158,7 +201,8 @@ class LatentStore:
 
         picks: (indices, flip, offset) per micro-batch, offset its first row in the global batch
         of `global_batch` images that starts at image `position` of the run; z is drawn by
-        `sample_posterior`. A store whose std is all zero (pixel space) draws nothing: z = mean.
+        `sample_posterior`. A store whose std is all zero (pixel space, DC-AE) draws nothing: z =
+        mean. With channel statistics in the manifest, z is then normalised by them (`normalise`).
         """
         gathered = [(*self._gather(idx, flip), off) for idx, flip, off in picks]
         labels = [self.labels[torch.as_tensor(idx).reshape(-1)] for idx, _, _ in picks]
@@ -167,6 +211,7 @@ class LatentStore:
         else:
             parts = [(torch.from_numpy(mean), torch.from_numpy(logvar), off) for mean, logvar, off in gathered]
             latents = sample_posterior(parts, seed=seed, position=position, global_batch=global_batch)
+        latents = [self.normalise(z)[0] for z in latents]
         return list(zip(latents, labels))
 
     def get_batch(self, indices: torch.Tensor, flip: torch.Tensor, seed: int = 0, position: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,3 +250,9 @@ def sample_posterior(
         std = logvar.float().mul(0.5).exp_()  # (b, C, h, w) sigma
         out.append(std.mul_(eps[offset : offset + mean.shape[0]]).add_(mean.float()))  # z = mu + sigma * eps
     return out
+
+
+def repair_hint(root: str | Path) -> str:
+    """What to do about a damaged shard of the store `root`."""
+    return (f"`ditforge verify {root}` lists every damaged file, and the extraction's own command with --repair "
+            "re-encodes only the damaged shards")

@@ -19,6 +19,9 @@ import torch
 from ditforge.data.store.format import (
     FORMAT,
     MANIFEST,
+    MANIFEST_CHECKSUM,
+    MEANS_ONLY_FIELD,
+    NORMALISED_VERSION,
     PIXELS_FIELD,
     RANK_RE,
     RECORD_FIELDS,
@@ -37,6 +40,9 @@ from ditforge.data.store.format import (
     write_json_atomic,
     write_safetensors,
 )
+from ditforge.data.autoencoder.normalisation import channel_stats as reduce_channel_stats
+from ditforge.data.autoencoder.normalisation import channel_sums, encode_sums
+from ditforge.checksums import record_file, with_own_checksum
 from ditforge.errors import UserError
 
 
@@ -64,6 +70,8 @@ class LatentWriter:
         dtype: str = "float16",
         plan: dict[str, Any] | None = None,
         overwrite: bool = False,
+        means_only: bool = False,
+        channel_stats: bool = False,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is not in [0, world size {world_size})")
@@ -75,12 +83,16 @@ class LatentWriter:
             raise UserError(f"latent store dtype {dtype!r} is not one of: {', '.join(STORE_DTYPES)}")
         self.root, self.rank, self.world_size, self.shard_size = Path(root), rank, world_size, shard_size
         self.dtype = dtype
+        # a deterministic autoencoder's records: the means only, (n, 2, 1, C, h, w); channel_stats:
+        # each shard's header keeps its float64 channel sums (`--latent-norm channel`)
+        self.means_only, self.channel_stats = means_only, channel_stats
         self.dir = self.root / SHARD_DIR
         self.items = rank_range(num_items, rank, world_size)
         self.info = normalise(
             {"format": FORMAT, "version": VERSION, "rank": rank, "world_size": world_size, "num_items": num_items,
-             "items": [self.items.start, self.items.stop], "shard_size": shard_size, "dtype": dtype, "plan": plan or {}}
-        )
+             "items": [self.items.start, self.items.stop], "shard_size": shard_size, "dtype": dtype, "plan": plan or {},
+             **({"means_only": True} if means_only else {}), **({"channel_stats": True} if channel_stats else {})}
+        )  # (the two flags absent when off: the rank files of earlier versions still resume)
         manifest = self.root / MANIFEST
         if manifest.exists() and not overwrite:
             raise UserError(
@@ -96,7 +108,7 @@ class LatentWriter:
             tmp.unlink()  # an interrupted write; its records are redone
         self._load_progress()
         if not self._done:
-            write_json_atomic(self.dir / rank_file_name(rank), {**self.info, "done": False})
+            write_json_atomic(self.dir / rank_file_name(rank), {**self.info, "done": False, "files": self._files})
 
     # progress ---------------------------------------------------------------------------
 
@@ -128,12 +140,20 @@ class LatentWriter:
         rank_file = self.dir / rank_file_name(self.rank)
         state = read_rank_file(rank_file) if rank_file.exists() else {}
         self._shards = list_shards(self.dir, self.rank)
+        # each finished shard's size and checksum, recorded in the rank file as it was written; a
+        # shard that a kill left unrecorded (after its rename, before the rank file's) is read once
+        recorded = state.get("files") if isinstance(state.get("files"), dict) else {}
+        self._files = {p.name: recorded.get(p.name) or record_file(p) for p in self._shards}
         infos = [shard_info(p) for p in self._shards]
         self._records = sum(i["count"] for i in infos)
         self._record_shape = tuple(infos[0]["record_shape"]) if infos else None
         # the pixels' (C, H, W) when records keep them (`add(pixels=)`), () when they do not, None before any
         self._pixel_shape = (tuple(infos[0]["pixels_shape"] or ())) if infos else None
         self._zero_std = all(i["zero_std"] for i in infos)
+        if any(i["means_only"] != self.means_only for i in infos):
+            held, wanted = ("records with posterior variances", "none") if self.means_only else ("means-only records", "them")
+            raise UserError(f"{str(self.root)!r} holds {held} and this extraction's autoencoder has {wanted}; "
+                            "pass overwrite=True (--overwrite) to start over")
         self._done = bool(state.get("done"))
         if self._done:
             self._position = self.items.stop
@@ -217,8 +237,13 @@ class LatentWriter:
             raise ValueError("posterior std must be >= 0")
         self._zero_std = self._zero_std and not bool((std > 0).any())
         storage_dtype = STORE_DTYPES[self.dtype]
-        logvar = 2.0 * std.log()  # log 0 = -inf: std 0 stays exactly 0
-        posterior = torch.stack([mean.detach().cpu().float(), logvar], dim=2).to(storage_dtype)  # (n, 2, 2, C, h, w)
+        if self.means_only:
+            if not self._zero_std:
+                raise ValueError("a means-only store (a deterministic autoencoder) got a posterior std > 0")
+            posterior = mean.detach().cpu().float()[:, :, None].to(storage_dtype)  # (n, 2, 1, C, h, w)
+        else:
+            logvar = 2.0 * std.log()  # log 0 = -inf: std 0 stays exactly 0
+            posterior = torch.stack([mean.detach().cpu().float(), logvar], dim=2).to(storage_dtype)  # (n, 2, 2, C, h, w)
         self._buffer.append((posterior, labels.cpu(), items.cpu(), *([] if pixels is None else [pixels.cpu()])))
         self._buffered += n
         self._last_record = last
@@ -240,15 +265,18 @@ class LatentWriter:
             "items_begin": str(self._position), "items_end": str(items_end), "skipped": json.dumps(skipped),
             "zero_std": "1" if self._zero_std else "0",
         }
+        if self.channel_stats:  # of the means as stored (rounded), so the manifest's statistics are the records'
+            meta["channel_sums"] = encode_sums(channel_sums(posterior[:, :, 0]))
         path = self.dir / shard_name(self.rank, number)
         tensors = {"posterior": posterior, "label": labels, "item": items, **({"pixels": pixels[0]} if pixels else {})}
-        write_safetensors(path, tensors, meta)
+        self._files[path.name] = write_safetensors(path, tensors, meta)  # its size and checksum, as written
         self._shards.append(path)
         self._records += count
         self._skipped.extend(skipped)
         self._position = items_end
         self._buffer = [tuple(rest)] if rest[0].numel() else []
         self._buffered -= count
+        write_json_atomic(self.dir / rank_file_name(self.rank), {**self.info, "done": False, "files": self._files})
 
     def close(self) -> dict[str, Any]:
         """Write the last shard and mark this rank done; every item must have been fed."""
@@ -267,7 +295,7 @@ class LatentWriter:
         self._pending_skips = []
         self._position = self.items.stop
         self._done = True
-        write_json_atomic(self.dir / rank_file_name(self.rank), {**self.info, "done": True, **self._summary()})
+        write_json_atomic(self.dir / rank_file_name(self.rank), {**self.info, "done": True, **self._summary(), "files": self._files})
         return self._summary()
 
     def _summary(self) -> dict[str, Any]:
@@ -291,7 +319,9 @@ def finalize_store(root: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
     Call it from one process only (rank 0), after a barrier. `meta` supplies what the shards do
     not know: `source`, `image_size`, `autoencoder` (its `describe()`), `class_names`; the
     manifest adds the count, latent shape and dtype, the shards, the fields, the class counts
-    and the skipped files.
+    and the skipped files. An autoencoder record with `latent_norm` "channel" gets its
+    `channel_mean` and `channel_std`, reduced from the shards' float64 sums
+    (`data/autoencoder/normalisation.py`): what the reader and every decode apply.
     """
     root = Path(root)
     shard_dir = root / SHARD_DIR
@@ -306,16 +336,16 @@ def finalize_store(root: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
     if set(states) != set(range(world_size)):
         raise UserError(f"{str(root)!r} holds rank files of another world size ({sorted(states)}); extract again with overwrite")
 
-    shards, skipped, class_counts = [], [], {}
-    record_shape = dtype = pixels_shape = None
+    shards, skipped, class_counts, sums = [], [], {}, []
+    record_shape = dtype = pixels_shape = means_only = None
     zero_std = True
     for r in range(world_size):
         state = states[r]
         for path in list_shards(shard_dir, r):
             info = shard_info(path)
             if record_shape is None:
-                record_shape, dtype, pixels_shape = info["record_shape"], info["dtype"], info["pixels_shape"]
-            elif (info["record_shape"], info["dtype"], info["pixels_shape"]) != (record_shape, dtype, pixels_shape):
+                record_shape, dtype, pixels_shape, means_only = info["record_shape"], info["dtype"], info["pixels_shape"], info["means_only"]
+            elif (info["record_shape"], info["dtype"], info["pixels_shape"], info["means_only"]) != (record_shape, dtype, pixels_shape, means_only):
                 raise UserError(
                     f"shard {path.name} holds {info['dtype']} {info['record_shape']} (pixels {info['pixels_shape']}), "
                     f"others {dtype} {record_shape} (pixels {pixels_shape}); extract again with overwrite"
@@ -325,7 +355,9 @@ def finalize_store(root: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
             for label, c in zip(labels.tolist(), counts.tolist()):
                 class_counts[label] = class_counts.get(label, 0) + c
             zero_std = zero_std and info["zero_std"]
-            shards.append({"file": f"{SHARD_DIR}/{path.name}", "rank": r, "count": info["count"], "items": info["items"]})
+            sums.append(info["channel_sums"])
+            shards.append({"file": f"{SHARD_DIR}/{path.name}", "rank": r, "count": info["count"], "items": info["items"],
+                           **((state.get("files") or {}).get(path.name) or {})})  # size and crc32, as written
         if sum(s["count"] for s in shards if s["rank"] == r) != state.get("records"):
             raise UserError(f"rank {r}'s shards in {str(root)!r} do not add up to the {state.get('records')} records it wrote; extract again with overwrite")
         skipped.extend(state.get("skipped", []))
@@ -338,17 +370,27 @@ def finalize_store(root: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
     num_classes = len(class_names) if class_names is not None else (max(class_counts) + 1 if class_counts else 0)
     if class_counts and (min(class_counts) < 0 or max(class_counts) >= num_classes):
         raise UserError(f"labels {min(class_counts)}..{max(class_counts)} do not fit the {num_classes} class names given")
+    meta = normalise(meta)
+    autoencoder = meta.get("autoencoder") or {}
+    if autoencoder.get("latent_norm") == "channel":  # the statistics of the records, from the shards' sums
+        if any(s is None for s in sums):
+            raise UserError(f"{str(root)!r}: some shards hold no channel sums (written without --latent-norm channel); "
+                            "extract again with --overwrite")
+        mean, std = reduce_channel_stats(sums)
+        meta["autoencoder"] = {**autoencoder, "channel_mean": mean, "channel_std": std}
+    normalised = means_only or autoencoder.get("latent_norm", "scale") != "scale" or bool(autoencoder.get("shift"))
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
-        **normalise(meta),
+        "version": NORMALISED_VERSION if normalised else VERSION,
+        **meta,
         "num_classes": num_classes,
         "count": count,
         "latent_shape": record_shape,
         "dtype": dtype,
         "posterior_std_zero": zero_std,
+        **({"means_only": True} if means_only else {}),  # records (2, 1, C, h, w): a deterministic autoencoder's
         "pixels_shape": pixels_shape,  # (C_img, H, W) of the kept images (`extract --keep-pixels`), or None
-        "record_fields": {**RECORD_FIELDS, **(PIXELS_FIELD if pixels_shape else {})},
+        "record_fields": {**RECORD_FIELDS, **(MEANS_ONLY_FIELD if means_only else {}), **(PIXELS_FIELD if pixels_shape else {})},
         "num_items": states[0].get("num_items"),
         "world_size": world_size,
         "shard_size": states[0].get("shard_size"),
@@ -357,5 +399,6 @@ def finalize_store(root: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
         "skipped": skipped,
         "plan": states[0].get("plan", {}),
     }
+    manifest = with_own_checksum(manifest, MANIFEST_CHECKSUM)  # the manifest checks itself (`verify`, the reader)
     write_json_atomic(root / MANIFEST, manifest)
     return manifest
