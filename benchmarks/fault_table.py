@@ -3,6 +3,7 @@ followed by the same command: does every run end bit-identical to an uninterrupt
 with a one-line error naming the damaged file? (issue 28's table; README "Long runs on a cluster")
 
     python benchmarks/fault_table.py [--seed 0] [--out benchmarks/fault_table.jsonl] [--only train,extract,bulk]
+    (--only train-disk,bulk-disk: the full disks of train and bulk sample alone)
 
 Each fault is one row: what was done, when (the step or shard it hit), what the commands said
 and returned, and the verdict:
@@ -11,7 +12,9 @@ and returned, and the verdict:
   an uninterrupted run of the same command, bit for bit (every tensor of the final checkpoint's
   model, EMA and optimizer; every shard file of the store; the .npz's arrays);
 - `named`: a damaged file was refused with one line that names it (`verify`, or the command
-  that read it), and the repair (`extract --repair`, the rerun) then ends `identical`;
+  that read it), and the repair (`extract --repair`, the rerun) then ends `identical`, or, where
+  nothing undamaged is left to continue from (the only checkpoint), the command stops with that
+  line every time (exit 2);
 - `SILENT CORRUPTION`: a run ended with status 0 and other outputs, or damage went unnamed;
 - `LOST CHECKPOINT`: a checkpoint that was good before the fault is missing or bad after.
 
@@ -242,7 +245,9 @@ def train_damage(table: Table, ref: dict, how: str) -> None:
     code, said = (first.returncode, [f"exit {first.returncode}"]) if first.returncode == 0 else rerun(cmd)
     same = code == 0 and same_weights(final_weights(where / "run"), ref)
     kept = good_before <= good_checkpoints(where / "run")
-    verdict = ("named" if named else "identical") if same and kept else (
+    # the only checkpoint damaged: the run stops in one line naming the file (no older one to resume from)
+    stopped_naming = code == 2 and victim.name in said[-1] and said[-1].count("error:") == 1
+    verdict = ("named" if named else "identical") if same and kept else "named" if stopped_naming and kept else (
         "LOST CHECKPOINT" if not kept else "SILENT CORRUPTION" if code == 0 else "failed")
     table.add(dict(command="train", fault=f"{how} of the latest checkpoint ({latest.name})", damage=what,
                    said=(first.stdout + first.stderr).strip().splitlines()[:3], rerun=said, verdict=verdict,
@@ -355,10 +360,11 @@ def full_disk(table: Table, command: str, size: int, cmd_of, same_of) -> None:
             return
         cmd = cmd_of(disk.path)
         first = run(cmd)
-        one_line = first.returncode != 0 and len([l for l in first.stderr.strip().splitlines() if "error" in l]) == 1
+        one_line = (first.returncode == 2 and "Traceback" not in first.stderr and "Exception ignored" not in first.stderr
+                    and len([l for l in first.stderr.strip().splitlines() if "error:" in l]) == 1)
         said = (first.stderr.strip().splitlines() or [""])[-1][:300]
         temp = leftovers(disk.path)
-        disk.grow(64 * 2**20)
+        disk.grow(2**30)  # room for every checkpoint of the run
         code, again = rerun(cmd)
         same = code == 0 and same_of(disk.path)
         verdict = "identical" if same and one_line and not temp else ("SILENT CORRUPTION" if code == 0 and not same else "failed")
@@ -417,7 +423,8 @@ def main() -> None:
                            note=f"torchrun exit {status}"))
         for how in ("truncate", "truncate", "flip", "flip"):
             train_damage(table, ref, how)
-        full_disk(table, "train", 900 * 1024, lambda d: ditforge("train", "--run-dir", str(d / "run"), *TRAIN),
+    if "train" in only or "train-disk" in only:  # room for one checkpoint (64 MB), not two
+        full_disk(table, "train", 100 * 2**20, lambda d: ditforge("train", "--run-dir", str(d / "run"), *TRAIN),
                   lambda d: same_weights(final_weights(d / "run"), ref))
     if "extract" in only:
         ref_store = root / "reference-store"
@@ -428,14 +435,15 @@ def main() -> None:
         for how in ("truncate", "truncate", "flip", "flip"):
             extract_damage(table, store_ref, ref_store, how)
         full_disk(table, "extract", 200 * 1024, lambda d: extract_cmd(d / "store"), lambda d: store_bytes(d / "store") == store_ref)
-    if "bulk" in only:
+    if "bulk" in only or "bulk-disk" in only:
         ref_npz = root / "reference.npz"
         subprocess.run(bulk_cmd(ref_run, ref_npz), check=True, env=ENV, capture_output=True)
         arrays = npz_arrays(ref_npz)
-        for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1):
-            bulk_signal(table, arrays, ref_run, sig)
-        for how in ("truncate", "flip"):
-            bulk_damage(table, ref_npz, how)
+        if "bulk" in only:
+            for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1):
+                bulk_signal(table, arrays, ref_run, sig)
+            for how in ("truncate", "flip"):
+                bulk_damage(table, ref_npz, how)
         full_disk(table, "bulk", 60 * 1024, lambda d: bulk_cmd(ref_run, d / "s.npz"), lambda d: same_arrays(npz_arrays(d / "s.npz"), arrays))
 
     verdicts = [r["verdict"] for r in table.rows]

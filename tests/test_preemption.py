@@ -350,6 +350,21 @@ def test_a_full_disk_while_checkpointing_is_one_line_keeps_the_last_checkpoint_a
         _assert_same_weights(checkpoint_dir(straight, 12), checkpoint_dir(run, 12))
 
 
+def test_a_full_disk_while_bulk_sampling_finishes_its_npz_is_one_line_and_the_rerun_writes_it(straight, tmp_path):
+    """The parts fit, the finished .npz does not (it fails while the zip writes its end records):
+    one line, exit 2, no temporary file and no second error from the unfinished zip when it is
+    collected ('Exception ignored in ZipFile.__del__: seek of closed file', before)."""
+    args = ["sample", str(straight), "--num-samples", "96", "--batch-size", "8", "--shard-size", "8", "--steps", "1"]
+    with small_file_system(tmp_path / "disk", 60 * 1024) as disk:  # 12 parts of 4 KiB blocks fit, the .npz not
+        proc = run_cli(*args, "--out", str(disk / "s.npz"), check=False)
+        assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-2000:]
+        said = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Exception" in line]
+        assert len(said) == 1 and "cannot write" in said[0] and "s.npz" in said[0], proc.stderr[-2000:]
+        assert not [p for p in disk.iterdir() if p.name.startswith(".s.npz.tmp")]
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)  # space again: the parts stay, the rerun assembles them
+        assert run_cli(*args, "--out", str(disk / "s.npz")).returncode == 0 and (disk / "s.npz").is_file()
+
+
 def test_a_full_disk_while_writing_a_shard_or_an_npz_is_one_line_and_leaves_no_temporary_file(tmp_path):
     with small_file_system(tmp_path / "disk", 2**20) as disk:
         write_safetensors(disk / "small.safetensors", {"x": torch.zeros(1000)}, {})

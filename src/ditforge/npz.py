@@ -84,10 +84,16 @@ class NpzStreamWriter:
                 handle.close()
             self.zip.close()
         except (OSError, ValueError):
-            if self.zip.fp is not None:  # the file itself, without writing anything more
-                self.zip.fp.close()
-                self.zip.fp = None
+            pass  # the file is dropped below, whatever closing it left undone
         finally:
+            # the file itself, without writing anything more; and no zip left to finish it when it is
+            # collected (ZipFile.__del__ would write its end records into a closed file)
+            fp, self.zip.fp = self.zip.fp, None
+            if fp is not None:
+                try:
+                    fp.close()
+                except (OSError, ValueError):
+                    pass
             self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "NpzStreamWriter":
