@@ -84,7 +84,7 @@ class BuiltinReport:
 
     def line(self) -> str:
         how = f"{self.steps} {self.sampler.upper()} steps" + (f" ({self.spacing} spacing)" if self.spacing else "")
-        how += f", {self.nfe} evaluations" if self.nfe is not None else ""
+        how += f", {self.nfe} evaluation{'s' if self.nfe != 1 else ''}" if self.nfe is not None else ""
         how += interval_text(self.cfg_interval)
         return (
             f"quality ({self.data}, cfg {self.cfg:g}, {how}, "

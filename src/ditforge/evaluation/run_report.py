@@ -182,7 +182,7 @@ class RunReport:
         worst = sorted(self.classes, key=lambda c: c["samples"])[:3]
         text = (
             f"quality ({self.data}, cfg {self.cfg:g}, {self.steps} {self.sampler.upper()} steps"
-            + (f", {self.nfe} evaluations" if self.nfe is not None else "") + f", {self.per_class} per class): "
+            + (f", {self.nfe} evaluation{'s' if self.nfe != 1 else ''}" if self.nfe is not None else "") + f", {self.per_class} per class): "
             f"class accuracy {self.class_accuracy:.3f} (judge on real held-out {self.heldout_accuracy:.3f}, "
             f"ratio {self.accuracy_ratio:.2f}) | lowest: "
             + ", ".join(f"{c['name']} {c['samples']:.2f}" for c in worst)
