@@ -37,10 +37,14 @@ from ditforge.preemption import AGREE_EVERY, EXIT_PREEMPTED, StopRequest
 from ditforge.train.checkpoint import checkpoint_dir, list_checkpoints, read_training_state
 from ditforge.write_failures import WriteFailed, failing_write
 
-ARGS = ["--steps", "12", "--ckpt-every", "4", "--keep-last", "0", "--sample-every", "0", "--sample-steps", "2", *TINY_TRAIN]
+STEPS = 24  # long enough that a signal sent soon after the first checkpoint (step 4) comes before the end
+ARGS = ["--steps", str(STEPS), "--ckpt-every", "4", "--keep-last", "0", "--sample-every", "0", "--sample-steps", "2", *TINY_TRAIN]
 DELAY_SEED = random.randrange(10**6)
 RNG = random.Random(DELAY_SEED)
 TIMEOUT_S = 300
+#: The latest moment (seconds after the first checkpoint) a signal comes to a training run: the
+#: 20 steps left take about 0.8 s where the tiny model runs fastest (25 steps/s on 2 cores).
+SIGNAL_DELAY_S = 0.25
 
 
 # -- the stop request, in this process ---------------------------------------------------------
@@ -200,20 +204,20 @@ def test_sigterm_at_a_random_step_checkpoints_that_step_and_the_rerun_ends_bit_i
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ditforge", "train", "--run-dir", str(run), *ARGS]
     proc = _start(cmd, tmp_path / "log")
-    _wait_for(proc, lambda: checkpoint_dir(run, 4).is_dir(), "its first checkpoint")
+    _wait_for(proc, lambda: checkpoint_dir(run, 4).is_dir(), "its first checkpoint", delay=SIGNAL_DELAY_S)
     proc.send_signal(signal.SIGTERM)
     status, output = _finish(proc, tmp_path / "log")
     assert status == EXIT_PREEMPTED, output[-3000:]
     line = _stop_line(output, "train")
     step = int(line.split("after step ")[1].split()[0])
     # the step in flight was finished and checkpointed: nothing but the signal's own step is redone
-    assert 4 < step < 12 and list_checkpoints(run)[-1] == checkpoint_dir(run, step), (line, list_checkpoints(run))
+    assert 4 < step < STEPS and list_checkpoints(run)[-1] == checkpoint_dir(run, step), (line, list_checkpoints(run))
     assert f"its checkpoint is {checkpoint_dir(run, step)}" in line and f"ditforge train --run-dir {run}" in line
 
     caplog.set_level(logging.INFO)
     assert _command("train", "--run-dir", str(run), *ARGS) == 0
     assert f"resumed from {checkpoint_dir(run, step)} (step {step}," in caplog.text
-    _assert_same_weights(checkpoint_dir(straight, 12), checkpoint_dir(run, 12))
+    _assert_same_weights(checkpoint_dir(straight, STEPS), checkpoint_dir(run, STEPS))
 
 
 def test_sigusr1_to_one_torchrun_rank_stops_both_at_one_step_and_the_rerun_ends_bit_identical(straight_torchrun, tmp_path):
@@ -221,32 +225,34 @@ def test_sigusr1_to_one_torchrun_rank_stops_both_at_one_step_and_the_rerun_ends_
     exit EXIT_PREEMPTED (torchrun, without restarts, then exits 1); rank 0 says so, once."""
     run = tmp_path / "run"
     proc = _start(_torchrun_cmd("train", "--run-dir", str(run), *ARGS), tmp_path / "log", threads="1")
-    _wait_for(proc, lambda: checkpoint_dir(run, 4).is_dir(), "its first checkpoint")
+    _wait_for(proc, lambda: checkpoint_dir(run, 4).is_dir(), "its first checkpoint", delay=SIGNAL_DELAY_S)
     os.kill(_worker_pids(proc.pid)[1], signal.SIGUSR1)
     status, output = _finish(proc, tmp_path / "log")
     assert status != 0, output[-3000:]
     assert f"exitcode  : {EXIT_PREEMPTED}" in output, output[-3000:]  # torchrun's summary of its workers
     line = _stop_line(output, "train")
-    assert line.startswith(f"ditforge train: stopped by SIGUSR1 after step {AGREE_EVERY} of 12"), line
-    assert list_checkpoints(run)[-1] == checkpoint_dir(run, AGREE_EVERY)
+    assert line.startswith("ditforge train: stopped by SIGUSR1 after step "), line
+    step = int(line.split("after step ")[1].split()[0])  # the first multiple of AGREE_EVERY after the signal
+    assert step % AGREE_EVERY == 0 and 4 < step < STEPS and f"after step {step} of {STEPS}" in line, (line, f"DELAY_SEED={DELAY_SEED}")
+    assert list_checkpoints(run)[-1] == checkpoint_dir(run, step)
     assert "torchrun ... -m ditforge train" in line
 
     again = _run_torchrun("train", "--run-dir", str(run), *ARGS).stdout
-    assert f"resumed from {checkpoint_dir(run, AGREE_EVERY)} (step {AGREE_EVERY}," in again, again[-3000:]
-    _assert_same_weights(checkpoint_dir(straight_torchrun, 12), checkpoint_dir(run, 12))
+    assert f"resumed from {checkpoint_dir(run, step)} (step {step}," in again, again[-3000:]
+    _assert_same_weights(checkpoint_dir(straight_torchrun, STEPS), checkpoint_dir(run, STEPS))
 
 
 def test_torchrun_max_restarts_resumes_a_killed_rank_to_the_weights_of_an_uninterrupted_run(straight_torchrun, tmp_path):
     run = tmp_path / "run"
     proc = _start(_torchrun_cmd("train", "--run-dir", str(run), *ARGS, restarts=2), tmp_path / "log", threads="1")
-    _wait_for(proc, lambda: checkpoint_dir(run, 4).is_dir(), "its first checkpoint")
+    _wait_for(proc, lambda: checkpoint_dir(run, 4).is_dir(), "its first checkpoint", delay=SIGNAL_DELAY_S)
     os.kill(_worker_pids(proc.pid)[1], signal.SIGKILL)
     status, output = _finish(proc, tmp_path / "log")
     assert status == 0, output[-3000:]
     # one restart did it: the restarted group met under its own store prefix (train/distributed.py;
     # before, its gloo mesh read the dead rank's address, failed and burnt a restart) and resumed
     assert output.count("resumed from") == 1 and "connectFullMesh failed" not in output, output[-3000:]
-    _assert_same_weights(checkpoint_dir(straight_torchrun, 12), checkpoint_dir(run, 12))
+    _assert_same_weights(checkpoint_dir(straight_torchrun, STEPS), checkpoint_dir(run, STEPS))
 
 
 # -- extract and bulk sample -------------------------------------------------------------------
@@ -259,7 +265,7 @@ def test_a_signal_during_extract_finishes_the_shard_and_the_rerun_gives_the_same
     assert _command(*EXTRACT, "--out", str(tmp_path / "straight")) == 0
     out = tmp_path / "stopped"
     proc = _start([sys.executable, "-m", "ditforge", *EXTRACT, "--out", str(out)], tmp_path / "log")
-    _wait_for(proc, lambda: (out / "shards" / "shard-00000-00001.safetensors").exists(), "its second shard")
+    _wait_for(proc, lambda: (out / "shards" / "shard-00000-00001.safetensors").exists(), "its second shard", delay=0.1)  # (all 90 shards: ~0.9 s)
     proc.send_signal(signal.SIGTERM)
     status, output = _finish(proc, tmp_path / "log")
     assert status == EXIT_PREEMPTED, output[-3000:]
@@ -274,12 +280,13 @@ def test_a_signal_during_extract_finishes_the_shard_and_the_rerun_gives_the_same
 
 
 def test_a_signal_during_bulk_sampling_finishes_the_part_and_the_rerun_gives_the_same_npz(straight, tmp_path, capsys):
-    args = ["sample", str(straight), "--num-samples", "24", "--steps", "4", "--batch-size", "4", "--shard-size", "4"]
+    # 40 steps make a part of 4 images about 0.35 s here, so the 5 parts after the first outlast the signal's delay
+    args = ["sample", str(straight), "--num-samples", "24", "--steps", "40", "--batch-size", "4", "--shard-size", "4"]
     assert _command(*args, "--out", str(tmp_path / "straight.npz")) == 0
     out = tmp_path / "stopped.npz"
     parts = tmp_path / "stopped.npz.parts"
     proc = _start([sys.executable, "-m", "ditforge", *args, "--out", str(out)], tmp_path / "log")
-    _wait_for(proc, lambda: (parts / "shard-00000.npz").exists(), "its first part", delay=0.3)  # (a part: ~1 s)
+    _wait_for(proc, lambda: (parts / "shard-00000.npz").exists(), "its first part", delay=0.2)
     proc.send_signal(signal.SIGINT)  # a first Ctrl-C is a stop request too
     status, output = _finish(proc, tmp_path / "log")
     assert status == EXIT_PREEMPTED, output[-3000:]
@@ -294,13 +301,17 @@ def test_a_signal_during_bulk_sampling_finishes_the_part_and_the_rerun_gives_the
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """Both Ctrl-Cs come within the first step, which a batch of 1024 makes long (0.85 s here; the
+    second comes 0.2 s after the first): a second Ctrl-C while the step in flight finishes
+    stops the command there, with nothing saved."""
     run, log = tmp_path / "run", tmp_path / "log"
-    proc = _start([sys.executable, "-m", "ditforge", "train", "--run-dir", str(run), *ARGS, "--steps", "400"], log)
-    _wait_for(proc, lambda: "new run in" in log.read_text(), "it started training")
+    proc = _start([sys.executable, "-m", "ditforge", "train", "--run-dir", str(run), *ARGS, "--steps", "400", "--batch-size", "1024"], log)
+    _wait_for(proc, lambda: "new run in" in log.read_text(), "it started training", delay=0.0)
     proc.send_signal(signal.SIGINT)
-    time.sleep(1)  # two signals close together are one (the kernel and Python merge a pending signal)
+    time.sleep(0.2)  # two signals close together are one (the kernel and Python merge a pending signal)
     proc.send_signal(signal.SIGINT)
     status, output = _finish(proc, log)
+    assert "stopped by SIGINT" not in output, "the first step ended within 0.2 s: the test needs a longer step here\n" + output[-3000:]
     assert status == EXIT_INTERRUPTED and "ditforge train: interrupted" in output and "Traceback" not in output, output[-3000:]
     assert not (run / "checkpoints").exists() or not list_checkpoints(run)  # nothing more was saved
 
@@ -343,11 +354,11 @@ def test_a_full_disk_while_checkpointing_is_one_line_keeps_the_last_checkpoint_a
             model, ema, opt, state = read_training_state(checkpoint_dir(run, 4))
         assert state["step"] == 4 and model and ema and opt["state"]
 
-        _grow(disk, 4 * ckpt + 2**22)  # space is freed
+        _grow(disk, (STEPS // 4 + 2) * ckpt + 2**22)  # space is freed: room for every checkpoint (--keep-last 0)
         caplog.set_level(logging.INFO)
         assert _command("train", "--run-dir", str(run), *ARGS) == 0
         assert f"resumed from {checkpoint_dir(run, 4)} (step 4," in caplog.text
-        _assert_same_weights(checkpoint_dir(straight, 12), checkpoint_dir(run, 12))
+        _assert_same_weights(checkpoint_dir(straight, STEPS), checkpoint_dir(run, STEPS))
 
 
 def test_a_full_disk_while_bulk_sampling_finishes_its_npz_is_one_line_and_the_rerun_writes_it(straight, tmp_path):

@@ -131,7 +131,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     try:
         distributed.raise_together(d, lock.acquire if d.is_main else lambda: None)
         with StopRequest(partial(distributed.max_over_ranks, d=d) if d.enabled else None) as stop:  # SIGTERM & co (preemption.py)
-            return _train(cfg, d, progress, stop)
+            result = _train(cfg, d, progress, stop)
+        # every rank's last collective has finished before any rank tears the group down: a gloo
+        # rank that destroyed its group while the other's FSDP work was in flight aborted
+        # ("terminate called without an active exception", once in some 600 runs of 2 processes)
+        distributed.barrier(d)
+        return result
     finally:
         lock.release()
         distributed.shutdown()
