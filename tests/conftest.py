@@ -50,18 +50,66 @@ def _on_the_cpu_unless_marked_gpu(request, monkeypatch):
         monkeypatch.setattr(ditforge.train.distributed, "local_device", lambda: torch.device("cpu"))
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 600, gpu: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m ditforge ARGS` as a user would; return the finished process."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "ditforge", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=dict(os.environ, OMP_NUM_THREADS="2") if gpu else cpu_env(OMP_NUM_THREADS="2"),
-    )
+def run_cli(*args: str, check: bool = True, timeout: float = 600, gpu: bool = False,
+            subprocess_only: bool = False) -> subprocess.CompletedProcess:
+    """Run `ditforge ARGS` as a user would; return the finished process (its exit code, stdout
+    and stderr).
+
+    On a machine without a GPU it runs `cli.main(ARGS)` in this process, which is what `python
+    -m ditforge` runs, with stdout and stderr captured: the same code and the same threads (this
+    process uses 2, like `OMP_NUM_THREADS=2`), without the 2-4 s that a fresh interpreter spends
+    importing torch (the suite calls the CLI about 150 times). A test that needs a process of its
+    own (a signal, a crash, its environment) passes `subprocess_only`; where torch sees a GPU,
+    every call is a subprocess with `CUDA_VISIBLE_DEVICES` emptied (`cpu_env`) unless `gpu`."""
+    if subprocess_only or gpu or torch.cuda.is_available():
+        proc = subprocess.run(
+            [sys.executable, "-m", "ditforge", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=dict(os.environ, OMP_NUM_THREADS="2") if gpu else cpu_env(OMP_NUM_THREADS="2"),
+        )
+    else:
+        proc = _run_in_process(list(args))
     if check and proc.returncode != 0:
         raise AssertionError(f"ditforge {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _run_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """`sys.exit(cli.main(argv))` as `python -m ditforge` runs it, its output captured: the root
+    logger's handlers (pytest's capture among them) are set aside for the call, so that main's
+    `logging.basicConfig` binds the captured stdout, and put back after it with the root's level;
+    warnings show again as in a new process, and an exception that escapes main is printed with
+    exit code 1, as the interpreter would."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+    import warnings
+
+    from ditforge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    kept, level = list(logging.root.handlers), logging.root.level
+    for handler in kept:
+        logging.root.removeHandler(handler)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("default")
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's usage errors and --help
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else (print(e.code, file=sys.stderr) or 1))
+        except BaseException:  # noqa: BLE001 - what an uncaught exception does to `python -m ditforge`
+            traceback.print_exc()
+            code = 1
+        finally:
+            for handler in list(logging.root.handlers):
+                logging.root.removeHandler(handler)
+            for handler in kept:
+                logging.root.addHandler(handler)
+            logging.root.setLevel(level)
+    return subprocess.CompletedProcess([sys.executable, "-m", "ditforge", *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

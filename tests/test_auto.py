@@ -5,7 +5,7 @@ import pytest
 from ditforge.bench import train_flops_per_image
 from ditforge.models import create_model
 from ditforge.train.auto import (
-    BUDGET_S, GPU_RATE, MAX_STEPS, MIN_STEPS, MODERN_BLOCKS, RATE_PER_CORE, DeviceInfo, choose_defaults, pick_patch,
+    BUDGET_S, CPU_BATCH, GPU_RATE, MAX_STEPS, MIN_STEPS, MODERN_BLOCKS, RATE_PER_CORE, DeviceInfo, choose_defaults, pick_patch,
 )
 
 CPU_BF16 = DeviceInfo("cpu", 2, True)
@@ -30,17 +30,20 @@ def test_patch_keeps_tokens_small_on_cpu_and_larger_on_gpu():
 
 def test_28px_folder_on_a_two_core_bf16_cpu():
     ch = _choose(CPU_BF16, (1, 28, 28))
-    assert (ch.model, ch.precision) == ("DiT-Ti/4", "bf16")
-    flops = train_flops_per_image(create_model("DiT-Ti/4", input_size=28, in_channels=1, num_classes=10)) * 128
-    seconds = flops / (2 * RATE_PER_CORE["bf16"])
-    assert ch.seconds_per_step == pytest.approx(seconds)
-    # the most steps (a multiple of 50) that fit the budget
-    assert ch.steps % 50 == 0 and ch.steps * seconds <= BUDGET_S < (ch.steps + 50) * seconds
-    assert ch.steps == 800  # 0.66 s a step: the tiny recipe's 800 steps fit about ten minutes
-    assert len(ch.reasons) == 5 and all(isinstance(r, str) and r for r in ch.reasons)
-    assert ch.as_overrides() == {"model.name": "DiT-Ti/4", "precision": "bf16", "steps": 800, "objective": "flow",
-                                 "flow.time_distribution": "logit-normal", "model.norm": "rms", "model.mlp": "swiglu",
-                                 "model.rope": True, "model.qk_norm": True}
+    assert (ch.model, ch.precision, ch.batch) == ("DiT-Ti/4", "bf16", CPU_BATCH)
+    flops = train_flops_per_image(create_model("DiT-Ti/4", input_size=28, in_channels=1, num_classes=10)) * CPU_BATCH
+    assert ch.seconds_per_step == pytest.approx(flops / (2 * RATE_PER_CORE["bf16"]))  # analytic: no measurement passed
+    assert ch.steps == MAX_STEPS  # 0.33 s a step of 64: more than the most steps fit
+    # with --batch-size 128, the most steps (a multiple of 50) that fit the budget
+    seconds = 2 * ch.seconds_per_step
+    at_128 = _choose(CPU_BF16, (1, 28, 28), given={"batch": 128})
+    assert at_128.batch is None and at_128.seconds_per_step == pytest.approx(seconds)
+    assert at_128.steps % 50 == 0 and at_128.steps * seconds <= BUDGET_S < (at_128.steps + 50) * seconds
+    assert at_128.steps == 1050
+    assert len(ch.reasons) == 6 and all(isinstance(r, str) and r for r in ch.reasons)
+    assert ch.as_overrides() == {"model.name": "DiT-Ti/4", "precision": "bf16", "steps": MAX_STEPS, "global_batch": CPU_BATCH,
+                                 "objective": "flow", "flow.time_distribution": "logit-normal", "model.norm": "rms",
+                                 "model.mlp": "swiglu", "model.rope": True, "model.qk_norm": True}
     assert any(r.startswith("blocks RMSNorm, SwiGLU, RoPE, qk-norm:") for r in ch.reasons)
 
 
@@ -49,6 +52,40 @@ def test_cpu_without_native_bf16_stays_fp32_and_trains_fewer_steps():
     assert ch.model == "DiT-Ti/4" and ch.precision is None  # the preset's auto = fp32 on CPU
     assert ch.steps < _choose(CPU_BF16, (1, 28, 28)).steps
     assert ch.seconds_per_step == pytest.approx(_choose(CPU_BF16, (1, 28, 28)).seconds_per_step * RATE_PER_CORE["bf16"] / RATE_PER_CORE["fp32"])
+
+
+def test_a_cpu_run_takes_its_steps_from_the_measured_step_time():
+    seen = []
+
+    def measure(model, precision, blocks, objective, batch):
+        seen.append((model, precision, blocks, objective, batch))
+        return 2.0
+
+    ch = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {"rope": False}, "tiny", False, measure)
+    assert seen == [("DiT-Ti/4", "fp32", {**MODERN_BLOCKS, "rope": False}, "flow", CPU_BATCH)]  # what the run will train
+    assert ch.seconds_per_step == 2.0 and ch.steps == int(BUDGET_S / 2.0) // 50 * 50
+    assert any(r.startswith(f"steps {ch.steps}: 2.00 s a step of batch {CPU_BATCH} measured on 2 CPU cores") for r in ch.reasons)
+    mine = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 96, {"batch": 96}, "tiny", False, measure)
+    assert mine.batch is None and seen[-1][-1] == 96 and "global_batch" not in mine.as_overrides()  # --batch-size wins
+    seen.pop()
+    assert choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {}, "tiny", False, lambda *a: 1e-3).steps == MAX_STEPS
+    assert choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {}, "tiny", False, lambda *a: 1e3).steps == MIN_STEPS
+    gpu = choose_defaults(GPU, (3, 32, 32), 10, 128, {}, "tiny", False, measure)
+    assert len(seen) == 1 and gpu.steps == MAX_STEPS  # a GPU keeps the analytic rate: a tiny DiT step is milliseconds
+    assert choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {"steps": 7}, "tiny", False, measure).steps is None
+    assert len(seen) == 1  # --steps given: nothing is measured
+
+
+def test_measured_step_time_is_real_and_leaves_the_seed_alone():
+    import torch
+
+    from ditforge.train.auto import measure_step_seconds
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    seconds = measure_step_seconds("DiT-Ti/4", (1, 8, 8), 2, 4, "auto", dict(MODERN_BLOCKS), "flow", steps=1)
+    assert 0 < seconds < 60 and torch.equal(torch.rand(4), expected)
 
 
 def test_steps_are_clamped_and_gpu_gets_the_most():
@@ -63,9 +100,9 @@ def test_steps_are_clamped_and_gpu_gets_the_most():
 
 
 def test_flags_given_win_and_recipes_are_kept():
-    given = {"model": "DiT-Ti/2", "precision": "fp32", "steps": 50, "objective": "diffusion", **MODERN_BLOCKS}
+    given = {"model": "DiT-Ti/2", "precision": "fp32", "steps": 50, "batch": 32, "objective": "diffusion", **MODERN_BLOCKS}
     ch = _choose(CPU_BF16, (1, 28, 28), given=given)
-    assert (ch.model, ch.precision, ch.steps, ch.objective) == (None, None, None, None) and ch.as_overrides() == {}
+    assert (ch.model, ch.precision, ch.steps, ch.batch, ch.objective) == (None,) * 5 and ch.as_overrides() == {}
     no_rope = _choose(CPU_BF16, (1, 28, 28), given={"rope": False, "norm": "layer"})  # each block flag wins alone
     assert no_rope.blocks == {"mlp": "swiglu", "qk_norm": True} and "blocks SwiGLU, qk-norm:" in " ".join(no_rope.reasons)
     uniform_flow = _choose(CPU_BF16, (1, 28, 28), given={"time_dist": "uniform"})
@@ -93,11 +130,12 @@ def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(t
         Image.fromarray(np.full((28, 28), 40 if c == "a" else 200, np.uint8), "L").save(tmp_path / "imgs" / c / "0.png")
     run = tmp_path / "run"
 
-    def choose(*flags):
-        args = build_parser().parse_args(["train", "--data", str(tmp_path / "imgs"), "--run-dir", str(run), *flags])
+    def choose(*flags, batch=("--batch-size", "8")):  # a batch of 8: the step time measured for the steps takes a moment
+        args = build_parser().parse_args(["train", "--data", str(tmp_path / "imgs"), "--run-dir", str(run), *batch, *flags])
         return auto_defaults(args, config_from_args(args))
 
     cfg, lines = choose()
+    assert cfg.global_batch == 8 and any(line.startswith("steps ") and "measured on" in line for line in lines)
     assert (cfg.model.name, cfg.objective, cfg.flow.time_distribution) == ("DiT-Ti/4", "flow", "logit-normal")
     assert (cfg.model.norm, cfg.model.mlp, cfg.model.rope, cfg.model.qk_norm) == ("rms", "swiglu", True, True)
     assert any(line.startswith("objective flow with logit-normal times") for line in lines)
@@ -111,6 +149,8 @@ def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(t
     assert (cfg.objective, cfg.steps, cfg.model.name) == ("diffusion", 7, "DiT-Ti/4")
     assert cfg.model.norm == "rms" and f"norm rms: kept from {run / 'config.json'}" in lines
     assert f"objective diffusion: kept from {run / 'config.json'}" in lines and not any("steps" in line for line in lines)
+    cfg, lines = choose(batch=())  # no --batch-size: the recorded batch, not the CPU's choice
+    assert cfg.global_batch == 8 and f"batch 8: kept from {run / 'config.json'}" in lines
 
 
 def test_builtin_mnist_is_adapted_and_the_demo_digits_are_not(tmp_path):
@@ -121,7 +161,7 @@ def test_builtin_mnist_is_adapted_and_the_demo_digits_are_not(tmp_path):
     assert peek_data("mnist", None) == ((1, 28, 28), 10)
 
     def choose(data):
-        args = build_parser().parse_args(["train", "--data", data, "--run-dir", str(tmp_path / data)])
+        args = build_parser().parse_args(["train", "--data", data, "--run-dir", str(tmp_path / data), "--batch-size", "8"])
         return auto_defaults(args, config_from_args(args))
 
     cfg, lines = choose("mnist")

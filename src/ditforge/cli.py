@@ -161,7 +161,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 # name in train/auto.py -> config path (and the train parser's dest)
-_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps", "objective": "objective",
+_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps", "batch": "global_batch", "objective": "objective",
                 "time_dist": "flow.time_distribution", "norm": "model.norm", "mlp": "model.mlp", "rope": "model.rope",
                 "qk_norm": "model.qk_norm"}
 
@@ -177,7 +177,7 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     """Model, precision, objective and steps the user left out, chosen for the device and the data
     (`train/auto.py`); a resumed run keeps the ones its folder recorded. Returns the config
     and one line per choice."""
-    from ditforge.train.auto import adapts_to_data, choose_defaults, describe_device, peek_data
+    from ditforge.train.auto import adapts_to_data, choose_defaults, describe_device, measure_step_seconds, peek_data
     from ditforge.train.device import pick_device
 
     given = {k: getattr(args, path) for k, path in _AUTO_FIELDS.items() if getattr(args, path) is not None}
@@ -206,7 +206,10 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     if len(given) == len(_AUTO_FIELDS) or not adapt:
         return cfg, adopted  # nothing to choose, the demo, or data that training will refuse with its own message
     shape, num_classes = peek_data(cfg.data, cfg.image_size)
-    ch = choose_defaults(describe_device(pick_device()), shape, num_classes, cfg.global_batch, given, args.preset, False)
+    def measure(model: str, precision: str, blocks: dict, objective: str, batch: int) -> float:  # a CPU's steps follow its speed
+        return measure_step_seconds(model, shape, num_classes, batch, precision, blocks, objective)
+
+    ch = choose_defaults(describe_device(pick_device()), shape, num_classes, cfg.global_batch, given, args.preset, False, measure)
     for path, v in ch.as_overrides().items():
         node, leaf = _node(values, path)
         node[leaf] = v
@@ -295,7 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for line in chosen:
         print(f"chose {line}")
     if chosen:
-        print("(--model, --precision, --objective, --time-dist, --steps and the block flags given on the command line "
+        print("(--model, --precision, --objective, --time-dist, --batch-size, --steps and the block flags given on the command line "
               "override these choices)")
     result = train(cfg, progress=not args.no_progress)
     if not result.is_main:

@@ -74,6 +74,13 @@ def step_generator(seed: int, index: int, device: torch.device) -> torch.Generat
     return torch.Generator(device=device).manual_seed(noise_seed(seed, index, "steps"))
 
 
+# Samples per forward batch (twice the rows under guidance) where `eval RUN` draws on a CPU. The
+# default 500 is for GPUs: on 2 CPU cores a DiT-Ti/4 forward at 28x28 took 10.6 ms an image at
+# 1,000 rows (its activations pass malloc's 32 MiB reuse threshold: fresh zeroed pages each call)
+# and 5 ms at 128 (benchmarks/README.md, issue 30).
+CPU_SAMPLE_BATCH = 64
+
+
 @torch.no_grad()
 def sample_batch(
     model: DiT,

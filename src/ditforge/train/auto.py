@@ -1,13 +1,14 @@
-"""Defaults that fit the device and the data: the model, precision and step count `train`
-picks when the user leaves them out.
+"""Defaults that fit the device and the data: the model, precision, objective, blocks, batch and
+step count `train` picks when the user leaves them out.
 
 Only the `tiny` preset on the user's own data (an image folder or a latent store) or the built-in
 `mnist` is adapted. The paper's presets keep the paper's recipe, the built-in demo (`ditforge
 train`, the digits) keeps its recorded one, and a flag the user gives always wins. `choose_defaults` is a pure
-function of the device, the data shape and the flags, so the choices are tested exactly.
+function of the device, the data shape, the flags and (on a CPU) the measured time of a step, so
+the choices are tested exactly.
 
-The rules (measured on the project's machine, 2 cores of an AMD EPYC with AVX512-BF16; README
-"Train on your own images"):
+The rules (measured on the project's machines, 2 cores of an AMD EPYC with AVX512-BF16 and 2 of
+one without AVX-512; README "Train on your own images"):
 
 1. model: the tiny size (DiT-Ti: depth 6, hidden 192) with the smallest patch that keeps the
    token count T = (H / p)^2 at most 64 on a CPU (256 on a GPU). Attention and the MLPs cost
@@ -28,10 +29,21 @@ The rules (measured on the project's machine, 2 cores of an AMD EPYC with AVX512
    400 steps and 27.91 against 23.94 at 250 (README "Measured", `benchmarks/recipe_curve.py`).
    Each block flag given (`--norm`, `--mlp`, `--rope / --no-rope`, `--qk-norm / --no-qk-norm`)
    wins over its choice.
-5. steps: as many as fit `BUDGET_S` at an assumed sustained rate (`RATE_PER_CORE` per CPU core,
-   `GPU_RATE` on a GPU) and the analytic FLOP count of `bench.train_flops_per_image`, rounded
-   down to 50 and kept within [MIN_STEPS, MAX_STEPS]. The budget leaves about a minute of a
-   10-minute run for loading, the preview and the checkpoints.
+5. batch: `CPU_BATCH` (64) on a CPU, the preset's 128 on a GPU. On the 2-core AMD EPYC without
+   AVX-512 a DiT-Ti/4 step at 28x28 with the modern blocks took 1.05-1.15 s at batch 64 and
+   2.3-2.45 s at 128 (more than twice: the larger batch's activations likely fall out of the
+   caches), so the same minutes
+   give 2.2x the updates and 1.1x the images. On the fashion folder (README "Train on your own
+   images") batch 64 with the measured steps reached a judge ratio of 0.90 in 12.5 minutes, batch
+   128 with 500 steps 0.81 in 18 minutes of steps (one data set compared so far).
+6. steps: as many as fit `BUDGET_S`, rounded down to 50 and kept within [MIN_STEPS, MAX_STEPS].
+   On a CPU the time of a step is measured (`measure_step_seconds`: a warm-up and two real steps
+   of the run's model, batch, precision, blocks and objective, a few seconds): an analytic rate
+   was 2x off on a CPU without AVX-512 (1.06 s a step expected at batch 128, 2.2 s measured),
+   where 500 steps then took 18 minutes instead of 9. On a GPU the analytic FLOP count of
+   `bench.train_flops_per_image` at `GPU_RATE` is kept (a tiny DiT's step is milliseconds there;
+   `MAX_STEPS` decides). The budget leaves one to two minutes of a 15-minute goal for loading,
+   the preview and the checkpoints.
 """
 
 from __future__ import annotations
@@ -39,13 +51,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ditforge.errors import UserError
 
 DEMO_DATA = "digits"  # the built-in demo's set: it keeps the tiny preset's recorded recipe
 TINY_SIZE = "Ti"
 MAX_TOKENS = {"cpu": 64, "cuda": 256}
-BUDGET_S = 540.0
+BUDGET_S = 720.0  # seconds of training steps
+CPU_BATCH = 64  # rule 5
 RATE_PER_CORE = {"fp32": 50e9, "bf16": 80e9}  # sustained FLOP/s of a DiT-Ti step per CPU core
 GPU_RATE = {"fp32": 50e12, "bf16": 100e12, "fp16": 100e12}
 MIN_STEPS, MAX_STEPS = 200, 2000
@@ -71,6 +85,7 @@ class Choices:
     objective: str | None = None
     time_distribution: str | None = None
     steps: int | None = None
+    batch: int | None = None
     blocks: dict[str, object] = field(default_factory=dict)  # of MODERN_BLOCKS, those not given
     reasons: list[str] = field(default_factory=list)
     seconds_per_step: float | None = None  # the estimate the step count came from
@@ -83,6 +98,8 @@ class Choices:
             out["precision"] = self.precision
         if self.steps is not None:
             out["steps"] = self.steps
+        if self.batch is not None:
+            out["global_batch"] = self.batch
         if self.objective is not None:
             out["objective"] = self.objective
         if self.time_distribution is not None:
@@ -121,6 +138,38 @@ def pick_patch(side: int, kind: str, patches: tuple[int, ...]) -> int:
     return small_enough[0] if small_enough else fitting[-1]
 
 
+def measure_step_seconds(model_name: str, shape: tuple[int, int, int], num_classes: int, batch: int, precision: str,
+                         block_options: dict[str, object], objective: str, steps: int = 2) -> float:
+    """Seconds per optimizer step measured on this machine (rule 5 on a CPU): `steps` training
+    steps of random inputs of the run's shape, batch, precision, blocks and objective through
+    `TrainStep` (forward, backward, optimizer), after one untimed warm-up. The global RNG is left
+    as it was, so the run's seeding is unchanged."""
+    import torch
+
+    from ditforge.bench import time_steps
+    from ditforge.config import TrainConfig
+    from ditforge.models import create_model
+    from ditforge.objectives import model_options
+    from ditforge.train import distributed
+    from ditforge.train.device import pick_device, resolve_precision
+    from ditforge.train.step import TrainStep
+
+    c, h, w = shape
+    device = pick_device()
+    precision = resolve_precision(precision, device)
+    cfg = TrainConfig.from_dict(dict(model=dict(name=model_name, **block_options), global_batch=batch, precision=precision,
+                                     objective=objective))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model(model_name, input_size=h, in_channels=c, num_classes=num_classes,
+                             **cfg.model.block_options(), **model_options(objective)).to(device)
+        stepper = TrainStep(cfg, model, distributed.Dist(device=device), precision)
+        x = torch.randn(batch, c, h, w, device=device)  # (N, C, H, W)
+        y = torch.randint(0, num_classes, (batch,), device=device)  # (N,)
+        seconds, _ = time_steps(lambda i: stepper(i, [(x, y)], [0]), steps, 1, device)
+    return seconds / steps
+
+
 def step_seconds(model_name: str, shape: tuple[int, int, int], num_classes: int, batch: int, precision: str, device: DeviceInfo) -> float:
     """Estimated seconds per optimizer step: analytic training FLOPs / assumed sustained rate."""
     from ditforge.bench import train_flops_per_image
@@ -143,9 +192,15 @@ def choose_defaults(
     given: dict[str, object],
     preset: str,
     builtin: bool,
+    measure: Callable[[str, str, dict[str, object], str, int], float] | None = None,
 ) -> Choices:
-    """The model, precision, objective, blocks and steps for the fields absent from `given` (flag ->
-    value; flags: model, precision, steps, objective, time_dist and those of MODERN_BLOCKS)."""
+    """The model, precision, objective, blocks, batch and steps for the fields absent from `given`
+    (flag -> value; flags: model, precision, steps, batch, objective, time_dist and those of
+    MODERN_BLOCKS). `batch` is the configured batch, used where the batch is not chosen.
+
+    `measure(model, precision, block options, objective, batch)` -> seconds per step on this machine
+    (`measure_step_seconds`; `train` passes it on a CPU): the step count then follows the
+    measured time, else the analytic estimate of `step_seconds`."""
     from ditforge.models.dit import MODEL_PATCH_SIZES
 
     ch = Choices()
@@ -182,15 +237,24 @@ def choose_defaults(
         ch.reasons.append(
             f"blocks {', '.join(named[k] for k in ch.blocks)}: the recipe's largest gain on MNIST and the digits "
             "(FID 187.9 -> 129.2 at 400 steps on MNIST; README: Measured)")
-    ch.seconds_per_step = step_seconds(model, shape, num_classes, batch, precision, device)
-    if "steps" not in given:
-        fit = int(BUDGET_S / ch.seconds_per_step) // 50 * 50
-        ch.steps = min(MAX_STEPS, max(MIN_STEPS, fit))
+    if "batch" not in given and device.kind == "cpu":
+        batch = ch.batch = CPU_BATCH
+        ch.reasons.append(f"batch {batch}: on a CPU a step of 64 took less than half the time of one of 128, "
+                          "so the same minutes give over twice the updates (README: Train on your own images)")
+    objective = str(given.get("objective", ch.objective))
+    blocks = {k: given.get(k, ch.blocks.get(k)) for k in MODERN_BLOCKS}
+    if "steps" in given:
+        return ch
+    if measure is not None and device.kind == "cpu":
+        ch.seconds_per_step = measure(model, precision, blocks, objective, batch)
+        how = f"{ch.seconds_per_step:.2f} s a step of batch {batch} measured on {device.cores} CPU cores"
+    else:
+        ch.seconds_per_step = step_seconds(model, shape, num_classes, batch, precision, device)
         where = f"{device.cores} CPU cores" if device.kind == "cpu" else device.name or "the GPU"
-        ch.reasons.append(
-            f"steps {ch.steps}: about {ch.seconds_per_step:.2f} s a step of batch {batch} expected on {where}, "
-            f"for a run of about {BUDGET_S / 60 + 1:.0f} minutes (within {MIN_STEPS}..{MAX_STEPS})"
-        )
+        how = f"about {ch.seconds_per_step:.2f} s a step of batch {batch} expected on {where}"
+    fit = int(BUDGET_S / ch.seconds_per_step) // 50 * 50
+    ch.steps = min(MAX_STEPS, max(MIN_STEPS, fit))
+    ch.reasons.append(f"steps {ch.steps}: {how}, for a run of about {BUDGET_S / 60 + 1:.0f} minutes (within {MIN_STEPS}..{MAX_STEPS})")
     return ch
 
 
