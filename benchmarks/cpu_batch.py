@@ -2,9 +2,11 @@
 batch (`sampling.generate.CPU_SAMPLE_BATCH`) rest on (issue 30).
 
     python benchmarks/cpu_batch.py [--model DiT-Ti/4] [--side 28] [--channels 1] [--repeats 2]
+                                   [--precision auto|fp32|bf16]
 
 For each training batch: seconds per optimizer step of the no-flag run's configuration (the
-modern blocks, flow, fp32 unless the CPU has native bf16) through `train.auto.measure_step_seconds`
+modern blocks, flow; `--precision auto`, the default, is what `train` picks: bf16 where the CPU
+has native bf16, else fp32; `fp32` emulates a CPU without it) through `train.auto.measure_step_seconds`
 (a warm-up and 3 timed steps), and images per second. For each sampling batch (rows of one
 forward; guidance doubles the images): milliseconds per row of an eval-mode forward. The
 allocator setting of every `ditforge` command (`keep_freed_host_memory`) is applied first, as
@@ -34,9 +36,12 @@ def main() -> None:
     p.add_argument("--train-batches", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--sample-rows", type=int, nargs="+", default=[64, 128, 256, 1000])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     args = p.parse_args()
     keep_freed_host_memory()
-    precision = "bf16" if any(f in cpu_flags() for f in CPU_BF16_FLAGS) else "fp32"
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if any(f in cpu_flags() for f in CPU_BF16_FLAGS) else "fp32"
     shape = (args.channels, args.side, args.side)
     print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                       "precision": precision, "model": args.model, "shape": shape}))

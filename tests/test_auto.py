@@ -5,7 +5,7 @@ import pytest
 from ditforge.bench import train_flops_per_image
 from ditforge.models import create_model
 from ditforge.train.auto import (
-    BUDGET_S, CPU_BATCH, GPU_RATE, MAX_STEPS, MIN_STEPS, MODERN_BLOCKS, RATE_PER_CORE, DeviceInfo, choose_defaults, pick_patch,
+    BUDGET_S, CPU_BATCH, GPU_RATE, SLOW_CPU_BATCH, MAX_STEPS, MIN_STEPS, MODERN_BLOCKS, RATE_PER_CORE, DeviceInfo, choose_defaults, pick_patch,
 )
 
 CPU_BF16 = DeviceInfo("cpu", 2, True)
@@ -61,19 +61,29 @@ def test_a_cpu_run_takes_its_steps_from_the_measured_step_time():
         seen.append((model, precision, blocks, objective, batch))
         return 2.0
 
+    ch = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {"rope": False}, "tiny", False, lambda *a: 0.5)
+    assert ch.batch == CPU_BATCH and ch.seconds_per_step == 0.5 and ch.steps == int(BUDGET_S / 0.5) // 50 * 50
+    assert any(r.startswith(f"steps {ch.steps}: 0.50 s a step of batch {CPU_BATCH} measured on 2 CPU cores") for r in ch.reasons)
     ch = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {"rope": False}, "tiny", False, measure)
-    assert seen == [("DiT-Ti/4", "fp32", {**MODERN_BLOCKS, "rope": False}, "flow", CPU_BATCH)]  # what the run will train
+    # 2 s a step of 64 affords 350 steps, fewer than SLOW_CPU_STEPS: half the batch, measured again
+    assert seen == [("DiT-Ti/4", "fp32", {**MODERN_BLOCKS, "rope": False}, "flow", b) for b in (CPU_BATCH, SLOW_CPU_BATCH)]
+    assert ch.batch == SLOW_CPU_BATCH and ch.as_overrides()["global_batch"] == SLOW_CPU_BATCH
     assert ch.seconds_per_step == 2.0 and ch.steps == int(BUDGET_S / 2.0) // 50 * 50
-    assert any(r.startswith(f"steps {ch.steps}: 2.00 s a step of batch {CPU_BATCH} measured on 2 CPU cores") for r in ch.reasons)
+    assert any(r.startswith(f"batch {SLOW_CPU_BATCH}: a step of {CPU_BATCH} took 2.00 s here, 350 steps") for r in ch.reasons)
+    assert any(r.startswith(f"steps {ch.steps}: 2.00 s a step of batch {SLOW_CPU_BATCH} measured on 2 CPU cores") for r in ch.reasons)
+    seen.clear()
     mine = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 96, {"batch": 96}, "tiny", False, measure)
-    assert mine.batch is None and seen[-1][-1] == 96 and "global_batch" not in mine.as_overrides()  # --batch-size wins
+    assert mine.batch is None and [b[-1] for b in seen] == [96] and "global_batch" not in mine.as_overrides()  # --batch-size wins
     seen.pop()
+    assert f"for a run of about {ch.steps * 2.0 / 60 + 1:.0f} minutes" in ch.reasons[-1]
+    capped = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {}, "tiny", False, lambda *a: 0.3)
+    assert capped.steps == MAX_STEPS and "for a run of about 11 minutes" in capped.reasons[-1]  # 2,000 x 0.3 s, not the budget
     assert choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {}, "tiny", False, lambda *a: 1e-3).steps == MAX_STEPS
     assert choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {}, "tiny", False, lambda *a: 1e3).steps == MIN_STEPS
     gpu = choose_defaults(GPU, (3, 32, 32), 10, 128, {}, "tiny", False, measure)
-    assert len(seen) == 1 and gpu.steps == MAX_STEPS  # a GPU keeps the analytic rate: a tiny DiT step is milliseconds
+    assert not seen and gpu.steps == MAX_STEPS  # a GPU keeps the analytic rate: a tiny DiT step is milliseconds
     assert choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {"steps": 7}, "tiny", False, measure).steps is None
-    assert len(seen) == 1  # --steps given: nothing is measured
+    assert not seen  # --steps given: nothing is measured
 
 
 def test_measured_step_time_is_real_and_leaves_the_seed_alone():
