@@ -5,7 +5,7 @@ import pytest
 from ditforge.bench import train_flops_per_image
 from ditforge.models import create_model
 from ditforge.train.auto import (
-    BUDGET_S, CPU_BATCH, GPU_RATE, SLOW_CPU_BATCH, MAX_STEPS, MIN_STEPS, MODERN_BLOCKS, RATE_PER_CORE, DeviceInfo, choose_defaults, pick_patch,
+    BUDGET_S, CPU_BATCH, CPU_LR, GPU_RATE, SLOW_CPU_BATCH, MAX_STEPS, MIN_STEPS, MODERN_BLOCKS, RATE_PER_CORE, DeviceInfo, choose_defaults, pick_patch,
 )
 
 CPU_BF16 = DeviceInfo("cpu", 2, True)
@@ -40,11 +40,15 @@ def test_28px_folder_on_a_two_core_bf16_cpu():
     assert at_128.batch is None and at_128.seconds_per_step == pytest.approx(seconds)
     assert at_128.steps % 50 == 0 and at_128.steps * seconds <= BUDGET_S < (at_128.steps + 50) * seconds
     assert at_128.steps == 1050
-    assert len(ch.reasons) == 6 and all(isinstance(r, str) and r for r in ch.reasons)
+    assert len(ch.reasons) == 7 and all(isinstance(r, str) and r for r in ch.reasons)
     assert ch.as_overrides() == {"model.name": "DiT-Ti/4", "precision": "bf16", "steps": MAX_STEPS, "global_batch": CPU_BATCH,
+                                 "optim.lr": CPU_LR,
                                  "objective": "flow", "flow.time_distribution": "logit-normal", "model.norm": "rms",
                                  "model.mlp": "swiglu", "model.rope": True, "model.qk_norm": True}
     assert any(r.startswith("blocks RMSNorm, SwiGLU, RoPE, qk-norm:") for r in ch.reasons)
+    assert any(r.startswith("lr 0.002: twice the tiny preset's") for r in ch.reasons)
+    assert _choose(CPU_BF16, (1, 28, 28), given={"lr": 5e-4}).lr is None  # --lr wins
+    assert _choose(GPU, (3, 32, 32)).lr is None and "optim.lr" not in _choose(GPU, (3, 32, 32)).as_overrides()  # not compared
 
 
 def test_cpu_without_native_bf16_stays_fp32_and_trains_fewer_steps():
@@ -110,7 +114,8 @@ def test_steps_are_clamped_and_gpu_gets_the_most():
 
 
 def test_flags_given_win_and_recipes_are_kept():
-    given = {"model": "DiT-Ti/2", "precision": "fp32", "steps": 50, "batch": 32, "objective": "diffusion", **MODERN_BLOCKS}
+    given = {"model": "DiT-Ti/2", "precision": "fp32", "steps": 50, "batch": 32, "lr": 2e-4, "objective": "diffusion",
+             **MODERN_BLOCKS}
     ch = _choose(CPU_BF16, (1, 28, 28), given=given)
     assert (ch.model, ch.precision, ch.steps, ch.batch, ch.objective) == (None,) * 5 and ch.as_overrides() == {}
     no_rope = _choose(CPU_BF16, (1, 28, 28), given={"rope": False, "norm": "layer"})  # each block flag wins alone
@@ -146,6 +151,7 @@ def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(t
 
     cfg, lines = choose()
     assert cfg.global_batch == 8 and any(line.startswith("steps ") and "measured on" in line for line in lines)
+    assert cfg.optim.lr == CPU_LR and any(line.startswith(f"lr {CPU_LR:g}:") for line in lines)
     assert (cfg.model.name, cfg.objective, cfg.flow.time_distribution) == ("DiT-Ti/4", "flow", "logit-normal")
     assert (cfg.model.norm, cfg.model.mlp, cfg.model.rope, cfg.model.qk_norm) == ("rms", "swiglu", True, True)
     assert any(line.startswith("objective flow with logit-normal times") for line in lines)
@@ -161,6 +167,9 @@ def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(t
     assert f"objective diffusion: kept from {run / 'config.json'}" in lines and not any("steps" in line for line in lines)
     cfg, lines = choose(batch=())  # no --batch-size: the recorded batch, not the CPU's choice
     assert cfg.global_batch == 8 and f"batch 8: kept from {run / 'config.json'}" in lines
+    assert cfg.optim.lr == CPU_LR and f"lr {CPU_LR}: kept from {run / 'config.json'}" in lines
+    cfg, _ = choose("--lr", "3e-4")
+    assert cfg.optim.lr == 3e-4  # the flag wins over the recorded choice
 
 
 def test_builtin_mnist_is_adapted_and_the_demo_digits_are_not(tmp_path):

@@ -161,7 +161,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 # name in train/auto.py -> config path (and the train parser's dest)
-_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps", "batch": "global_batch", "objective": "objective",
+_AUTO_FIELDS = {"model": "model.name", "precision": "precision", "steps": "steps", "batch": "global_batch", "lr": "optim.lr",
+                "objective": "objective",
                 "time_dist": "flow.time_distribution", "norm": "model.norm", "mlp": "model.mlp", "rope": "model.rope",
                 "qk_norm": "model.qk_norm"}
 
@@ -298,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for line in chosen:
         print(f"chose {line}")
     if chosen:
-        print("(--model, --precision, --objective, --time-dist, --batch-size, --steps and the block flags given on the command line "
+        print("(--model, --precision, --objective, --time-dist, --batch-size, --lr, --steps and the block flags given on the command line "
               "override these choices)")
     result = train(cfg, progress=not args.no_progress)
     if not result.is_main:
