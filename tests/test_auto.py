@@ -73,7 +73,9 @@ def test_a_cpu_run_takes_its_steps_from_the_measured_step_time():
     assert seen == [("DiT-Ti/4", "fp32", {**MODERN_BLOCKS, "rope": False}, "flow", b) for b in (CPU_BATCH, SLOW_CPU_BATCH)]
     assert ch.batch == SLOW_CPU_BATCH and ch.as_overrides()["global_batch"] == SLOW_CPU_BATCH
     assert ch.seconds_per_step == 2.0 and ch.steps == int(BUDGET_S / 2.0) // 50 * 50
-    assert any(r.startswith(f"batch {SLOW_CPU_BATCH}: a step of {CPU_BATCH} took 2.00 s here, 350 steps") for r in ch.reasons)
+    assert [r for r in ch.reasons if r.startswith("batch ")] == [
+        r for r in ch.reasons if r.startswith(f"batch {SLOW_CPU_BATCH}: a step of {CPU_BATCH} took 2.00 s here, 350 steps")]
+    assert sum(r.startswith(f"lr {CPU_LR:g}:") for r in ch.reasons) == 1 and len(ch.reasons) == 6  # one line a choice (no precision line: fp32)
     assert any(r.startswith(f"steps {ch.steps}: 2.00 s a step of batch {SLOW_CPU_BATCH} measured on 2 CPU cores") for r in ch.reasons)
     seen.clear()
     mine = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 96, {"batch": 96}, "tiny", False, measure)

@@ -256,6 +256,7 @@ def choose_defaults(
             "(FID 187.9 -> 129.2 at 400 steps on MNIST; README: Measured)")
     if "batch" not in given and device.kind == "cpu":
         batch = ch.batch = CPU_BATCH
+        batch_reason = len(ch.reasons)
         ch.reasons.append(f"batch {batch}: on a CPU a step of 64 took less than half the time of one of 128, "
                           "so the same minutes give over twice the updates (README: Train on your own images)")
     if "lr" not in given and device.kind == "cpu":
@@ -276,7 +277,7 @@ def choose_defaults(
     fit = int(BUDGET_S / ch.seconds_per_step) // 50 * 50
     if ch.batch == CPU_BATCH and fit < SLOW_CPU_STEPS and measure is not None:
         batch = ch.batch = SLOW_CPU_BATCH
-        ch.reasons[-1] = (f"batch {batch}: a step of {CPU_BATCH} took {ch.seconds_per_step:.2f} s here, {fit} steps in "
+        ch.reasons[batch_reason] = (f"batch {batch}: a step of {CPU_BATCH} took {ch.seconds_per_step:.2f} s here, {fit} steps in "
                           f"{BUDGET_S / 60:.0f} minutes; twice the steps of half the batch learned the classes sooner "
                           "(README: Train on your own images)")
         ch.seconds_per_step = measure(model, precision, blocks, objective, batch)
