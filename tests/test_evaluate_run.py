@@ -152,8 +152,9 @@ def test_eval_every_logs_the_judge_for_a_folder(tmp_path):
     folder = _levels_folder(tmp_path / "levels", per_class=10)
     out = run_cli("train", "--data", str(folder), "--run-dir", str(tmp_path / "r"), "--steps", "4", "--batch-size", "8",
                   "--model", "DiT-Ti/4", "--precision", "fp32", "--objective", "diffusion", "--log-every", "2", "--eval-every", "4",
-                  "--eval-per-class", "2", "--no-progress", "--norm", "layer", "--mlp", "gelu", "--no-rope", "--no-qk-norm").stdout
-    assert "chose" not in out  # model, precision, objective, blocks and steps given: nothing chosen
+                  "--eval-per-class", "2", "--no-progress", "--norm", "layer", "--mlp", "gelu", "--no-rope", "--no-qk-norm",
+                  "--lr", "1e-3").stdout
+    assert "chose" not in out  # model, precision, objective, blocks, batch, lr and steps given: nothing chosen
     line = next(l for l in out.splitlines() if "step 4 | quality" in l)
     assert "class accuracy" in line and "judge on real held-out" in line and "FID" not in line  # FID is opt-in
     assert (tmp_path / "r" / "judge" / "judge.json").is_file()
