@@ -45,7 +45,7 @@ from ditforge.diffusion.sampling import DEFAULT_SPACING
 from ditforge.evaluation.judge import Judge, load_judge, per_class_accuracy, score_heldout, train_judge
 from ditforge.models import DiT
 from ditforge.objectives import DiffusionObjective, Objective, default_sampler, objective_sampler
-from ditforge.sampling.generate import CPU_SAMPLE_BATCH, generate
+from ditforge.sampling.generate import CPU_SAMPLE_BATCH, SAMPLE_BATCH, generate
 
 MAX_TRAIN = 20_000
 MAX_HELDOUT = 10_000
@@ -268,7 +268,7 @@ def evaluate_run(
     classes = list(range(model.num_classes))
     x, y = generate(model, classes, per_class, cfg_scale, steps, sampler, seed, objective, progress=progress,
                     spacing=spacing, cfg_interval=cfg_interval, precision=precision,
-                    batch_size=CPU_SAMPLE_BATCH if device.type == "cpu" else 500)
+                    batch_size=CPU_SAMPLE_BATCH if device.type == "cpu" else SAMPLE_BATCH)
     if decode is not None:
         x = torch.cat([decode(x[s : s + DECODE_BATCH].to(device)).float().cpu() for s in range(0, len(x), DECODE_BATCH)])
     judge = get_judge(run_dir, real, model.num_classes, x.shape[1], device)

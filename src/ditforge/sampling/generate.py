@@ -79,6 +79,7 @@ def step_generator(seed: int, index: int, device: torch.device) -> torch.Generat
 # 1,000 rows (its activations pass malloc's 32 MiB reuse threshold: fresh zeroed pages each call)
 # and 5 ms at 128 (benchmarks/README.md, issue 30).
 CPU_SAMPLE_BATCH = 64
+SAMPLE_BATCH = 500  # `generate`'s default
 
 
 @torch.no_grad()
@@ -124,7 +125,7 @@ def generate(
     seed: int = 0,
     objective: Objective = DiffusionObjective(),
     legacy_three_channel: bool = False,
-    batch_size: int = 500,
+    batch_size: int = SAMPLE_BATCH,
     progress: bool = False,
     *,
     spacing: str = DEFAULT_SPACING,
@@ -182,7 +183,7 @@ def sample_picture(
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     *,
     legacy_three_channel: bool = False,
-    batch_size: int = 500,
+    batch_size: int = SAMPLE_BATCH,
     progress: bool = False,
     spacing: str = DEFAULT_SPACING,
     cfg_interval: tuple[float, float] | None = None,

@@ -30,8 +30,8 @@ one without AVX-512; README "Train on your own images"):
    Each block flag given (`--norm`, `--mlp`, `--rope / --no-rope`, `--qk-norm / --no-qk-norm`)
    wins over its choice.
 5. batch: `CPU_BATCH` (64) on a CPU, the preset's 128 on a GPU. On the 2-core AMD EPYC without
-   AVX-512 a DiT-Ti/4 step at 28x28 with the modern blocks took 1.05-1.15 s at batch 64 and
-   2.3-2.45 s at 128 (more than twice: the larger batch's activations likely fall out of the
+   AVX-512 a DiT-Ti/4 step at 28x28 with the modern blocks took 0.93-1.15 s at batch 64 and
+   2.1-2.45 s at 128 (more than twice: the larger batch's activations likely fall out of the
    caches), so the same minutes
    give 2.2x the updates and 1.1x the images. On the fashion folder (README "Train on your own
    images") batch 64 with the measured steps reached a judge ratio of 0.90 in 12.5 minutes, batch
@@ -157,7 +157,7 @@ def pick_patch(side: int, kind: str, patches: tuple[int, ...]) -> int:
 
 def measure_step_seconds(model_name: str, shape: tuple[int, int, int], num_classes: int, batch: int, precision: str,
                          block_options: dict[str, object], objective: str, steps: int = 2) -> float:
-    """Seconds per optimizer step measured on this machine (rule 5 on a CPU): `steps` training
+    """Seconds per optimizer step measured on this machine (rule 6 on a CPU): `steps` training
     steps of random inputs of the run's shape, batch, precision, blocks and objective through
     `TrainStep` (forward, backward, optimizer), after one untimed warm-up. The global RNG is left
     as it was, so the run's seeding is unchanged."""
