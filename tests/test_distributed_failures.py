@@ -1,13 +1,16 @@
 """Failures under torchrun (2 gloo processes on CPU): every rank stops, none waits in a collective
 for a rank that has failed, and the user reads one message, rank 0's.
 
-Both tests start from one diverged run: `--lr 1e3` overflows the loss in the third step, after the
-checkpoints of steps 1 and 2 (`tests/test_cli.py` runs the same in one process).
+The first two tests start from one diverged run: `--lr 1e3` overflows the loss in the third step, after the
+checkpoints of steps 1 and 2 (`tests/test_cli.py` runs the same in one process); the last three run
+`tests/leave_worker.py`, how the ranks leave their group.
 """
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +68,18 @@ def test_a_corrupt_checkpoint_stops_every_rank_with_one_line(diverged, tmp_path)
     assert len(messages) == 1, proc.stderr[-3000:]
     assert messages[0].startswith("ditforge train: error: ") and str(weights) in messages[0] and "corrupt" in messages[0]
     assert "internal error" not in proc.stderr and "Connection closed" not in proc.stderr
+
+
+LEAVE_WORKER = Path(__file__).with_name("leave_worker.py")
+
+
+@pytest.mark.parametrize("case, waits", [("returned", True), ("every-rank", True), ("one-rank", False)])
+def test_the_ranks_leave_their_group_together_when_they_end_together(tmp_path, case, waits):
+    """A rank that tore the gloo group down while the other's last collective was in flight
+    aborted the other ("terminate called without an active exception", after a stop on SIGUSR1
+    in CI): `distributed.leave` waits for every rank when all of them end together, and only then."""
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(LEAVE_WORKER), str(out), case]
+    proc = subprocess.run(cmd, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text()) == dict(waited=waits, initialized=False)

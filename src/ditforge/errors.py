@@ -8,7 +8,8 @@ Anything else is a bug of ours: the command prints the traceback and asks for a 
 
 Under torchrun an error that every rank raises (a diverged loss, a corrupt checkpoint that rank 0
 read: `train/distributed.py`'s `raise_together`) is printed by rank 0 alone: the other ranks'
-copies are marked `quiet`, and the command exits with the error's status without a word.
+copies are marked `quiet`, and the command exits with the error's status without a word
+(`on_every_rank`).
 """
 
 from __future__ import annotations
@@ -57,3 +58,16 @@ def quiet(error: E) -> E:
 
 def is_quiet(error: BaseException) -> bool:
     return getattr(error, "quiet", False)
+
+
+def on_every_rank(error: E, is_main: bool) -> E:
+    """Mark `error` as one that every rank of a torchrun raises at the same point, on the verdict
+    of a collective (a stop the ranks agreed on, a diverged loss, `distributed.raise_together`):
+    rank 0's copy is printed, the others are `quiet`, and the ranks leave their process group
+    together (`distributed.leave`). One process: `error` as it is."""
+    error.every_rank = True
+    return error if is_main else quiet(error)
+
+
+def raised_on_every_rank(error: BaseException | None) -> bool:
+    return getattr(error, "every_rank", False)

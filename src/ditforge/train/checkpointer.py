@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ditforge.errors import NonFiniteLossError, quiet
+from ditforge.errors import NonFiniteLossError, on_every_rank
 from ditforge.models import DiT
 from ditforge.train import distributed
 from ditforge.train.checkpoint import checkpoint_dir, save_checkpoint
@@ -66,7 +66,7 @@ class Checkpointer:
         if not weights_finite(modules, self.d):
             error = NonFiniteLossError.stopped(
                 f"the weights became NaN or Inf in the update of step {step}; its checkpoint was not written", self.last)
-            raise error if self.d.is_main else quiet(error)  # every rank stops; rank 0 says so
+            raise on_every_rank(error, self.d.is_main)  # every rank stops; rank 0 says so
         states = (
             distributed.full_model_state(self.model),
             distributed.full_model_state(self.ema),

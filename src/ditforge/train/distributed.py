@@ -9,14 +9,15 @@ run); on CPU the gloo backend runs the same code, which is how the tests check i
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ditforge.errors import NonFiniteLossError, UserError, quiet
+from ditforge.errors import NonFiniteLossError, UserError, on_every_rank, raised_on_every_rank
 
 T = TypeVar("T")
 
@@ -101,6 +102,39 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def leaving(d: Dist) -> Iterator[None]:
+    """The process group is left (`leave`) when the block ends, given how it ended."""
+    try:
+        yield
+    except BaseException as e:
+        leave(d, e)
+        raise
+    leave(d)
+
+
+def leave(d: Dist, error: BaseException | None = None) -> None:
+    """Leave the process group at the end of a command. When its ranks end together, having
+    returned (`error` None) or raised an error that every rank raised at the same point
+    (`errors.on_every_rank`: a stop they agreed on, a diverged loss, `raise_together`), a barrier
+    first, so that every rank's last collective has finished before any rank tears the group
+    down: a gloo rank that destroyed its group while the other's last collective was in flight
+    aborted the other ("terminate called without an active exception": seen once after a whole
+    run, 2026-12-02, and once after a stop on SIGUSR1, in CI, 2026-12-03). An error of one rank
+    alone (a bug) skips the barrier, which would wait for ranks that never come; torchrun's agent
+    stops them. On the error path a barrier that fails (another rank is gone) leaves the error in
+    flight to be reported."""
+    try:
+        if d.enabled and (error is None or raised_on_every_rank(error)):
+            try:
+                dist.barrier()
+            except Exception:
+                if error is None:
+                    raise
+    finally:
+        shutdown()
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()
@@ -119,7 +153,7 @@ def raise_together(d: Dist, fn: Callable[[], T]) -> T:
     """`fn()` on this rank, and one outcome on every rank: each rank's own value when `fn` returned
     on all of them; otherwise, on every rank, the error that the lowest failing rank raised (its
     type and message), so that every process exits with the same status and the same one line,
-    which rank 0 alone prints (the others' copies are `errors.quiet`).
+    which rank 0 alone prints (the others' copies are quiet: `errors.on_every_rank`).
 
     For work that only some ranks do before a collective: rank 0 reads a checkpoint's tensors
     or the run's config.json, the others pass `fn` that returns at once. Without it an error on
@@ -142,8 +176,8 @@ def raise_together(d: Dist, fn: Callable[[], T]) -> T:
         return value
     kind, message = failed
     if error is not None and (type(error), str(error)) == failed:
-        raise error if d.is_main else quiet(error)
-    raise (kind(message) if d.is_main else quiet(kind(message))) from None
+        raise on_every_rank(error, d.is_main)
+    raise on_every_rank(kind(message), d.is_main) from None
 
 
 def all_true(flag: torch.Tensor, d: Dist) -> bool:

@@ -18,7 +18,7 @@ import torch
 
 from ditforge.evaluation.builtin import BuiltinReport
 from ditforge.evaluation.run_report import RunReport
-from ditforge.errors import NonFiniteLossError, quiet
+from ditforge.errors import NonFiniteLossError, on_every_rank
 from ditforge.progress import PLAIN_INTERVAL_S, Progress
 from ditforge.train import distributed
 
@@ -55,10 +55,10 @@ class Reporter:
 
     def check_finite(self, step: int, last_good: Path | None) -> None:
         """Raise `NonFiniteLossError` naming `last_good` if any rank's loss was NaN or Inf: on every
-        rank (the verdict is all-reduced), printed by rank 0 alone (`errors.quiet` elsewhere)."""
+        rank (the verdict is all-reduced), printed by rank 0 alone (`errors.on_every_rank`)."""
         if not distributed.all_true(self.finite, self.d):
             error = NonFiniteLossError.stopped(f"the loss became NaN or Inf before step {step}", last_good)
-            raise error if self.d.is_main else quiet(error)
+            raise on_every_rank(error, self.d.is_main)
 
     def log(self, step: int) -> None:
         """The mean loss across ranks since the last line, and the throughput."""

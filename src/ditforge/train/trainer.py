@@ -30,7 +30,7 @@ from ditforge import __version__
 from ditforge.config import TrainConfig
 from ditforge.data.loader import InfiniteLoader, Prefetcher
 from ditforge.data.training_data import TrainingData, open_training_data
-from ditforge.errors import UserError, quiet
+from ditforge.errors import UserError, on_every_rank
 from ditforge.folder_lock import FolderLock, folder_lock_file
 from ditforge.models import DiT, create_model
 from ditforge.objectives import model_options, objective_of_run
@@ -128,18 +128,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     # one writer per run folder, for the whole run, taken before anything is read, tidied or
     # written (folder_lock.py); rank 0 holds it for the job, and its refusal is every rank's
     lock = FolderLock(folder_lock_file(cfg.run_dir), "ditforge train", cfg.run_dir)
-    try:
-        distributed.raise_together(d, lock.acquire if d.is_main else lambda: None)
-        with StopRequest(partial(distributed.max_over_ranks, d=d) if d.enabled else None) as stop:  # SIGTERM & co (preemption.py)
-            result = _train(cfg, d, progress, stop)
-        # every rank's last collective has finished before any rank tears the group down: a gloo
-        # rank that destroyed its group while the other's FSDP work was in flight aborted
-        # ("terminate called without an active exception", seen once in a whole-suite run, 2026-12-02)
-        distributed.barrier(d)
-        return result
-    finally:
-        lock.release()
-        distributed.shutdown()
+    with distributed.leaving(d):  # torn down at the end; with a barrier first when the ranks end together
+        try:
+            distributed.raise_together(d, lock.acquire if d.is_main else lambda: None)
+            with StopRequest(partial(distributed.max_over_ranks, d=d) if d.enabled else None) as stop:  # SIGTERM & co (preemption.py)
+                return _train(cfg, d, progress, stop)
+        finally:
+            lock.release()
 
 
 def stop_at(step: int, cfg: TrainConfig, stop: StopRequest, checkpointer: Checkpointer, reporter: Reporter,
@@ -151,7 +146,7 @@ def stop_at(step: int, cfg: TrainConfig, stop: StopRequest, checkpointer: Checkp
         checkpointer.save(step, position)  # with the data position and RNG, as every checkpoint
     error = Stopped(f"stopped by {stop.signal_name} after step {step} of {cfg.steps}; its checkpoint is {checkpointer.last}",
                     distributed=d.enabled)
-    return error if d.is_main else quiet(error)  # rank 0 says it
+    return on_every_rank(error, d.is_main)  # rank 0 says it
 
 
 def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopRequest) -> TrainResult:
