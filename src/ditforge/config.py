@@ -366,16 +366,10 @@ class TrainConfig:
 
     def _check_meanflow(self) -> None:
         """What MeanFlow's JVP (models/dit.py `forward_with_tangents`) and its guidance need: one-line
-        refusals of the settings it does not run with."""
+        refusals of the settings it does not run with. (Gradient checkpointing and --compile run
+        with it: the prediction is a plain forward, the JVP a pass without gradient.)"""
         from ditforge.objectives import check_cfg, objective_of_run
 
-        if self.grad_checkpoint != "none":
-            raise UserError(f"--grad-checkpoint {self.grad_checkpoint} does not run with --objective meanflow: checkpointing "
-                            "recomputes outside the forward-mode pass of its JVP (torch.utils.checkpoint refuses it); use "
-                            "--grad-checkpoint none, or a smaller --batch-size with --grad-accum")
-        if self.compile:
-            raise UserError("--compile does not run with --objective meanflow: inductor fails on the JVP of torch.func.jvp "
-                            "(torch 2.13: 'ZeroTensors are immutable'); train without --compile")
         if self.repa.encoder:
             raise UserError("REPA (--repa-encoder) does not run with --objective meanflow yet: its hidden tokens would need "
                             "their own JVP; train without --repa-encoder")

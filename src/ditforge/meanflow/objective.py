@@ -216,11 +216,20 @@ class MeanFlowObjective:
             return v_guided
         return torch.where(_like(drop, v).bool(), v, v_guided)  # (N, C, H, W)
 
-    def model_velocity(self, model: Callable[..., Tensor], z: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def model_velocity(
+        self, model: Callable[..., Tensor], z: Tensor, t: Tensor, y: Tensor, drop: Tensor | None, rows: Tensor
+    ) -> Tensor:
         """(N, C, H, W) the network's own instantaneous velocity u_theta(z_t, t, t) at the step's
-        labels (a dropped label: the null class's), without gradient: the `model` tangent."""
-        with torch.no_grad():
-            return -model(z, self.network_time(t), y, interval=torch.zeros_like(t))[:, : z.shape[1]].to(z.dtype)
+        labels (`drop` (N,) set: the null class's), without gradient: the `model` tangent, on the
+        rows (N,) bool that take a JVP (r < t) alone, 0 on the others, which no JVP runs along."""
+        picked = rows.nonzero().squeeze(1)  # (J,) (a host sync: their count)
+        velocity = torch.zeros_like(z)  # (N, C, H, W)
+        if picked.numel():
+            with torch.no_grad():
+                out = model(z[picked], self.network_time(t[picked]), y[picked], interval=torch.zeros_like(t[picked]),
+                            force_drop_ids=None if drop is None else drop[picked])  # (J, C', H, W)
+                velocity.index_copy_(0, picked, -out[:, : z.shape[1]].to(z.dtype))
+        return velocity
 
     def scale_conditioned_velocity(
         self, model: Callable[..., Tensor], z: Tensor, t: Tensor, y: Tensor, v: Tensor, w: Tensor, drop: Tensor | None
@@ -277,7 +286,7 @@ class MeanFlowObjective:
         z = self.interpolant.interpolate(x0, noise, t)  # (N, C, H, W), z_t
         if w is None:
             v = self.guided_velocity(model, z, t, y, noise - x0, drop)  # (N, C, H, W), v (or v~)
-            tangent = self.model_velocity(model, z, t, y) if self.tangent == "model" else v
+            tangent = self.model_velocity(model, z, t, y, drop, t > r) if self.tangent == "model" else v
             u, u_tgt = self.prediction_and_target(model, z, r, t, y, v, tangent=tangent)
         else:
             v, v_model = self.scale_conditioned_velocity(model, z, t, y, noise - x0, w, drop)  # (N, C, H, W) each

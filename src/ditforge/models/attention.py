@@ -12,21 +12,18 @@ backend       computation
               with few tokens it is 2x faster than SDPA's CPU flash kernel there
               (benchmarks/README.md), so `choose_backend` picks it in that case
 ``math``      the plain formula, scores and softmax in at least float32: a reference for tests
-              and for debugging a kernel; chosen on its own only inside `forward_mode_attention`
+              and for debugging a kernel; never chosen on its own
 ============  ===========================================================================
 
-Forward-mode derivatives (``torch.func.jvp``, MeanFlow's training target: ``meanflow/``): the fused
-SDPA kernels have none (on CPU, ``_scaled_dot_product_flash_attention_for_cpu`` raises
-NotImplementedError under forward AD, torch 2.13; flash / memory-efficient on GPUs neither), so
-`forward_mode_attention()` makes every `attention` call inside it, whatever its ``backend``, run
-``math``: plain products, softmax and casts, each with a forward-mode rule, and its scores in at
-least float32 also under bf16 autocast (the public MeanFlow code runs its JVP in float32).
+Forward-mode derivatives (MeanFlow's training target, ``meanflow/``) do not run through these
+kernels: the fused SDPA kernels have none (on CPU, ``_scaled_dot_product_flash_attention_for_cpu``
+raises NotImplementedError under forward AD, torch 2.13); the DiT's JVP writes attention's
+derivative out (models/tangents.py `attention_jvp`, the ``math`` formula and its derivative).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +37,6 @@ __all__ = [
     "sdpa_attention",
     "explicit_attention",
     "math_attention",
-    "forward_mode_attention",
-    "JVP_BACKEND",
 ]
 
 # Up to this many tokens (256: DiT-*/2 at 256 px), bf16 attention on CPU materialises the
@@ -84,32 +79,12 @@ _KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "math": math_attention,
 }
 BACKENDS = tuple(_KERNELS)
-#: The kernel `forward_mode_attention` selects: it has a forward-mode derivative (module docstring).
-JVP_BACKEND = "math"
-# The backend every call runs while `forward_mode_attention` is active (None: each call's own). A
-# module global, not a ContextVar, so that torch.compile guards on it instead of breaking its graph.
-_forced_backend: str | None = None
-
-
-@contextlib.contextmanager
-def forward_mode_attention() -> Iterator[None]:
-    """Inside: every `attention` call runs `JVP_BACKEND` (``math``), which torch.func.jvp can
-    differentiate; outside, each call's own backend again (nested uses restore the outer one)."""
-    global _forced_backend
-    outer, _forced_backend = _forced_backend, JVP_BACKEND
-    try:
-        yield
-    finally:
-        _forced_backend = outer
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, backend: str | None = None
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for q, k, v (N, h, T, d); `backend` None = `choose_backend`
-    (inside `forward_mode_attention`: always `JVP_BACKEND`)."""
-    if _forced_backend is not None:
-        backend = _forced_backend
+    """softmax(q k^T / sqrt(d)) v for q, k, v (N, h, T, d); `backend` None = `choose_backend`."""
     if backend is None:
         backend = choose_backend(q, q.shape[-2])
     if backend not in _KERNELS:

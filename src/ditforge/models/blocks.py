@@ -16,9 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ditforge.models.attention import attention
-from ditforge.models.layers import NORMS, RMSNorm, make_norm, modulate
+from ditforge.models.layers import NORMS, RMSNorm, make_norm, modulate, norm_jvp
 from ditforge.models.positions import RotaryEmbedding2D
 from ditforge.models.recompute import keep_products, run_halves
+from ditforge.models.tangents import Pair, attention_jvp, gelu_tanh_jvp, linear_jvp, modulate_jvp, silu_jvp
 
 __all__ = ["MLPS", "BlockOptions", "swiglu_hidden", "Attention", "Mlp", "SwiGLUMlp", "DiTBlock", "FinalLayer"]
 
@@ -107,6 +108,20 @@ class Attention(nn.Module):
         x = self.proj(x)  # (N, T, D)
         return self.proj_drop(x)  # (N, T, D)
 
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> Pair:
+        """(output, tangent), each (N, T, D), for tokens x moving at dx (no dropout: DiT has none).
+        RoPE is linear in q and k, so it turns their tangents as it turns them."""
+        B, T, D = x.shape
+        heads = [a.reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+                 for a in linear_jvp(self.qkv, x, dx)]  # value and tangent: q, k, v each (N, h, T, d)
+        (q, k, v), (dq, dk, dv) = heads
+        q, dq = norm_jvp(self.q_norm, q, dq)
+        k, dk = norm_jvp(self.k_norm, k, dk)
+        if self.rope is not None:
+            q, dq, k, dk = self.rope(q), self.rope(dq), self.rope(k), self.rope(dk)
+        o, do = attention_jvp(q, k, v, dq, dk, dv)  # (N, h, T, d) each
+        return linear_jvp(self.proj, o.transpose(1, 2).reshape(B, T, D), do.transpose(1, 2).reshape(B, T, D))
+
 
 class Mlp(nn.Module):
     """Transformer MLP (timm layout): fc1 -> GELU(tanh) -> drop1 -> norm -> fc2 -> drop2."""
@@ -129,6 +144,10 @@ class Mlp(nn.Module):
         x = self.fc2(x)  # (N, T, D)
         return self.drop2(x)  # (N, T, D)
 
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> Pair:
+        """(output, tangent), each (N, T, D) (no dropout: DiT's p is 0)."""
+        return linear_jvp(self.fc2, *gelu_tanh_jvp(*linear_jvp(self.fc1, x, dx)))
+
 
 class SwiGLUMlp(nn.Module):
     """SwiGLU MLP (Shazeer 2020, "GLU Variants Improve Transformer", Eq. 6):
@@ -143,6 +162,12 @@ class SwiGLUMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.w12(x).chunk(2, dim=-1)  # two of (N, T, H')
         return self.w3(F.silu(gate) * value)  # (N, T, D)
+
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> Pair:
+        """(output, tangent), each (N, T, D): the product rule on SiLU(x W) * (x V)."""
+        (gate, value), (dgate, dvalue) = (a.chunk(2, dim=-1) for a in linear_jvp(self.w12, x, dx))  # (N, T, H') each
+        act, dact = silu_jvp(gate, dgate)
+        return linear_jvp(self.w3, act * value, dact * value + act * dvalue)
 
 
 class DiTBlock(nn.Module):
@@ -178,13 +203,26 @@ class DiTBlock(nn.Module):
     def mlp_residual(self, x, shift, scale, gate) -> torch.Tensor:
         return x + gate.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift, scale))  # (N, T, D)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x (N, T, D) tokens, c (N, D) conditioning
+    def forward(self, x: torch.Tensor, c: torch.Tensor, tangents: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        # x (N, T, D) tokens, c (N, D) conditioning; with tangents (dx, dc): `jvp`, called
+        # through forward so that an FSDP2 wrapper gathers the block's weights for it too
+        if tangents is not None:
+            return self.jvp(x, tangents[0], c, tangents[1])  # (N, T, D) twice
         if self.training and self.recompute != "none":
             return run_halves(self, x, c, self.recompute)  # (N, T, D), the same values
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)  # six of (N, D)
         x = self.attn_residual(x, shift_msa, scale_msa, gate_msa)  # (N, T, D)
         return self.mlp_residual(x, shift_mlp, scale_mlp, gate_mlp)  # (N, T, D)
+
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor, c: torch.Tensor, dc: torch.Tensor) -> Pair:
+        """(tokens, tangent), each (N, T, D), for tokens x and conditioning c (N, D) moving at dx, dc."""
+        mods, dmods = (a.chunk(6, dim=1) for a in linear_jvp(self.adaLN_modulation[1], *silu_jvp(c, dc)))
+        for (shift, scale, gate), (dshift, dscale, dgate), norm, branch in (
+            (mods[:3], dmods[:3], self.norm1, self.attn), (mods[3:], dmods[3:], self.norm2, self.mlp),
+        ):
+            a, da = branch.jvp(*modulate_jvp(*norm_jvp(norm, x, dx), shift, dshift, scale, dscale))  # (N, T, D) each
+            x, dx = x + gate.unsqueeze(1) * a, dx + dgate.unsqueeze(1) * a + gate.unsqueeze(1) * da
+        return x, dx
 
 
 class FinalLayer(nn.Module):
@@ -207,3 +245,8 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # two of (N, D)
         x = modulate(self.norm_final(x), shift, scale)  # (N, T, D)
         return self.linear(x)  # (N, T, p*p*C')
+
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor, c: torch.Tensor, dc: torch.Tensor) -> Pair:
+        """(output, tangent), each (N, T, p*p*C')."""
+        (shift, scale), (dshift, dscale) = (a.chunk(2, dim=1) for a in linear_jvp(self.adaLN_modulation[1], *silu_jvp(c, dc)))
+        return linear_jvp(self.linear, *modulate_jvp(*norm_jvp(self.norm_final, x, dx), shift, dshift, scale, dscale))

@@ -14,7 +14,8 @@ conditioning, c = t_emb + y_emb + h_emb. Its last linear layer starts at zero, s
 initialisation h_emb = 0 for every h and the network is exactly the DiT it would be without it
 (the flow model a MeanFlow fine-tune starts from). Without the option (the default) the module
 tree, the state-dict keys and ``repr`` are the official ones. ``forward(..., tangents=...)`` also
-returns the network's Jacobian-vector product along (dx, dt, dh) (``forward_with_tangents``).
+returns the network's Jacobian-vector product along (dx, dt, dh) (``forward_with_tangents``; each
+module's ``jvp`` method, models/tangents.py).
 
 The guidance scale as an input (improved MeanFlow, Geng et al. 2025, arXiv 2512.02012, Sec. 5:
 "guidance as explicit conditioning"): with ``guidance_embedding=True`` a third embedder,
@@ -41,7 +42,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ditforge.models.attention import forward_mode_attention
 from ditforge.models.blocks import MLPS, BlockOptions, DiTBlock, FinalLayer
 from ditforge.models.layers import NORMS, LabelEmbedder, PatchEmbed, TimestepEmbedder
 from ditforge.models.positions import RotaryEmbedding2D, get_2d_sincos_pos_embed
@@ -340,50 +340,46 @@ class DiT(nn.Module):
     def forward_with_tangents(self, x, t, h, y_emb, tangents, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(F, dF), each (N, C', H, W): the network F(x, t, h) (label embedding y_emb (N, D) fixed)
         and its Jacobian-vector product dF = dF/dx dx + dF/dt dt + dF/dh dh along ``tangents``
-        (dx, dt, dh) (dh None without an interval), by forward-mode AD (``torch.func.jvp``) with
-        the attention kernel that has a forward-mode rule (`forward_mode_attention`).
+        (dx, dt, dh) (dh None without an interval).
 
-        ``rows`` (N,) bool: only those rows get the JVP; the others run the plain forward (any
-        attention kernel) and get dF = 0, which costs a caller that needs no derivative there
-        (MeanFlow at r = t) nothing extra. Selecting them reads the mask on the host (one sync
-        on a GPU). F keeps its autograd graph to the weights, so a loss on it trains them, and a
-        DDP wrapper around this module synchronises their gradients as for any forward: the JVP
-        runs inside the module's own forward, on the module itself. dF is meant as a target, to
-        be detached. Not with grad checkpointing in training: its recomputation in backward runs
-        outside the forward-mode pass and saves other tensors (torch.utils.checkpoint refuses it)."""
-        if self.training and self._grad_checkpointing != "none":
-            raise ValueError(f"grad_checkpointing {self._grad_checkpointing!r} cannot recompute a forward-mode (JVP) "
-                             "pass; use 'none'")
+        F is the plain forward of the whole batch (any attention kernel, grad checkpointing as
+        set), with its autograd graph to the weights, so a loss on it trains them and a DDP
+        wrapper around this module synchronises their gradients as for any forward. dF is the
+        written-out forward-mode pass (`network_jvp`), without gradient: a target. ``rows`` (N,)
+        bool: only those rows get it, the others dF = 0 (MeanFlow at r = t needs none); selecting
+        them reads the mask on the host (one sync on a GPU)."""
         if len(tangents) != 3 or (h is None) != (tangents[2] is None):
             raise ValueError("tangents must be (dx, dt, dh), dh None exactly when the DiT takes no interval")
-        if rows is None:
-            return self._jvp(x, t, h, y_emb, tangents)
-        picked = rows.nonzero().squeeze(1)  # (J,) the rows with a JVP (a host sync: their count)
-        rest = (~rows).nonzero().squeeze(1)  # (N - J,)
-        if rest.numel() == 0:
-            return self._jvp(x, t, h, y_emb, tangents)
-        if picked.numel() == 0:
-            out = self._network(x, t, h, y_emb)  # (N, C', H, W)
-            return out, torch.zeros_like(out)
+        out = self._network(x, t, h, y_emb)  # (N, C', H, W)
+        picked = None if rows is None else rows.nonzero().squeeze(1)  # (J,) the rows with a JVP (a host sync)
+        with torch.no_grad():
+            if picked is None or picked.numel() == x.shape[0]:
+                return out, self.network_jvp(x, t, h, y_emb, *tangents)[1]
+            d_out = torch.zeros_like(out)  # (N, C', H, W)
+            if picked.numel():
+                def take(v):
+                    return None if v is None else v[picked]
 
-        def take(v, i):
-            return None if v is None else v[i]
+                d_picked = self.network_jvp(x[picked], t[picked], take(h), y_emb[picked], *(take(v) for v in tangents))[1]
+                d_out.index_copy_(0, picked, d_picked.to(d_out.dtype))
+        return out, d_out
 
-        out_j, d_j = self._jvp(x[picked], t[picked], take(h, picked), y_emb[picked], tuple(take(v, picked) for v in tangents))
-        out_r = self._network(x[rest], t[rest], take(h, rest), y_emb[rest])  # (N - J, C', H, W)
-        order = torch.argsort(torch.cat([picked, rest]))  # back to the rows' own order
-        return torch.cat([out_j, out_r])[order], torch.cat([d_j, torch.zeros_like(out_r)])[order]
-
-    def _jvp(self, x, t, h, y_emb, tangents) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward_with_tangents` on every row: one torch.func.jvp of the network."""
-        primals = (x, t) if h is None else (x, t, h)
-
-        def network(*inputs: torch.Tensor) -> torch.Tensor:
-            x_, t_, h_ = (*inputs, None) if h is None else inputs
-            return self._network(x_, t_, h_, y_emb)  # (N, C', H, W)
-
-        with forward_mode_attention():
-            return torch.func.jvp(network, primals, tuple(tangents[: len(primals)]))  # (N, C', H, W) twice
+    def network_jvp(self, x, t, h, y_emb, dx, dt, dh) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, dF) of `_network` for inputs x (N, C, H, W), t (N,), h (N,) or None moving at dx,
+        dt, dh (None with h), label embedding y_emb (N, D) fixed: each module's own ``jvp``
+        (models/tangents.py). Meant without gradient; eval-mode arithmetic (no dropout, no
+        recomputation: DiT has no dropout, and the pass keeps nothing for backward)."""
+        tokens, d_tokens = self.x_embedder.jvp(x, dx)  # (N, T, D) each
+        tokens = tokens + self.pos_embed
+        c, dc = self.t_embedder.jvp(t, dt)  # (N, D) each
+        c = c + y_emb
+        if self.h_embedder is not None:
+            ch, dch = self.h_embedder.jvp(h, dh)
+            c, dc = c + ch, dc + dch
+        for block in self.blocks:
+            tokens, d_tokens = block(tokens, c, tangents=(d_tokens, dc))  # (N, T, D) each: its jvp, through forward (FSDP2)
+        out, d_out = self.final_layer.jvp(tokens, d_tokens, c, dc)  # (N, T, p*p*C') each
+        return self.unpatchify(out), self.unpatchify(d_out)  # (N, C', H, W) each
 
     def _groups_split_at(self, k: int) -> list[tuple[tuple[int, ...], str]]:
         """The block groups of `grad_checkpointing`, a group that holds blocks k - 1 and k cut in

@@ -11,12 +11,16 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from ditforge.models.tangents import Pair, layer_norm_jvp, linear_jvp, rms_norm_jvp, silu_jvp, sinusoid_jvp
 
 __all__ = [
     "NORMS",
     "LayerNorm",
     "RMSNorm",
     "make_norm",
+    "norm_jvp",
     "modulate",
     "PatchEmbed",
     "TimestepEmbedder",
@@ -79,6 +83,17 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}; choose one of: {', '.join(NORMS)}")
 
 
+def norm_jvp(norm: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> Pair:
+    """(y, dy) of any norm a DiT uses (`make_norm`, qk-norm's RMSNorm or Identity): models/tangents.py."""
+    if isinstance(norm, nn.Identity):
+        return x, dx
+    if isinstance(norm, RMSNorm):
+        return rms_norm_jvp(norm, x, dx)
+    if isinstance(norm, nn.LayerNorm):
+        return layer_norm_jvp(norm, x, dx)
+    raise TypeError(f"no JVP for the norm {type(norm).__name__}")
+
+
 # ----------------------------------------------------------------------------------------
 # Embedders
 # ----------------------------------------------------------------------------------------
@@ -105,6 +120,13 @@ class PatchEmbed(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (N, T, D), token index = row * (W/p) + col
         return self.norm(x)  # (N, T, D)
 
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor) -> Pair:
+        """(tokens, their tangent) for (x, dx): the convolution is linear, its tangent has no bias."""
+        if not isinstance(self.norm, nn.Identity):
+            raise TypeError("PatchEmbed.jvp covers DiT's patch embedding without a norm")
+        dtokens = F.conv2d(dx, self.proj.weight, None, self.proj.stride)  # (N, D, H/p, W/p)
+        return self(x), dtokens.flatten(2).transpose(1, 2)  # (N, T, D) each
+
 
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> vectors: sinusoidal features (dim 256) then an MLP to D."""
@@ -119,16 +141,19 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """(dim // 2,) f_i = max_period ** (-i / (dim // 2)), in `timestep_embedding`'s dtype for t."""
+        compute_dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        half = dim // 2
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=compute_dtype, device=t.device) / half)
+
+    @classmethod
+    def timestep_embedding(cls, t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         """Sinusoidal timestep features as in GLIDE/DiT: t (N,) -> (N, dim) = [cos(t f), sin(t f)],
         f_i = max_period ** (-i / (dim // 2)), i = 0 .. dim//2 - 1; a zero column is appended
         when dim is odd. Computed in float32 (float64 if t is float64); t may be fractional."""
-        compute_dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-        half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=compute_dtype, device=t.device) / half
-        )  # (dim/2,)
-        args = t[:, None].to(compute_dtype) * freqs[None, :]  # (N, dim/2)
+        freqs = cls.frequencies(t, dim, max_period)  # (dim/2,)
+        args = t[:, None].to(freqs.dtype) * freqs[None, :]  # (N, dim/2)
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * (dim/2))
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)  # (N, dim)
@@ -138,6 +163,18 @@ class TimestepEmbedder(nn.Module):
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, 256)
         t_freq = t_freq.to(self.mlp[0].weight.dtype)  # (N, 256), match a bf16/fp16 model
         return self.mlp(t_freq)  # (N, D)
+
+    def jvp(self, t: torch.Tensor, dt: torch.Tensor) -> Pair:
+        """(embedding, tangent), each (N, D), for times t (N,) moving at dt (N,)."""
+        dim = self.frequency_embedding_size
+        freqs = self.frequencies(t, dim)  # (dim/2,)
+        features, d_features = sinusoid_jvp(t[:, None].to(freqs.dtype) * freqs, dt[:, None].to(freqs.dtype) * freqs)
+        if dim % 2:
+            zero = torch.zeros_like(features[:, :1])
+            features, d_features = torch.cat([features, zero], dim=-1), torch.cat([d_features, zero], dim=-1)
+        dtype = self.mlp[0].weight.dtype
+        hidden = linear_jvp(self.mlp[0], features.to(dtype), d_features.to(dtype))  # (N, D) each
+        return linear_jvp(self.mlp[2], *silu_jvp(*hidden))  # (N, D) each
 
 
 class LabelEmbedder(nn.Module):
