@@ -5,8 +5,8 @@ accumulates: DiT-XL/2 is 118.6 G MACs per forward at 256 px). A training step co
 3 forwards (backward = 2x forward), and 1 MAC = 2 FLOPs, so model FLOPs per image per step =
 6 x forward MACs. MFU = achieved model FLOP/s / the device's dense peak at that precision.
 Recomputation (gradient checkpointing) is not counted: MFU measures useful work, and so is
-MeanFlow's forward-mode pass (``--objective meanflow``: a JVP, about one more backward's work):
-compare its step time with a flow step's, not its MFU.
+MeanFlow's forward-mode pass (``--objective meanflow``: a JVP without gradient on the rows with
+r < t, about two forwards of those rows): compare its step time with a flow step's, not its MFU.
 """
 
 from __future__ import annotations

@@ -257,10 +257,10 @@ class MeanFlowObjective:
     ) -> tuple[Tensor, Tensor]:
         """(u_theta(z, r, t), u_tgt), both (N, C, H, W): the network's average velocity (with its
         graph to the weights) and the detached target of Eq. 10 for the velocity (tangent) ``v``,
-        from one forward-mode pass of the network (``model(..., tangents=...)``: its output and
-        JVP; no second forward for the prediction). Rows with r = t need no derivative (their
-        target is v): the network runs them as a plain forward (``tangent_rows``), so a batch
-        with the paper's 75% at r = t pays the JVP for a quarter of it. ``tangent`` (None: ``v``) is
+        from one call of the network with tangents (``model(..., tangents=...)``: its plain
+        forward with gradient and its JVP without, models/dit.py `forward_with_tangents`). Rows
+        with r = t need no derivative (their target is v) and get none (``tangent_rows``), so a
+        batch with the paper's 75% at r = t pays the JVP for a quarter of it. ``tangent`` (None: ``v``) is
         the velocity the JVP runs along; ``guidance`` (N,) the scale input of an iMF network."""
         channels, h = z.shape[1], t - r  # h (N,) the interval
         tangents = (v if tangent is None else tangent, -torch.ones_like(t), torch.ones_like(t))  # (dz, ds, dh) along d/dt
