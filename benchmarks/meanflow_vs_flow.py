@@ -5,8 +5,12 @@ Runs, in one sitting, each into OUT/<name>:
 - flow:        the demo's recipe (flow matching, logit-normal times, the modern blocks), STEPS steps;
 - meanflow:    the same model, batch and blocks with `--objective meanflow`, as many steps as fit
                in the flow run's training time (the step-cost ratio measured by `ditforge bench`);
-- meanflow-g:  the same, trained with guidance `--train-cfg OMEGA` (one evaluation, guided);
+- meanflow-g:  the same, trained with guidance `--train-cfg OMEGA` (one evaluation, guided), as
+               many steps as fit in the same time (its own step-cost ratio: the guided step adds
+               a forward without gradient, the model's unconditional velocity);
 - finetune:    `--objective meanflow --init-from OUT/flow`, STEPS / 2 steps.
+--mf-args adds train options to the three MeanFlow runs (and to their bench), --ft-args to the
+fine-tune alone (e.g. `--ft-args "--mf-flow-share 0.25"`).
 and judges each with `ditforge eval` (the built-in set's SVC class accuracy and MLP-feature Frechet
 distance to its held-out split, 50 samples a class, seeds 0..SEEDS-1 averaged):
 flow at 20 Euler and 20 AB2 evaluations, cfg 1 and cfg 1.5; MeanFlow at 1 and 2 evaluations.
@@ -48,15 +52,26 @@ def train(out: Path, name: str, base: list[str], *extra: str) -> float:
     return seconds
 
 
-def step_ratio(out: Path, model: str, data_shape: tuple[int, int], batch: int) -> float:
-    """MeanFlow step time over flow step time, from `ditforge bench` in this sitting."""
+#: The MeanFlow options that change a step's work, which `ditforge bench` takes too
+COST_OPTIONS = ("--mf-flow-share", "--mf-tangent")
+
+
+def step_ratios(out: Path, model: str, data_shape: tuple[int, int], batch: int, omega: float,
+                mf: list[str]) -> dict[str, float]:
+    """MeanFlow's step time over flow's, unguided ('meanflow') and with --train-cfg OMEGA
+    ('meanflow-g'), with the COST_OPTIONS among `mf`, from `ditforge bench` in this sitting (30
+    steps each; flow timed first and last, averaged)."""
+    cost = [x for i in range(0, len(mf) - 1) if mf[i] in COST_OPTIONS for x in mf[i:i + 2]]
     times = {}
-    for objective in ("flow", "meanflow"):
-        report = out / f"bench-{objective}.json"
+    cases = [("flow", []), ("meanflow", cost), ("meanflow-g", [*cost, "--train-cfg", str(omega)]), ("flow-again", [])]
+    for name, extra in cases:
+        report = out / f"bench-{name}.json"
+        objective = name.split("-")[0]
         cli("bench", "--model", model, "--input-size", str(data_shape[1]), "--channels", str(data_shape[0]),
-            "--batch", str(batch), "--precision", "fp32", "--objective", objective, *BLOCKS, "--json", str(report))
-        times[objective] = json.loads(report.read_text())["step_ms"]
-    return times["meanflow"] / times["flow"]
+            "--batch", str(batch), "--precision", "fp32", "--objective", objective, *BLOCKS, *extra, "--steps", "30", "--json", str(report))
+        times[name] = json.loads(report.read_text())["step_ms"]
+    flow = (times["flow"] + times["flow-again"]) / 2
+    return {name: times[name] / flow for name in ("meanflow", "meanflow-g")}
 
 
 def evaluate(out: Path, results: Path, name: str, steps: int, cfg: float, sampler: str | None, seeds: int) -> dict:
@@ -90,6 +105,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--omega", type=float, default=1.5, help="training-time guidance of the guided MeanFlow run")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--mf-args", default="", help="train options of the MeanFlow runs, e.g. '--mf-tangent model'")
+    ap.add_argument("--ft-args", default="", help="train options of the fine-tune alone, e.g. '--mf-flow-share 0.25'")
     a = ap.parse_args()
     model = a.model or ("DiT-Ti/2" if a.data == "digits" else "DiT-Ti/4")
     shape = (1, 8) if a.data == "digits" else (1, 28)
@@ -99,25 +116,28 @@ def main() -> None:
     base = ["--data", a.data, "--model", model, "--batch-size", str(a.batch), "--precision", "fp32", "--no-progress",
             "--ckpt-every", str(a.steps), *BLOCKS]
 
-    ratio_file = out / "step_ratio.txt"
+    mf, ft = a.mf_args.split(), a.ft_args.split()
+    ratio_file = out / "step_ratios.json"
     if not ratio_file.is_file():
-        ratio_file.write_text(f"{step_ratio(out, model, shape, a.batch):.4f}\n")
-    ratio = float(ratio_file.read_text())
-    mf_steps = max(1, round(a.steps / ratio))
+        ratio_file.write_text(json.dumps(step_ratios(out, model, shape, a.batch, a.omega, mf)) + "\n")
+    ratios = json.loads(ratio_file.read_text())
+    mf_steps = {name: max(1, round(a.steps / r)) for name, r in ratios.items()}
     seconds = {
         "flow": train(out, "flow", base, "--objective", "flow", "--time-dist", "logit-normal", "--steps", str(a.steps)),
-        "meanflow": train(out, "meanflow", base, "--objective", "meanflow", "--steps", str(mf_steps)),
-        "meanflow-g": train(out, "meanflow-g", base, "--objective", "meanflow", "--train-cfg", str(a.omega),
-                            "--steps", str(mf_steps)),
-        "finetune": train(out, "finetune", base, "--objective", "meanflow", "--init-from", str(out / "flow"),
+        "meanflow": train(out, "meanflow", base, "--objective", "meanflow", *mf, "--steps", str(mf_steps["meanflow"])),
+        "meanflow-g": train(out, "meanflow-g", base, "--objective", "meanflow", *mf, "--train-cfg", str(a.omega),
+                            "--steps", str(mf_steps["meanflow-g"])),
+        "finetune": train(out, "finetune", base, "--objective", "meanflow", *mf, *ft, "--init-from", str(out / "flow"),
                           "--steps", str(a.steps // 2)),
     }
     rows = [evaluate(out, results, "flow", 20, cfg, s, a.seeds) for cfg in (1.0, a.omega) for s in ("euler", "ab2")]
     rows += [evaluate(out, results, n, k, 1.0, None, a.seeds) for n in ("meanflow", "finetune") for k in (1, 2)]
     rows += [evaluate(out, results, "meanflow-g", k, a.omega, None, a.seeds) for k in (1, 2)]
 
-    print(f"{a.data}, {model}, batch {a.batch}; step cost meanflow / flow = {ratio:.2f}; flow {a.steps} steps, "
-          f"meanflow {mf_steps} steps (same time), finetune {a.steps // 2} steps from the flow run")
+    print(f"{a.data}, {model}, batch {a.batch}; step cost over flow's: meanflow {ratios['meanflow']:.2f}, guided "
+          f"{ratios['meanflow-g']:.2f}; flow {a.steps} steps, meanflow {mf_steps['meanflow']} and guided "
+          f"{mf_steps['meanflow-g']} steps (same time), finetune {a.steps // 2} steps from the flow run; "
+          f"meanflow options {a.mf_args or 'the defaults'}, fine-tune {a.ft_args or 'the same'}")
     print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"{'run':<12} {'sampler':<9} {'NFE':>4} {'cfg':>4} {'FD':>8} {'acc':>6}")
     for r in rows:

@@ -82,3 +82,31 @@ def test_freed_host_memory_is_kept_for_reuse():
     # over and over (a fresh process without the setting measured [10240, 0, 0]); that the setting
     # applied is mallopt's answer above, and its gain is measured in benchmarks/README.md.
     assert min(faults_of_alloc_free() for _ in range(3)) < 100
+
+
+def test_bench_times_meanflows_guided_step_with_its_extra_forward(tmp_path, monkeypatch):
+    """`bench --objective meanflow --train-cfg 1.5` times the guided step: the network runs more
+    often than in the unguided one (the model's unconditional velocity, without gradient), and the
+    scale is in the result and its line, as are the other options that change the step (the share
+    at r = t, the tangent); these without --objective meanflow are refused."""
+    from ditforge.bench import run_benchmark
+    from ditforge.models import DiT
+
+    calls = []
+    forward = DiT.forward
+    monkeypatch.setattr(DiT, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    counts = {}
+    for omega in (1.0, 1.5):
+        calls.clear()
+        result = run_benchmark("DiT-Ti/4", 8, 1, 10, 4, "fp32", steps=1, warmup=0, objective="meanflow",
+                               meanflow=dict(train_cfg=omega))
+        counts[omega] = len(calls)  # the timed step's and saved_bytes' (batches 1 and 2)
+        assert result.meanflow == ({} if omega == 1 else {"train_cfg": 1.5})
+    assert counts[1.5] > counts[1.0] >= 3
+    assert "train-cfg=1.5" in result.line()
+    common = ["bench", "--model", "DiT-Ti/4", "--input-size", "8", "--channels", "1", "--num-classes", "10",
+              "--batch", "2", "--steps", "1", "--warmup", "0"]
+    out = run_cli(*common, "--objective", "meanflow", "--mf-flow-share", "0.5", "--mf-tangent", "model").stdout
+    assert "flow-share=0.5+tangent=model" in out
+    proc = run_cli(*common, "--train-cfg", "1.5", check=False)
+    assert proc.returncode != 0 and "--train-cfg 1.5" in proc.stderr and "--objective meanflow" in proc.stderr

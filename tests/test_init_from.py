@@ -18,6 +18,7 @@ from ditforge.config import ModelConfig, TrainConfig, preset
 from ditforge.data.training_data import open_training_data
 from ditforge.errors import UserError
 from ditforge.formats.weights import ModelWeights
+from ditforge.meanflow import MeanFlowObjective
 from ditforge.models import create_model
 from ditforge.models.positions import get_2d_sincos_pos_embed
 from ditforge.train import distributed
@@ -397,3 +398,27 @@ def test_a_meanflow_run_starts_from_a_flow_run_as_exactly_that_flow_model(tmp_pa
     with pytest.raises(UserError, match="linear path that predicts the velocity"):
         _fresh_start(TrainConfig(data="digits", model=ModelConfig("DiT-Ti/2"), objective="meanflow", init_from=str(gvp),
                                  run_dir=str(tmp_path / "mf2")))
+
+
+def test_a_meanflow_fine_tune_of_a_flow_model_trains_more_of_each_batch_on_intervals(tmp_path):
+    """From a flow run, `--objective meanflow` trains FINETUNE_FLOW_SHARE of each batch at r = t
+    (not the from-scratch 0.75) and says so; --mf-flow-share wins; a fine-tune of that MeanFlow run
+    keeps its recorded share, and a run from scratch the paper's."""
+    from ditforge.meanflow.init import FINETUNE_FLOW_SHARE
+
+    assert FINETUNE_FLOW_SHARE < MeanFlowObjective().flow_share
+    flow = tmp_path / "flow"
+    run_cli("train", "--run-dir", str(flow), "--data", "digits", "--model", "DiT-Ti/2", "--objective", "flow",
+            "--steps", "1", *QUICK)
+
+    def share(name: str, *extra: str) -> tuple[float, str]:
+        out = run_cli("train", "--run-dir", str(tmp_path / name), "--data", "digits", "--objective", "meanflow",
+                      "--steps", "1", *QUICK, *extra).stdout
+        return json.loads((tmp_path / name / "config.json").read_text())["meanflow"]["flow_share"], out
+
+    got, out = share("mf", "--init-from", str(flow))
+    assert got == FINETUNE_FLOW_SHARE and f"mf-flow-share {FINETUNE_FLOW_SHARE:g}: a MeanFlow fine-tune of a flow model" in out
+    assert share("mf-given", "--init-from", str(flow), "--mf-flow-share", "0.6")[0] == 0.6
+    assert share("mf-of-mf", "--init-from", str(tmp_path / "mf-given"))[0] == 0.6
+    got, out = share("scratch", "--model", "DiT-Ti/2")
+    assert got == MeanFlowObjective().flow_share and "mf-flow-share" not in out

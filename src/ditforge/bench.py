@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from ditforge.config import PRECISIONS, ModelConfig, TrainConfig
+from ditforge.errors import UserError
 from ditforge.flags import flag
 from ditforge.models import DiT, create_model
 from ditforge.models.attention import uses_explicit_attention
 from ditforge.models.blocks import swiglu_hidden
+from ditforge.meanflow import MeanFlowObjective
 from ditforge.objectives import model_options
 from ditforge.train.activation_memory import saved_bytes
 from ditforge.train import distributed
@@ -132,6 +134,11 @@ class BenchOptions:
     compile: bool = field(default=False, metadata=flag("--compile", "torch.compile the model", action="store_true"))
     grad_checkpoint: str = _same_option(TrainConfig, "grad_checkpoint")
     objective: str = _same_option(TrainConfig, "objective")  # the step of train's objective (its defaults)
+    # MeanFlow's options that change its step's work: the share of rows with a JVP, the forward of
+    # guidance (the unconditional velocity) and of the model tangent
+    flow_share: float = _same_option(MeanFlowObjective, "flow_share")
+    train_cfg: float = _same_option(MeanFlowObjective, "train_cfg")
+    tangent: str = _same_option(MeanFlowObjective, "tangent")
     # The block options of LightningDiT, train's own options (default: the paper's blocks)
     norm: str = _same_option(ModelConfig, "norm")
     mlp: str = _same_option(ModelConfig, "mlp")
@@ -163,12 +170,14 @@ class BenchResult:
     compile_s: float | None  # first step's time beyond a timed step's, with --compile
     blocks: dict = field(default_factory=dict)  # block options that differ from the paper's (norm, mlp, rope, qk_norm)
     objective: str = "diffusion"  # whose training step was timed
+    meanflow: dict = field(default_factory=dict)  # MeanFlow's options that differ from the defaults (objective meanflow)
 
     def line(self) -> str:
         mem = f"{self.peak_memory_gb:.1f} GiB" if self.peak_memory_gb is not None else "n/a"
         mfu = f"{100 * self.mfu:.1f}%" if self.mfu is not None else "n/a (no known peak)"
         opts = [f"{k}={v}" if v is not True else k for k, v in self.blocks.items()]
         opts += ["compile"] if self.compile else []
+        opts += [f"{k.replace('_', '-')}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.meanflow.items()]
         compiled = f", compile {self.compile_s:.1f} s" if self.compile_s is not None else ""
         return (
             f"{self.model} {self.objective} {self.channels}x{self.input_size}x{self.input_size} batch {self.batch} {self.precision}"
@@ -239,10 +248,12 @@ def run_benchmark(
     warmup: int = 3,
     block_options: dict | None = None,
     objective: str = "diffusion",
+    meanflow: dict | None = None,
 ) -> BenchResult:
     """Time `steps` training steps (after `warmup`) of random latents through `TrainStep`;
     `block_options`: ModelConfig's norm / mlp / rope / qk_norm (default: the paper's blocks);
-    `objective`: train's objective, with its default settings."""
+    `objective`: train's objective, with its default settings but `meanflow`'s (MeanFlowObjective
+    fields: flow_share, train_cfg, tangent change what a MeanFlow step computes)."""
     if steps <= 0 or warmup < 0:
         raise ValueError(f"steps must be positive and warmup non-negative, got {steps} and {warmup}")
     device = pick_device()
@@ -251,7 +262,7 @@ def run_benchmark(
     keep_freed_host_memory()
     cfg = TrainConfig.from_dict(
         dict(model=dict(name=model_name, **(block_options or {})), global_batch=batch, precision=precision, compile=compile,
-             grad_checkpoint=grad_checkpoint, objective=objective)
+             grad_checkpoint=grad_checkpoint, objective=objective, meanflow=dict(meanflow or {}))
     )
     torch.manual_seed(0)
     model = create_model(model_name, input_size=input_size, in_channels=channels, num_classes=num_classes,
@@ -274,13 +285,25 @@ def run_benchmark(
         max(0.0, first - seconds / steps) if compile and warmup else None,
         cfg.model.block_options(),
         objective,
+        {k: v for k, v in asdict(cfg.meanflow).items() if objective == "meanflow" and v != getattr(MeanFlowObjective, k)},
     )
+
+
+def fields_flag(name: str) -> str:
+    """The command-line option of BenchOptions' field `name`."""
+    return next(f for f in fields(BenchOptions) if f.name == name).metadata["flag"]["name"]
 
 
 def benchmark(opts: BenchOptions) -> BenchResult:
     """`run_benchmark` with the options of `ditforge bench`."""
+    meanflow = {k: getattr(opts, k) for k in ("flow_share", "train_cfg", "tangent")
+                if getattr(opts, k) != getattr(MeanFlowObjective, k)}
+    if meanflow and opts.objective != "meanflow":
+        given = " ".join(f"{fields_flag(k)} {v:g}" if isinstance(v, float) else f"{fields_flag(k)} {v}" for k, v in meanflow.items())
+        raise UserError(f"{given}: MeanFlow's options; add --objective meanflow (or drop them for --objective {opts.objective})")
     return run_benchmark(
         opts.model, opts.input_size, opts.channels, opts.num_classes, opts.batch, opts.precision,
         opts.compile, opts.grad_checkpoint, opts.steps, opts.warmup,
         ModelConfig(norm=opts.norm, mlp=opts.mlp, rope=opts.rope, qk_norm=opts.qk_norm).block_options(), opts.objective,
+        meanflow,
     )

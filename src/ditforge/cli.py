@@ -185,6 +185,7 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     values = cfg.to_dict()
     saved_path = Path(cfg.run_dir) / "config.json"
     adopted = _adopt_init_source(args, values, given) if cfg.init_from and not saved_path.is_file() else []
+    adopted += _finetune_flow_share(args, values) if cfg.init_from and not saved_path.is_file() else []
     if adopted:
         cfg = TrainConfig.from_dict(_preview_sampler_of_objective(args, values))
     if cfg.init_from:  # the source's network decides the blocks (official files record none: the flags, else DiT's)
@@ -260,6 +261,27 @@ def _adopt_init_source(args: argparse.Namespace, values: dict, given: dict) -> l
             if p == path:
                 given[k] = node[leaf]
     return lines
+
+
+def _finetune_flow_share(args: argparse.Namespace, values: dict) -> list[str]:
+    """A fresh MeanFlow run from a model that is not MeanFlow's (a flow or diffusion run, an
+    official or diffusers file) trains FINETUNE_FLOW_SHARE of each batch at r = t, not the
+    from-scratch 0.75, unless --mf-flow-share is given: its instantaneous velocity is learned
+    already, and the intervals are what it lacks (Kim et al. 2025, arXiv 2511.19065: the
+    average velocity over long intervals is learned once the instantaneous one is). One line
+    when it applies."""
+    from ditforge.formats.read import recorded_model
+    from ditforge.meanflow.init import FINETUNE_FLOW_SHARE
+
+    if values.get("objective") != "meanflow" or getattr(args, "meanflow.flow_share", None) is not None:
+        return []
+    record = recorded_model(values["init_from"])
+    source = record[1].get("objective", "diffusion") if record is not None else "published"
+    if source == "meanflow":
+        return []  # its own share, adopted with its other settings
+    values.setdefault("meanflow", {})["flow_share"] = FINETUNE_FLOW_SHARE
+    return [f"mf-flow-share {FINETUNE_FLOW_SHARE:g}: a MeanFlow fine-tune of a {source} model, which knows its "
+            f"instantaneous velocity (r = t): more of each batch on intervals (from scratch: 0.75)"]
 
 
 def _preview_sampler_of_objective(args: argparse.Namespace, values: dict) -> dict:
