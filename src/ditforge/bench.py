@@ -289,7 +289,7 @@ def run_benchmark(
     )
 
 
-def fields_flag(name: str) -> str:
+def _flag_of(name: str) -> str:
     """The command-line option of BenchOptions' field `name`."""
     return next(f for f in fields(BenchOptions) if f.name == name).metadata["flag"]["name"]
 
@@ -299,7 +299,7 @@ def benchmark(opts: BenchOptions) -> BenchResult:
     meanflow = {k: getattr(opts, k) for k in ("flow_share", "train_cfg", "tangent")
                 if getattr(opts, k) != getattr(MeanFlowObjective, k)}
     if meanflow and opts.objective != "meanflow":
-        given = " ".join(f"{fields_flag(k)} {v:g}" if isinstance(v, float) else f"{fields_flag(k)} {v}" for k, v in meanflow.items())
+        given = " ".join(f"{_flag_of(k)} {v:g}" if isinstance(v, float) else f"{_flag_of(k)} {v}" for k, v in meanflow.items())
         raise UserError(f"{given}: MeanFlow's options; add --objective meanflow (or drop them for --objective {opts.objective})")
     return run_benchmark(
         opts.model, opts.input_size, opts.channels, opts.num_classes, opts.batch, opts.precision,

@@ -271,6 +271,7 @@ def _finetune_flow_share(args: argparse.Namespace, values: dict) -> list[str]:
     average velocity over long intervals is learned once the instantaneous one is). One line
     when it applies."""
     from ditforge.formats.read import recorded_model
+    from ditforge.meanflow import MeanFlowObjective
     from ditforge.meanflow.init import FINETUNE_FLOW_SHARE
 
     if values.get("objective") != "meanflow" or getattr(args, "meanflow.flow_share", None) is not None:
@@ -281,7 +282,7 @@ def _finetune_flow_share(args: argparse.Namespace, values: dict) -> list[str]:
         return []  # its own share, adopted with its other settings
     values.setdefault("meanflow", {})["flow_share"] = FINETUNE_FLOW_SHARE
     return [f"mf-flow-share {FINETUNE_FLOW_SHARE:g}: a MeanFlow fine-tune of a {source} model, which knows its "
-            f"instantaneous velocity (r = t): more of each batch on intervals (from scratch: 0.75)"]
+            f"instantaneous velocity (r = t): more of each batch on intervals (from scratch: {MeanFlowObjective().flow_share:g})"]
 
 
 def _preview_sampler_of_objective(args: argparse.Namespace, values: dict) -> dict:
