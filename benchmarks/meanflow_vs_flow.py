@@ -8,12 +8,16 @@ Runs, in one sitting, each into OUT/<name>:
 - meanflow-g:  the same, trained with guidance `--train-cfg OMEGA` (one evaluation, guided), as
                many steps as fit in the same time (its own step-cost ratio: the guided step adds
                a forward without gradient, the model's unconditional velocity);
-- finetune:    `--objective meanflow --init-from OUT/flow`, STEPS / 2 steps.
+- finetune:    `--objective meanflow --init-from OUT/flow`, STEPS / 2 steps;
+- distil:      the same fine-tune with `--mf-velocity teacher` (the flow run's velocity in the
+               target instead of eps - x), STEPS / 2 steps;
+- distil-g:    the same with `--train-cfg OMEGA` (the teacher guided at OMEGA), STEPS / 2 steps.
 --mf-args adds train options to the three MeanFlow runs (and to their bench), --ft-args to the
 fine-tune alone (e.g. `--ft-args "--mf-flow-share 0.25"`).
 and judges each with `ditforge eval` (the built-in set's SVC class accuracy and MLP-feature Frechet
 distance to its held-out split, 50 samples a class, seeds 0..SEEDS-1 averaged):
-flow at 20 Euler and 20 AB2 evaluations, cfg 1 and cfg 1.5; MeanFlow at 1 and 2 evaluations.
+flow at 20 Euler and 20 AB2 evaluations, cfg 1 and cfg 1.5; MeanFlow at 1 and 2 evaluations
+(the guided runs at their OMEGA).
 
     .venv/bin/python benchmarks/meanflow_vs_flow.py --data digits --out runs/meanflow-digits
 Results are appended to OUT/results.jsonl as they finish (a rerun resumes: trained runs resume
@@ -52,6 +56,7 @@ def train(out: Path, name: str, base: list[str], *extra: str) -> float:
     return seconds
 
 
+RUNS = ("meanflow", "meanflow-g", "finetune", "distil", "distil-g")
 #: The MeanFlow options that change a step's work, which `ditforge bench` takes too
 COST_OPTIONS = ("--mf-flow-share", "--mf-tangent")
 
@@ -107,6 +112,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--mf-args", default="", help="train options of the MeanFlow runs, e.g. '--mf-tangent model'")
     ap.add_argument("--ft-args", default="", help="train options of the fine-tune alone, e.g. '--mf-flow-share 0.25'")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS, help="which runs besides flow (default: all)")
     a = ap.parse_args()
     model = a.model or ("DiT-Ti/2" if a.data == "digits" else "DiT-Ti/4")
     shape = (1, 8) if a.data == "digits" else (1, 28)
@@ -122,21 +128,27 @@ def main() -> None:
         ratio_file.write_text(json.dumps(step_ratios(out, model, shape, a.batch, a.omega, mf)) + "\n")
     ratios = json.loads(ratio_file.read_text())
     mf_steps = {name: max(1, round(a.steps / r)) for name, r in ratios.items()}
-    seconds = {
-        "flow": train(out, "flow", base, "--objective", "flow", "--time-dist", "logit-normal", "--steps", str(a.steps)),
-        "meanflow": train(out, "meanflow", base, "--objective", "meanflow", *mf, "--steps", str(mf_steps["meanflow"])),
-        "meanflow-g": train(out, "meanflow-g", base, "--objective", "meanflow", *mf, "--train-cfg", str(a.omega),
-                            "--steps", str(mf_steps["meanflow-g"])),
-        "finetune": train(out, "finetune", base, "--objective", "meanflow", *mf, *ft, "--init-from", str(out / "flow"),
-                          "--steps", str(a.steps // 2)),
+    flow_run = ["--objective", "flow", "--time-dist", "logit-normal", "--steps", str(a.steps)]
+    from_flow = ["--objective", "meanflow", *mf, *ft, "--init-from", str(out / "flow"), "--steps", str(a.steps // 2)]
+    recipes = {  # name -> train options; the flow run first (the others start from it)
+        "flow": flow_run,
+        "meanflow": ["--objective", "meanflow", *mf, "--steps", str(mf_steps["meanflow"])],
+        "meanflow-g": ["--objective", "meanflow", *mf, "--train-cfg", str(a.omega), "--steps", str(mf_steps["meanflow-g"])],
+        "finetune": from_flow,
+        "distil": [*from_flow, "--mf-velocity", "teacher"],
+        "distil-g": [*from_flow, "--mf-velocity", "teacher", "--train-cfg", str(a.omega)],
     }
+    names = ["flow", *[n for n in recipes if n != "flow" and n in a.runs]]
+    seconds = {name: train(out, name, base, *recipes[name]) for name in names}
     rows = [evaluate(out, results, "flow", 20, cfg, s, a.seeds) for cfg in (1.0, a.omega) for s in ("euler", "ab2")]
-    rows += [evaluate(out, results, n, k, 1.0, None, a.seeds) for n in ("meanflow", "finetune") for k in (1, 2)]
-    rows += [evaluate(out, results, "meanflow-g", k, a.omega, None, a.seeds) for k in (1, 2)]
+    rows += [evaluate(out, results, n, k, 1.0, None, a.seeds) for n in ("meanflow", "finetune", "distil") if n in names
+             for k in (1, 2)]
+    rows += [evaluate(out, results, n, k, a.omega, None, a.seeds) for n in ("meanflow-g", "distil-g") if n in names
+             for k in (1, 2)]
 
     print(f"{a.data}, {model}, batch {a.batch}; step cost over flow's: meanflow {ratios['meanflow']:.2f}, guided "
           f"{ratios['meanflow-g']:.2f}; flow {a.steps} steps, meanflow {mf_steps['meanflow']} and guided "
-          f"{mf_steps['meanflow-g']} steps (same time), finetune {a.steps // 2} steps from the flow run; "
+          f"{mf_steps['meanflow-g']} steps (same time), finetune, distil and distil-g {a.steps // 2} steps from the flow run; "
           f"meanflow options {a.mf_args or 'the defaults'}, fine-tune {a.ft_args or 'the same'}")
     print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"{'run':<12} {'sampler':<9} {'NFE':>4} {'cfg':>4} {'FD':>8} {'acc':>6}")

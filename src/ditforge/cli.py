@@ -184,8 +184,12 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     given = {k: getattr(args, path) for k, path in _AUTO_FIELDS.items() if getattr(args, path) is not None}
     values = cfg.to_dict()
     saved_path = Path(cfg.run_dir) / "config.json"
-    adopted = _adopt_init_source(args, values, given) if cfg.init_from and not saved_path.is_file() else []
-    adopted += _finetune_flow_share(args, values) if cfg.init_from and not saved_path.is_file() else []
+    if cfg.init_from and saved_path.is_file():  # a resume keeps what its fresh start took from the source
+        adopted = _keep_adopted(args, values, given, Path(cfg.run_dir))
+    elif cfg.init_from:
+        adopted = _adopt_init_source(args, values, given) + _finetune_flow_share(args, values)
+    else:
+        adopted = []
     if adopted:
         cfg = TrainConfig.from_dict(_preview_sampler_of_objective(args, values))
     if cfg.init_from:  # the source's network decides the blocks (official files record none: the flags, else DiT's)
@@ -260,6 +264,31 @@ def _adopt_init_source(args: argparse.Namespace, values: dict, given: dict) -> l
         for k, p in _AUTO_FIELDS.items():
             if p == path:
                 given[k] = node[leaf]
+    return lines
+
+
+def _keep_adopted(args: argparse.Namespace, values: dict, given: dict, run_dir: Path) -> list[str]:
+    """A resumed `--init-from` run: the settings a fresh start takes from the source
+    (`_adopt_init_source`, `_finetune_flow_share`: the network, the objective and its section)
+    from the run's saved config where no flag names them, so the command that started the run
+    resumes it (the source is not read again). One line per value that differs from the flags'."""
+    from ditforge.train.resume import saved_config  # also when config.json is damaged: the checkpoint's
+
+    saved = saved_config(run_dir)[0].to_dict()
+    objective = getattr(args, "objective", None) or saved["objective"]
+    paths = list(_FROM_SOURCE) + [f"{objective}.{k}" for k in saved.get(objective, {})] if objective == saved["objective"] else []
+    lines = []
+    for path in paths:
+        if getattr(args, path, None) is not None:
+            continue
+        mine, key = _node(values, path)
+        theirs, leaf = _node(saved, path)
+        if mine.get(key) != theirs[leaf]:
+            mine[key] = theirs[leaf]
+            lines.append(f"{path.removeprefix('model.')} {theirs[leaf]}: kept from {run_dir / 'config.json'}")
+        for k, p in _AUTO_FIELDS.items():
+            if p == path:
+                given[k] = theirs[leaf]
     return lines
 
 

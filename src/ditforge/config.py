@@ -379,6 +379,9 @@ class TrainConfig:
         if self.meanflow.guidance_input and not self.model.class_dropout_prob > 0:
             raise UserError(f"--train-cfg-max {self.meanflow.train_cfg_max:g} needs the model's unconditional velocity, which "
                             "needs label dropout; set --class-dropout 0.1 (or --train-cfg-max 0)")
+        if self.meanflow.velocity == "teacher" and not self.init_from:
+            raise UserError("--mf-velocity teacher distils the model the run starts from, and there is none: add "
+                            "--init-from RUN_OR_CHECKPOINT (a flow model), or drop --mf-velocity teacher")
         try:
             check_cfg(objective_of_run(self), self.sample_cfg)
         except UserError as e:

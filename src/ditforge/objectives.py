@@ -43,7 +43,7 @@ from ditforge.meanflow import MEANFLOW_SAMPLERS, MeanFlowObjective, MeanFlowSamp
 __all__ = [
     "OBJECTIVES", "Objective", "DiffusionObjective", "FlowObjective", "MeanFlowObjective", "objective_from_config",
     "objective_of_run", "samplers_of", "default_sampler", "default_steps", "default_cfg", "check_cfg", "objective_sampler",
-    "check_steps", "model_options",
+    "check_steps", "model_options", "uses_teacher",
 ]
 
 OBJECTIVES = ("diffusion", "flow", "meanflow")
@@ -86,9 +86,21 @@ def objective_from_config(config: dict[str, Any], learn_sigma: bool = True) -> O
     return DiffusionObjective(d.get("noise_schedule", "linear"), d.get("diffusion_steps", 1000), learn_sigma)
 
 
-def objective_of_run(cfg: Any) -> Objective:
-    """The objective of a ``TrainConfig`` (what ``train/step.py`` trains and the previews sample)."""
-    return objective_from_config(cfg.to_dict(), cfg.model.learn_sigma)
+def objective_of_run(cfg: Any, teacher: Callable[..., Tensor] | None = None) -> Objective:
+    """The objective of a ``TrainConfig`` (what ``train/step.py`` trains and the previews sample);
+    with `teacher`, the frozen network it distils (`uses_teacher`)."""
+    objective = objective_from_config(cfg.to_dict(), cfg.model.learn_sigma)
+    if teacher is None:
+        return objective
+    if not uses_teacher(objective):
+        raise ValueError(f"a {objective.name}-objective run distils no teacher")
+    return objective.with_teacher(teacher)
+
+
+def uses_teacher(objective: Objective) -> bool:
+    """Whether training `objective` calls a frozen teacher network, the model --init-from loads
+    (MeanFlow's ``--mf-velocity teacher``; ``train/init_from.py`` keeps it)."""
+    return isinstance(objective, MeanFlowObjective) and objective.velocity == "teacher"
 
 
 def _kind(objective: Objective | str) -> str:

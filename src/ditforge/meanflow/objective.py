@@ -55,6 +55,23 @@ whose fixed point v_c = v_u + omega (E[v | z_t, y] - v_u) is classifier-free gui
 omega. Its JVP runs along v_c (`--mf-tangent model`, below; v_u for a row whose label is
 dropped, whose target stays v) or along v~ (`sample`).
 
+Distillation from a trained flow model (``--mf-velocity teacher``, with ``--init-from``): the
+velocity v is the frozen source model's instantaneous velocity v_T(z_t, t) (the model the run
+started from, at h = 0, no gradient) instead of the sample's eps - x, in the target and as the
+tangent. The fixed point is the same kind of object, the average velocity of an ODE, but of the
+teacher's ODE dz/dt = v_T rather than the data's: the identity u = v - (t - r) du/dt holds
+exactly along the teacher's trajectories, and the target's variance is no longer the conditional
+velocity's (eps - x given z_t scatters around its mean v by the data's spread), so far fewer steps
+learn it. This is flow-map distillation (Boffi, Albergo, Vanden-Eijnden 2024, "Flow map
+matching", arXiv 2406.07507, their Lagrangian / Eulerian losses; Sabour, Fidler, Kreis 2025,
+"Align Your Flow", arXiv 2506.14603, with the MeanFlow identity as their Eulerian loss). With
+guidance built in (omega != 1, or iMF's scale input) the teacher is guided too:
+
+    v~ = v_T(z_t, t | null) + omega (v_T(z_t, t | y) - v_T(z_t, t | null)),
+
+from one forward of the doubled batch; a row whose label the step dropped gets v_T(z_t, t | null).
+The teacher's own 20-step samples are then what a one-step student can at best reproduce.
+
 The JVP's tangent (``--mf-tangent``): the velocity the target's total derivative is taken along.
 MeanFlow uses the sample's own v (or v~; `sample`, the default); iMF uses the network's own
 instantaneous velocity u_theta(z_t, t, t) (`model`, no gradient, one more forward without
@@ -75,7 +92,7 @@ channels are used (a learned-sigma network's other C get no gradient), as for fl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar
 
 import torch
@@ -90,6 +107,9 @@ __all__ = ["MeanFlowObjective", "sample_time_pairs", "sample_guidance_scales"]
 
 #: What the JVP's tangent can be (module docstring)
 TANGENTS = ("sample", "model")
+#: Where the velocity v of the target comes from (module docstring): the sample's eps - x, or the
+#: frozen model the run started from (--init-from), distilled
+VELOCITIES = ("sample", "teacher")
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -144,6 +164,11 @@ class MeanFlowObjective:
     tangent: str = field(default="sample", metadata=flag(
         "--mf-tangent", "meanflow: the velocity the JVP runs along: the sample's v (the paper) or the network's own "
         "instantaneous velocity, without gradient (iMF)", choices=TANGENTS))
+    velocity: str = field(default="sample", metadata=flag(
+        "--mf-velocity", "meanflow: the velocity v of the target and its JVP: the sample's eps - x (the paper) or the "
+        "instantaneous velocity of the frozen model that --init-from loads (teacher: distils a flow model into one "
+        "step; guided by --train-cfg / --train-cfg-max with the teacher's own unconditional velocity)",
+        choices=VELOCITIES))
 
     name: ClassVar[str] = "meanflow"
 
@@ -167,9 +192,23 @@ class MeanFlowObjective:
         if not (self.train_cfg_max == 0 or self.train_cfg_max > 1):
             raise ValueError(f"meanflow train_cfg_max (the largest guidance scale input) must be > 1, or 0 for none; got "
                              f"{self.train_cfg_max!r}")
+        if self.velocity not in VELOCITIES:
+            raise ValueError(f"meanflow velocity must be one of {', '.join(VELOCITIES)}, got {self.velocity!r}")
+        if self.velocity == "teacher" and self.tangent == "model":
+            raise ValueError("meanflow velocity 'teacher' runs the JVP along the teacher's velocity, the trajectory's own "
+                             "direction; tangent 'model' (the network's own estimate of it) does not combine with it: "
+                             "drop --mf-tangent model")
         if self.train_cfg_max and self.guided:
             raise ValueError(f"meanflow train_cfg {self.train_cfg:g} (one scale built in) and train_cfg_max "
                              f"{self.train_cfg_max:g} (the scale as an input) exclude each other; give one of them")
+
+    def with_teacher(self, teacher: Callable[..., Tensor]) -> "MeanFlowObjective":
+        """A copy of these settings that distils `teacher` (``--mf-velocity teacher``): the frozen
+        network the run started from, called as the model is (``teacher(z, s, y, interval=h,
+        force_drop_ids=...)``). Not a setting: it is not in the config, nor compared."""
+        bound = replace(self)
+        object.__setattr__(bound, "_teacher", teacher)
+        return bound
 
     @property
     def interpolant(self) -> Path:
@@ -215,6 +254,27 @@ class MeanFlowObjective:
         if drop is None:
             return v_guided
         return torch.where(_like(drop, v).bool(), v, v_guided)  # (N, C, H, W)
+
+    def teacher_velocity(self, z: Tensor, t: Tensor, y: Tensor, drop: Tensor | None, w: Tensor | None) -> Tensor:
+        """(N, C, H, W) the frozen teacher's instantaneous velocity at (z_t, t), guided at omega
+        (``train_cfg``, or the per-sample scale `w` (N,) of an iMF network) with its own
+        unconditional velocity (module docstring); the null class's where `drop` (N,) is set. No
+        gradient: one forward of the batch, of the doubled batch when guided."""
+        teacher = getattr(self, "_teacher", None)
+        if teacher is None:
+            raise RuntimeError("meanflow velocity 'teacher' needs the frozen teacher network: with_teacher(net)")
+        n, channels = z.shape[0], z.shape[1]
+        s, h = self.network_time(t), torch.zeros_like(t)  # the instantaneous velocity: h = 0
+        kept = torch.zeros(n, dtype=torch.long, device=z.device) if drop is None else drop.long()  # 1 = null class
+        with torch.no_grad():
+            if not (self.guided or w is not None):
+                return -teacher(z, s, y, interval=h, force_drop_ids=kept)[:, :channels].to(z.dtype)
+            null = torch.ones_like(kept)
+            out = teacher(torch.cat([z, z]), torch.cat([s, s]), torch.cat([y, y]), interval=torch.cat([h, h]),
+                          force_drop_ids=torch.cat([kept, null]))  # (2N, C', H, W)
+            v_c, v_u = -out[:n, :channels].to(z.dtype), -out[n:, :channels].to(z.dtype)  # (N, C, H, W): as asked, null
+            scale = self.train_cfg if w is None else _like(w, z)
+            return v_u + scale * (v_c - v_u)  # a dropped row: v_c = v_u, so v_u
 
     def model_velocity(
         self, model: Callable[..., Tensor], z: Tensor, t: Tensor, y: Tensor, drop: Tensor | None, rows: Tensor
@@ -284,7 +344,10 @@ class MeanFlowObjective:
         w = t[:, 2] if self.guidance_input else None  # (N,) omega, the iMF network's input
         t, r = t[:, 0], t[:, 1]  # (N,) each
         z = self.interpolant.interpolate(x0, noise, t)  # (N, C, H, W), z_t
-        if w is None:
+        if self.velocity == "teacher":  # distillation: v and the tangent from the frozen teacher
+            v = self.teacher_velocity(z, t, y, drop, w)  # (N, C, H, W)
+            u, u_tgt = self.prediction_and_target(model, z, r, t, y, v, guidance=w)
+        elif w is None:
             v = self.guided_velocity(model, z, t, y, noise - x0, drop)  # (N, C, H, W), v (or v~)
             tangent = self.model_velocity(model, z, t, y, drop, t > r) if self.tangent == "model" else v
             u, u_tgt = self.prediction_and_target(model, z, r, t, y, v, tangent=tangent)

@@ -43,6 +43,7 @@ a digest of the source's tensors, how the classes were paired), kept by every la
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from dataclasses import dataclass, replace
@@ -58,7 +59,7 @@ from ditforge.errors import CheckpointError, UserError
 from ditforge.formats.weights import ModelWeights
 from ditforge.meanflow.init import added_embedders, check_flow_source
 from ditforge.models.dit import MODEL_PATCH_SIZES, MODEL_SIZES
-from ditforge.objectives import objective_from_config, objective_of_run
+from ditforge.objectives import objective_from_config, objective_of_run, uses_teacher
 from ditforge.train import distributed
 from ditforge.train.resume import Found
 
@@ -79,15 +80,16 @@ BLOCK_OPTIONS = ("norm", "mlp", "rope", "qk_norm")
 # -- reading ---------------------------------------------------------------------------------
 
 
-def read_source(cfg: TrainConfig) -> ModelWeights:
-    """The model at `cfg.init_from` (EMA weights of a ditforge checkpoint). A single file is an
+def read_source(cfg: TrainConfig, path: str | None = None) -> ModelWeights:
+    """The model at `path` (default `cfg.init_from`; EMA weights of a ditforge checkpoint). A single file is an
     official `.pt` (`read_model`'s table), which names neither model nor objective: it is read as
     this run's; the other formats' records are compared in `check_objective` / `check_architecture`."""
     from ditforge.formats.read import read_model  # noqa: PLC0415 - the format readers only where used
 
-    plain_file = Path(cfg.init_from).is_file()
+    path = path or cfg.init_from
+    plain_file = Path(path).is_file()
     objective = "flow" if cfg.objective == "meanflow" else cfg.objective  # no published MeanFlow .pt: a SiT's
-    return read_model(cfg.init_from, model_name=cfg.model.name if plain_file else None,
+    return read_model(path, model_name=cfg.model.name if plain_file else None,
                       objective=objective if plain_file else None, use_ema=True)
 
 
@@ -275,6 +277,20 @@ class Init:
 
     state: dict[str, Tensor] | None = None
     record: dict[str, Any] | None = None
+    #: the teacher's weights, for a run that distils its source (`objectives.uses_teacher`): the
+    #: source as adapted to this run's model (a fresh start's `state`; read again at a resume), on
+    #: rank 0; empty elsewhere; None without a teacher
+    teacher_state: dict[str, Tensor] | None = None
+
+    def teacher(self, model: nn.Module, d: distributed.Dist) -> nn.Module | None:
+        """The frozen teacher on every rank: a copy of `model` (this run's freshly built network,
+        before it is wrapped) holding `teacher_state` (rank 0's, broadcast), in eval mode without
+        gradients, on the run's device; None without one. A collective under torchrun."""
+        if self.teacher_state is None:
+            return None
+        teacher = copy.deepcopy(model).to(d.device)
+        distributed.load_full_state(teacher, dict(self.teacher_state), None, None, d)
+        return teacher.eval().requires_grad_(False)
 
     def load(self, model: nn.Module, ema: nn.Module, d: distributed.Dist) -> None:
         """Into the (wrapped) model and its EMA, on every rank: rank 0's tensors, broadcast. A
@@ -290,16 +306,20 @@ def prepare(cfg: TrainConfig, d: distributed.Dist, model: nn.Module, model_args:
     """Before the model is wrapped: at a fresh start with --init-from, rank 0 reads the source and
     adapts it to `model` (this run's freshly built model, unwrapped); a run that resumes (`found`
     a checkpoint) reads nothing and keeps what its checkpoint recorded (`state.json`'s `init_from`)."""
+    distils = uses_teacher(objective_of_run(cfg))
     if found.checkpoint is not None:
-        if cfg.init_from and d.is_main:
+        record = found.recorded("init_from")
+        if cfg.init_from and d.is_main and not distils:
             log.info("--init-from %s ignored: the run resumes from its own checkpoint %s", cfg.init_from, found.checkpoint)
-        return Init(None, found.recorded("init_from"))
+        if not distils:
+            return Init(None, record)
+        return Init(None, record, distributed.raise_together(d, lambda: read_teacher_again(cfg, d, model, model_args, data, record)))
     if not cfg.init_from:
         return Init()
 
     def read() -> Init:
         if not d.is_main:
-            return Init({}, None)
+            return Init({}, None, {} if distils else None)
         source = read_source(cfg)
         check_objective(source, cfg)
         state, changes = adapt_state(source, model.state_dict(), model_args, data.class_names)
@@ -310,6 +330,45 @@ def prepare(cfg: TrainConfig, d: distributed.Dist, model: nn.Module, model_args:
                  record["sha256"], *record["label_rows"], changes["classes"]["paired_by"], len(changes["classes"]["new"]),
                  ", pos_embed rebuilt" if changes["pos_embed_rebuilt"] else "",
                  ", variance outputs dropped" if changes["sigma_dropped"] else "")
-        return Init(state, record)
+        if distils:
+            check_teacher_classes(changes["classes"]["new"], cfg.init_from)
+        return Init(state, record, state if distils else None)
 
     return distributed.raise_together(d, read)
+
+
+def check_teacher_classes(new: list[str], source: str) -> None:
+    """A teacher has a velocity only for the classes it was trained on: a class of this run's data
+    that the source lacks (it starts at the source's null row) would be distilled as the null class."""
+    if new:
+        shown = ", ".join(map(repr, new[:5])) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+        raise UserError(f"--mf-velocity teacher: the data has class(es) {shown} that --init-from {source} was not trained on; "
+                        "the teacher would teach them as the unconditional model: distil on the data the teacher learned, "
+                        "or fine-tune with the sample's velocity (drop --mf-velocity teacher)")
+
+
+def read_teacher_again(cfg: TrainConfig, d: distributed.Dist, model: nn.Module, model_args: dict[str, Any],
+                       data: TrainingData, record: dict[str, Any] | None) -> dict[str, Tensor]:
+    """A resumed distillation's teacher (rank 0; {} elsewhere): its source read again from where the
+    run's first checkpoint recorded it (`record`'s resolved `source`, else its `path`) and adapted as
+    then; a one-line UserError when it is gone or its weights differ from the digest recorded then
+    (the run would go on towards another teacher)."""
+    if not d.is_main:
+        return {}
+    if not record or not (record.get("source") or record.get("path")):
+        raise UserError("this run distils its --init-from model (--mf-velocity teacher), but its checkpoint records no "
+                        "source to read it from again; start a new run")
+    where = Path(str(record.get("source") or record.get("path")))
+    where = str(where.parent if where.suffix == ".safetensors" else where)  # a checkpoint's or hub folder's weights file: its folder
+    if not Path(where).exists():
+        raise UserError(f"the teacher of this run (--mf-velocity teacher), {where}, is gone: the run cannot go on "
+                        f"distilling it; put it back, or start a new run")
+    source = read_source(cfg, where)
+    digest = weights_digest(source.state_dict)
+    if record.get("sha256") and digest != record["sha256"]:
+        raise UserError(f"the teacher of this run (--mf-velocity teacher), {where}, has other weights now (sha256 "
+                        f"{digest}, recorded {record['sha256']} when the run started): put the original back, or start a "
+                        "new run")
+    state, _ = adapt_state(source, model.state_dict(), model_args, data.class_names)
+    log.info("the teacher (--mf-velocity teacher) read again from %s (sha256 %s)", where, digest)
+    return state

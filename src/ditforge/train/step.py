@@ -68,7 +68,8 @@ def make_optimizer(params, cfg: OptimConfig, device: torch.device, sharded: bool
 
 
 class TrainStep:
-    def __init__(self, cfg: TrainConfig, model: DiT, d: distributed.Dist, precision: str, repa: Aligner | None = None):
+    def __init__(self, cfg: TrainConfig, model: DiT, d: distributed.Dist, precision: str, repa: Aligner | None = None,
+                 teacher: DiT | None = None):
         self.cfg, self.model, self.d, self.precision = cfg, model, d, precision
         self.fsdp = d.enabled and cfg.parallel == "fsdp"
         model.grad_checkpointing = cfg.grad_checkpoint
@@ -86,7 +87,7 @@ class TrainStep:
         # what --grad-clip clips with one norm: the model (sharded under FSDP), and REPA's projector (never sharded)
         self.clip_groups = [list(model.parameters())] + ([list(repa.projector.parameters())] if repa is not None else [])
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
-        self.objective = objective_of_run(cfg)
+        self.objective = objective_of_run(cfg, teacher)  # `teacher`: the frozen network an objective distils, if any
         self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.data_shape = (model.in_channels, model.input_size, model.input_size)
 

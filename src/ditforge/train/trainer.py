@@ -164,7 +164,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopRequ
     model, model_args = build_model(cfg, data)
     init = init_from.prepare(cfg, d, model, model_args, data, found)  # --init-from at a fresh start: rank 0 reads it
     aligner = build_aligner(cfg, model, data, d.device)  # REPA (None when off)
-    stepper = TrainStep(cfg, model, d, precision, aligner)
+    teacher = init.teacher(model, d)  # the frozen source a distillation learns from (None without)
+    stepper = TrainStep(cfg, model, d, precision, aligner, teacher)
     init.load(model, stepper.ema.module, d)  # the same weights into model and EMA on every rank (a no-op without)
     start = resume_or_start(cfg, d, model, stepper, data, precision, found)
     loader = open_loader(cfg, data, start.position, d, training_source(cfg, aligner, data, d.device))
