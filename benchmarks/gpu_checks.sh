@@ -21,7 +21,10 @@
 #      fp32 as there and under bf16 autocast), then ours with DPM-Solver++(2M) SDE at 20 steps
 #      (`benchmarks/bench_sampling.py`): images/s and the ratios, also in $OUT/sampling.jsonl;
 #   5. as 3: LightningDiT's blocks (RMSNorm, SwiGLU, RoPE, qk-norm) eager and compiled,
-#      `--grad-checkpoint ops` at twice the batch, diffusers' DiTTransformer2DModel.
+#      `--grad-checkpoint ops` at twice the batch, diffusers' DiTTransformer2DModel;
+#   6. MeanFlow: `bench --objective meanflow` (and with `--train-cfg 1.5`) beside flow at the
+#      same size (issue 25's step-cost ratio on a GPU), and the digits' flow run distilled into a
+#      guided one-step model (`--mf-velocity teacher`), sampled with `--steps 1`.
 # PART=suite: the whole test suite (pytest -n 12, -v: every result by name as it ends): the
 #   CPU tests must pass on a GPU machine too. About 4 minutes on the H100 machine (estimated:
 #   on 2026-11-27, 386 of its 406 other tests ended in 200 s with -n 12).
@@ -87,7 +90,7 @@ elapsed
 
 log "## 2. the trainer's GPU path: train, resume, sample, torchrun"
 R=/tmp/gpu_checks_run
-rm -rf "$R" "$R-ddp"
+rm -rf "$R" "$R-ddp" "$R-flow" "$R-distil"
 run timeout 90 $PY -m ditforge train --steps "$((TRAIN_STEPS / 2))" --run-dir "$R" --no-progress
 run timeout 60 $PY -m ditforge train --steps "$TRAIN_STEPS" --run-dir "$R" --no-progress
 run timeout 60 $PY -m ditforge sample "$R" --steps 50 --out "$OUT/grid.png"
@@ -131,5 +134,15 @@ if $PY -c "import diffusers" 2> /dev/null; then
 else
     log "diffusers peer skipped: not installed here (see the header)"
 fi
+elapsed
+
+log "## 6. MeanFlow on the GPU: a step's cost at size against flow's, and a distilled one-step run"
+bench --objective flow
+bench --objective meanflow                              # the written-out JVP on a quarter of the rows
+bench --objective meanflow --train-cfg 1.5              # + the unconditional velocity's forward
+run timeout 60 $PY -m ditforge train --objective flow --steps "$TRAIN_STEPS" --run-dir "$R-flow" --no-progress
+run timeout 90 $PY -m ditforge train --objective meanflow --init-from "$R-flow" --mf-velocity teacher --train-cfg 1.5 \
+    --steps "$TRAIN_STEPS" --run-dir "$R-distil" --no-progress
+run timeout 60 $PY -m ditforge sample "$R-distil" --steps 1 --out "$OUT/distil_grid.png"
 elapsed
 log "# done"

@@ -211,3 +211,17 @@ def test_a_class_the_teacher_never_learned_is_refused(distilled, tmp_path):
     assert bad.returncode == 2 and len(lines) == 1 and "class(es) 'zebra'" in lines[0], bad.stderr
     plain = [a for a in DISTIL if a not in ("--mf-velocity", "teacher")]
     run_cli("train", "--run-dir", str(tmp_path / "plain"), "--data", str(folder), "--init-from", str(source), "--steps", "1", *plain)
+
+
+@pytest.mark.slow
+def test_a_fine_tune_of_a_distilled_model_takes_its_settings_but_not_its_teacher(distilled, tmp_path):
+    """`--init-from` a distilled run adopts its network and MeanFlow settings (guidance, share), but
+    how it was trained from its own source is not this run's: the sample's velocity, no teacher."""
+    import json
+
+    _, run = distilled
+    out = run_cli("train", "--run-dir", str(tmp_path / "again"), "--init-from", str(run), "--steps", "1", "--batch-size", "16",
+                  "--no-progress", "--precision", "fp32", "--sample-steps", "1").stdout
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["objective"] == "meanflow" and saved["meanflow"]["train_cfg"] == 2.0 and saved["meanflow"]["flow_share"] == 0.25
+    assert saved["meanflow"]["velocity"] == "sample" and "velocity" not in out

@@ -225,6 +225,9 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
 #: What a fresh `--init-from` run takes from the source's record unless given: the network's
 #: shape and block options, and the objective with its settings.
 _FROM_SOURCE = ("model.name", "model.learn_sigma", "model.norm", "model.mlp", "model.rope", "model.qk_norm", "objective")
+#: What it does not take: how the source itself was trained from its own source (a distilled
+#: model's teacher is not this run's).
+_NOT_FROM_SOURCE = ("meanflow.velocity",)
 
 
 def _adopt_init_source(args: argparse.Namespace, values: dict, given: dict) -> list[str]:
@@ -245,7 +248,7 @@ def _adopt_init_source(args: argparse.Namespace, values: dict, given: dict) -> l
     source["model"]["learn_sigma"] = model_args.get("learn_sigma", True)
     objective = getattr(args, "objective", None) or source["objective"]
     section = source_config.get(objective, {}) if objective == source["objective"] else {}
-    paths = list(_FROM_SOURCE) + [f"{objective}.{k}" for k in section]
+    paths = list(_FROM_SOURCE) + [f"{objective}.{k}" for k in section if f"{objective}.{k}" not in _NOT_FROM_SOURCE]
     lines = []
     for path in paths:
         if getattr(args, path, None) is not None:

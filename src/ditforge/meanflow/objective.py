@@ -265,13 +265,13 @@ class MeanFlowObjective:
             raise RuntimeError("meanflow velocity 'teacher' needs the frozen teacher network: with_teacher(net)")
         n, channels = z.shape[0], z.shape[1]
         s, h = self.network_time(t), torch.zeros_like(t)  # the instantaneous velocity: h = 0
-        kept = torch.zeros(n, dtype=torch.long, device=z.device) if drop is None else drop.long()  # 1 = null class
+        dropped = torch.zeros(n, dtype=torch.long, device=z.device) if drop is None else drop.long()  # 1 = null class
         with torch.no_grad():
             if not (self.guided or w is not None):
-                return -teacher(z, s, y, interval=h, force_drop_ids=kept)[:, :channels].to(z.dtype)
-            null = torch.ones_like(kept)
+                return -teacher(z, s, y, interval=h, force_drop_ids=dropped)[:, :channels].to(z.dtype)
+            null = torch.ones_like(dropped)
             out = teacher(torch.cat([z, z]), torch.cat([s, s]), torch.cat([y, y]), interval=torch.cat([h, h]),
-                          force_drop_ids=torch.cat([kept, null]))  # (2N, C', H, W)
+                          force_drop_ids=torch.cat([dropped, null]))  # (2N, C', H, W)
             v_c, v_u = -out[:n, :channels].to(z.dtype), -out[n:, :channels].to(z.dtype)  # (N, C, H, W): as asked, null
             scale = self.train_cfg if w is None else _like(w, z)
             return v_u + scale * (v_c - v_u)  # a dropped row: v_c = v_u, so v_u

@@ -36,6 +36,13 @@ Under torchrun rank 0 alone reads and adapts (its errors are every rank's:
 they are wrapped (`distributed.load_full_state`, as a resume does), so every rank holds the same
 weights under DDP and FSDP2 alike, and no other rank holds the whole source in host memory.
 
+A run that distils its source (MeanFlow's `--mf-velocity teacher`, `objectives.uses_teacher`)
+also keeps the adapted source as a frozen teacher on every rank (`Init.teacher`: rank 0's
+tensors broadcast into a copy of the fresh model). A resume reads it again from the checkpoint
+folder (or file) the first checkpoint recorded, and refuses it in one line when it is gone or its
+digest differs from the recorded one (`read_teacher_again`); a class the teacher was not trained
+on is refused at the start (`check_teacher_classes`).
+
 Where the run came from: `config.json`'s `init_from` is PATH as given; every checkpoint's
 `state.json` records what it resolved to under `init_from` (`Init.record`: format, file, step,
 a digest of the source's tensors, how the classes were paired), kept by every later checkpoint.
@@ -305,7 +312,8 @@ def prepare(cfg: TrainConfig, d: distributed.Dist, model: nn.Module, model_args:
             found: Found) -> Init:
     """Before the model is wrapped: at a fresh start with --init-from, rank 0 reads the source and
     adapts it to `model` (this run's freshly built model, unwrapped); a run that resumes (`found`
-    a checkpoint) reads nothing and keeps what its checkpoint recorded (`state.json`'s `init_from`)."""
+    a checkpoint) keeps what its checkpoint recorded (`state.json`'s `init_from`) and reads
+    nothing, unless it distils the source (its teacher, `read_teacher_again`)."""
     distils = uses_teacher(objective_of_run(cfg))
     if found.checkpoint is not None:
         record = found.recorded("init_from")
