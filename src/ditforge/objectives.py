@@ -16,6 +16,8 @@ samplers and the evaluations see only that interface:
     objective.training_losses(model, x0, t, y, noise, drop) -> {"loss": (N,), ...}
         model(x_t, t, y, **options) the network with the step's label drops (``force_drop_ids``
         may be overridden; meanflow passes ``interval`` and ``tangents``); drop (N,) those drops
+    objective_of_run(cfg, teacher) -> the objective that distils the frozen `teacher` network (meanflow's
+        --mf-velocity teacher, `uses_teacher`; ``train/init_from.py`` builds the teacher, the step passes it)
     objective_sampler(objective, name, steps, spacing) -> sampler(denoise, noise, generator) -> x0
     sampler.guidance_times((lo, hi)) -> the guidance interval in the network's time units
     sampler.guidance_scale(cfg) -> the classifier-free guidance scale applied at sampling
