@@ -225,3 +225,14 @@ def test_a_fine_tune_of_a_distilled_model_takes_its_settings_but_not_its_teacher
     saved = json.loads((tmp_path / "again" / "config.json").read_text())
     assert saved["objective"] == "meanflow" and saved["meanflow"]["train_cfg"] == 2.0 and saved["meanflow"]["flow_share"] == 0.25
     assert saved["meanflow"]["velocity"] == "sample" and "velocity" not in out
+
+
+@pytest.mark.slow
+def test_a_hub_export_of_a_guided_distillation_keeps_its_guidance_scale(distilled, tmp_path):
+    """The hub folder's objective record holds MeanFlow's settings: its built-in scale 2 is the
+    default `--cfg` of `sample HUB`, as of the run (it was lost, and the folder sampled at cfg 4)."""
+    _, run = distilled
+    hub = tmp_path / "hub"
+    run_cli("export", str(run), "--format", "hub", "--out", str(hub))
+    out = run_cli("sample", str(hub), "--steps", "1", "--classes", "3", "--per-class", "1", "--out", str(tmp_path / "g.png")).stdout
+    assert "cfg 2," in out and "1 MEANFLOW steps" in out

@@ -48,6 +48,8 @@ WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 STAGING, COMPLETE = ".ditforge-export", "COMPLETE"
 #: The keys of a run's config (TrainConfig.to_dict()) that `objective_from_config` reads.
 OBJECTIVE_KEYS = ("objective", "diffusion", "flow")
+#: Sections read only for a model of that objective (MeanFlow's: its built-in guidance scale).
+OWN_SECTIONS = ("meanflow",)
 #: Keys of a run's config not copied into config.json's training record: local paths.
 PRIVATE_KEYS = ("run_dir", "data", "init_from")
 #: A Hub license identifier (e.g. mit, apache-2.0, cc-by-nc-4.0, openrail++, other).
@@ -200,7 +202,8 @@ def write_hub(
     config = dict(
         FORMAT,
         model_args=weights.model_args,
-        objective_config={k: weights.objective_config[k] for k in OBJECTIVE_KEYS if k in weights.objective_config},
+        objective_config={k: weights.objective_config[k] for k in OBJECTIVE_KEYS + OWN_SECTIONS if k in weights.objective_config
+                          and (k not in OWN_SECTIONS or k == weights.objective_config.get("objective"))},
         autoencoder=weights.autoencoder,
         class_names=[str(n) for n in weights.class_names],
         step=weights.step,
