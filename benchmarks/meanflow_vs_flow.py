@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from ditforge.meanflow.init import FINETUNE_FLOW_SHARE
+
 BLOCKS = ["--norm", "rms", "--mlp", "swiglu", "--rope", "--qk-norm"]
 
 
@@ -62,21 +64,27 @@ COST_OPTIONS = ("--mf-flow-share", "--mf-tangent")
 
 
 def step_ratios(out: Path, model: str, data_shape: tuple[int, int], batch: int, omega: float,
-                mf: list[str]) -> dict[str, float]:
-    """MeanFlow's step time over flow's, unguided ('meanflow') and with --train-cfg OMEGA
-    ('meanflow-g'), with the COST_OPTIONS among `mf`, from `ditforge bench` in this sitting (30
-    steps each; flow timed first and last, averaged)."""
+                mf: list[str], ft: list[str]) -> dict[str, float]:
+    """Each MeanFlow run's step time over flow's, from `ditforge bench` in this sitting (30 steps
+    each; flow timed first and last, averaged), with the COST_OPTIONS among `mf`: 'meanflow'
+    (unguided), 'meanflow-g' (--train-cfg OMEGA); and the fine-tunes' steps, with the fine-tune's
+    share at r = t (FINETUNE_FLOW_SHARE, or `ft`'s): 'finetune', 'distil' (a frozen teacher's
+    forward beside it) and 'distil-g' (the teacher's forward of the doubled batch)."""
     cost = [x for i in range(0, len(mf) - 1) if mf[i] in COST_OPTIONS for x in mf[i:i + 2]]
+    ft_cost = [x for i in range(0, len(ft) - 1) if ft[i] in COST_OPTIONS for x in ft[i:i + 2]]
+    ft_cost = [*cost, *ft_cost] if "--mf-flow-share" in cost + ft_cost else [*cost, "--mf-flow-share", str(FINETUNE_FLOW_SHARE)]
+    teacher = [*ft_cost, "--mf-velocity", "teacher"]
     times = {}
-    cases = [("flow", []), ("meanflow", cost), ("meanflow-g", [*cost, "--train-cfg", str(omega)]), ("flow-again", [])]
+    cases = [("flow", []), ("meanflow", cost), ("meanflow-g", [*cost, "--train-cfg", str(omega)]), ("finetune", ft_cost),
+             ("distil", teacher), ("distil-g", [*teacher, "--train-cfg", str(omega)]), ("flow-again", [])]
     for name, extra in cases:
         report = out / f"bench-{name}.json"
-        objective = name.split("-")[0]
+        objective = "flow" if name.startswith("flow") else "meanflow"
         cli("bench", "--model", model, "--input-size", str(data_shape[1]), "--channels", str(data_shape[0]),
             "--batch", str(batch), "--precision", "fp32", "--objective", objective, *BLOCKS, *extra, "--steps", "30", "--json", str(report))
         times[name] = json.loads(report.read_text())["step_ms"]
     flow = (times["flow"] + times["flow-again"]) / 2
-    return {name: times[name] / flow for name in ("meanflow", "meanflow-g")}
+    return {name: times[name] / flow for name in RUNS}
 
 
 def evaluate(out: Path, results: Path, name: str, steps: int, cfg: float, sampler: str | None, seeds: int) -> dict:
@@ -124,8 +132,8 @@ def main() -> None:
 
     mf, ft = a.mf_args.split(), a.ft_args.split()
     ratio_file = out / "step_ratios.json"
-    if not ratio_file.is_file():
-        ratio_file.write_text(json.dumps(step_ratios(out, model, shape, a.batch, a.omega, mf)) + "\n")
+    if not ratio_file.is_file() or set(RUNS) - set(json.loads(ratio_file.read_text())):  # (older files: no fine-tunes)
+        ratio_file.write_text(json.dumps(step_ratios(out, model, shape, a.batch, a.omega, mf, ft)) + "\n")
     ratios = json.loads(ratio_file.read_text())
     mf_steps = {name: max(1, round(a.steps / r)) for name, r in ratios.items()}
     flow_run = ["--objective", "flow", "--time-dist", "logit-normal", "--steps", str(a.steps)]
@@ -147,7 +155,8 @@ def main() -> None:
              for k in (1, 2)]
 
     print(f"{a.data}, {model}, batch {a.batch}; step cost over flow's: meanflow {ratios['meanflow']:.2f}, guided "
-          f"{ratios['meanflow-g']:.2f}; flow {a.steps} steps, meanflow {mf_steps['meanflow']} and guided "
+          f"{ratios['meanflow-g']:.2f}, finetune {ratios['finetune']:.2f}, distil {ratios['distil']:.2f}, distil-g "
+          f"{ratios['distil-g']:.2f}; flow {a.steps} steps, meanflow {mf_steps['meanflow']} and guided "
           f"{mf_steps['meanflow-g']} steps (same time), finetune, distil and distil-g {a.steps // 2} steps from the flow run; "
           f"meanflow options {a.mf_args or 'the defaults'}, fine-tune {a.ft_args or 'the same'}")
     print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))

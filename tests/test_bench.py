@@ -110,3 +110,28 @@ def test_bench_times_meanflows_guided_step_with_its_extra_forward(tmp_path, monk
     assert "flow-share=0.5+tangent=model" in out
     proc = run_cli(*common, "--train-cfg", "1.5", check=False)
     assert proc.returncode != 0 and "--train-cfg 1.5" in proc.stderr and "--objective meanflow" in proc.stderr
+
+
+def test_bench_times_a_distillation_step_with_its_frozen_teacher(monkeypatch):
+    """`bench --objective meanflow --mf-velocity teacher` times what a distillation step of train
+    runs: the student as in a fine-tune, and beside it a frozen teacher (a second network, in eval
+    mode, without gradient), which a step without it never calls; the option is in the line."""
+    from ditforge.bench import run_benchmark
+    from ditforge.models import DiT
+
+    calls = []
+    forward = DiT.forward
+    monkeypatch.setattr(DiT, "forward", lambda self, *a, **k: calls.append((id(self), self.training,
+                        torch.is_grad_enabled())) or forward(self, *a, **k))
+    seen = {}
+    for velocity in ("sample", "teacher"):
+        calls.clear()
+        result = run_benchmark("DiT-Ti/4", 8, 1, 10, 4, "fp32", steps=1, warmup=0, objective="meanflow",
+                               meanflow=dict(velocity=velocity))
+        seen[velocity] = list(calls)
+    frozen = [c for c in seen["teacher"] if not c[1]]  # calls of a network in eval mode
+    assert not [c for c in seen["sample"] if not c[1]]
+    assert frozen and not any(grad for _, _, grad in frozen)
+    assert len({who for who, _, _ in frozen}) == 1 and frozen[0][0] not in {who for who, train, _ in seen["teacher"] if train}
+    assert len(seen["teacher"]) - len(frozen) == len(seen["sample"])  # the student's calls are a fine-tune's
+    assert result.meanflow == {"velocity": "teacher"} and "velocity=teacher" in result.line()

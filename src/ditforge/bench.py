@@ -7,10 +7,14 @@ accumulates: DiT-XL/2 is 118.6 G MACs per forward at 256 px). A training step co
 Recomputation (gradient checkpointing) is not counted: MFU measures useful work, and so is
 MeanFlow's forward-mode pass (``--objective meanflow``: a JVP without gradient on the rows with
 r < t, about two forwards of those rows): compare its step time with a flow step's, not its MFU.
+A distillation step (``--mf-velocity teacher``) also runs its frozen teacher, a copy of the model
+(its weights do not change the cost), one forward without gradient (of the doubled batch when
+guided), not counted either.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -135,10 +139,11 @@ class BenchOptions:
     grad_checkpoint: str = _same_option(TrainConfig, "grad_checkpoint")
     objective: str = _same_option(TrainConfig, "objective")  # the step of train's objective (its defaults)
     # MeanFlow's options that change its step's work: the share of rows with a JVP, the forward of
-    # guidance (the unconditional velocity) and of the model tangent
+    # guidance (the unconditional velocity), of the model tangent and of a distillation's teacher
     flow_share: float = _same_option(MeanFlowObjective, "flow_share")
     train_cfg: float = _same_option(MeanFlowObjective, "train_cfg")
     tangent: str = _same_option(MeanFlowObjective, "tangent")
+    velocity: str = _same_option(MeanFlowObjective, "velocity")  # teacher: the step calls a frozen copy of the model
     # The block options of LightningDiT, train's own options (default: the paper's blocks)
     norm: str = _same_option(ModelConfig, "norm")
     mlp: str = _same_option(ModelConfig, "mlp")
@@ -253,21 +258,25 @@ def run_benchmark(
     """Time `steps` training steps (after `warmup`) of random latents through `TrainStep`;
     `block_options`: ModelConfig's norm / mlp / rope / qk_norm (default: the paper's blocks);
     `objective`: train's objective, with its default settings but `meanflow`'s (MeanFlowObjective
-    fields: flow_share, train_cfg, tangent change what a MeanFlow step computes)."""
+    fields: flow_share, train_cfg, tangent, velocity change what a MeanFlow step computes; with
+    velocity 'teacher' the step distils a frozen copy of the model, as train's with --init-from)."""
     if steps <= 0 or warmup < 0:
         raise ValueError(f"steps must be positive and warmup non-negative, got {steps} and {warmup}")
     device = pick_device()
     precision = resolve_precision(precision, device)
     enable_tf32()
     keep_freed_host_memory()
+    distils = (meanflow or {}).get("velocity") == "teacher"
     cfg = TrainConfig.from_dict(
         dict(model=dict(name=model_name, **(block_options or {})), global_batch=batch, precision=precision, compile=compile,
-             grad_checkpoint=grad_checkpoint, objective=objective, meanflow=dict(meanflow or {}))
+             grad_checkpoint=grad_checkpoint, objective=objective, meanflow=dict(meanflow or {}),
+             init_from="bench: a frozen copy of the model" if distils else "")  # (never read: the teacher is made here)
     )
     torch.manual_seed(0)
     model = create_model(model_name, input_size=input_size, in_channels=channels, num_classes=num_classes,
                          **cfg.model.block_options(), **model_options(objective))
-    stepper = TrainStep(cfg, model, distributed.Dist(device=device), precision)
+    teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False) if distils else None  # as train/init_from.py's
+    stepper = TrainStep(cfg, model, distributed.Dist(device=device), precision, teacher=teacher)
     saved = saved_bytes(model, stepper.objective, cfg, precision, device)  # eager, batches 1 and 2
     x = torch.randn(batch, channels, input_size, input_size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
@@ -296,7 +305,7 @@ def _flag_of(name: str) -> str:
 
 def benchmark(opts: BenchOptions) -> BenchResult:
     """`run_benchmark` with the options of `ditforge bench`."""
-    meanflow = {k: getattr(opts, k) for k in ("flow_share", "train_cfg", "tangent")
+    meanflow = {k: getattr(opts, k) for k in ("flow_share", "train_cfg", "tangent", "velocity")
                 if getattr(opts, k) != getattr(MeanFlowObjective, k)}
     if meanflow and opts.objective != "meanflow":
         given = " ".join(f"{_flag_of(k)} {v:g}" if isinstance(v, float) else f"{_flag_of(k)} {v}" for k, v in meanflow.items())
