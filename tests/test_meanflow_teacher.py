@@ -187,12 +187,14 @@ def test_a_teacher_that_is_gone_or_changed_is_refused_at_resume(distilled, tmp_p
 
 
 @pytest.mark.slow
-def test_two_processes_distil_to_the_weights_of_one(distilled, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_distil_to_the_weights_of_one(distilled, tmp_path, parallel):
     """Rank 0 reads the teacher and broadcasts it: a rank with another teacher (its own random
-    weights) would train its half of the batch towards another target."""
+    weights) would train its half of the batch towards another target. Under FSDP the student is
+    sharded and the teacher stays a whole frozen module on each rank, filled the same way."""
     source, straight = distilled
-    run = tmp_path / "ddp"
-    torchrun("train", "--run-dir", str(run), "--init-from", str(source), "--parallel", "ddp", "--steps", "2", *DISTIL)
+    run = tmp_path / parallel
+    torchrun("train", "--run-dir", str(run), "--init-from", str(source), "--parallel", parallel, "--steps", "2", *DISTIL)
     for name, tol in (("model", 1e-8), ("ema", 1e-8), ("optimizer", 1e-6)):  # momentum: fp32 sums of halves, 3e-8 seen
         assert _worst(_weights(straight, 2, name), _weights(run, 2, name)) <= tol, name
 
@@ -225,6 +227,39 @@ def test_a_fine_tune_of_a_distilled_model_takes_its_settings_but_not_its_teacher
     saved = json.loads((tmp_path / "again" / "config.json").read_text())
     assert saved["objective"] == "meanflow" and saved["meanflow"]["train_cfg"] == 2.0 and saved["meanflow"]["flow_share"] == 0.25
     assert saved["meanflow"]["velocity"] == "sample" and "velocity" not in out
+
+
+@pytest.mark.slow
+def test_an_unguided_distillation_draws_wider_times_with_the_plain_error_unless_told(distilled, tmp_path):
+    """A fresh unguided distillation takes DISTIL_TIME_STD and DISTIL_WEIGHT_P and says so; a flag
+    wins over each; a guided one (the fixture's, --train-cfg 2) keeps the paper's; the command that
+    started it resumes it with them."""
+    import json
+
+    from ditforge.meanflow.init import DISTIL_TIME_STD, DISTIL_WEIGHT_P
+
+    source, guided = distilled
+    paper = MeanFlowObjective()
+    assert (DISTIL_TIME_STD, DISTIL_WEIGHT_P) != (paper.time_std, paper.weight_p)
+    at = DISTIL.index("--train-cfg")
+    unguided = DISTIL[:at] + DISTIL[at + 2:]
+
+    def settings(run) -> tuple[float, float]:
+        section = json.loads((run / "config.json").read_text())["meanflow"]
+        return section["time_std"], section["weight_p"]
+
+    assert settings(guided) == (paper.time_std, paper.weight_p)
+    run = tmp_path / "unguided"
+    command = ["train", "--run-dir", str(run), "--init-from", str(source), *unguided]
+    out = run_cli(*command, "--steps", "2").stdout
+    assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P)
+    assert f"mf-time-std {DISTIL_TIME_STD:g}: an unguided distillation" in out and f"mf-weight-p {DISTIL_WEIGHT_P:g}:" in out
+    run_cli(*command, "--steps", "3")  # resumes: the settings kept from its config, not "a different run"
+    assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P) and (run / "checkpoints" / "step-0000003").is_dir()
+    told = tmp_path / "told"
+    out = run_cli("train", "--run-dir", str(told), "--init-from", str(source), *unguided, "--steps", "1",
+                  "--mf-weight-p", "0.5").stdout
+    assert settings(told) == (DISTIL_TIME_STD, 0.5) and "mf-weight-p" not in out
 
 
 @pytest.mark.slow
