@@ -187,7 +187,7 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     if cfg.init_from and saved_path.is_file():  # a resume keeps what its fresh start took from the source
         adopted = _keep_adopted(args, values, given, Path(cfg.run_dir))
     elif cfg.init_from:
-        adopted = _adopt_init_source(args, values, given) + _finetune_flow_share(args, values)
+        adopted = _adopt_init_source(args, values, given) + _finetune_flow_share(args, values) + _distillation_settings(args, values)
     else:
         adopted = []
     if adopted:
@@ -272,7 +272,7 @@ def _adopt_init_source(args: argparse.Namespace, values: dict, given: dict) -> l
 
 def _keep_adopted(args: argparse.Namespace, values: dict, given: dict, run_dir: Path) -> list[str]:
     """A resumed `--init-from` run: the settings a fresh start takes from the source
-    (`_adopt_init_source`, `_finetune_flow_share`: the network, the objective and its section)
+    (`_adopt_init_source`, `_finetune_flow_share`, `_distillation_settings`: the network, the objective and its section)
     from the run's saved config where no flag names them, so the command that started the run
     resumes it (the source is not read again). One line per value that differs from the flags'."""
     from ditforge.train.resume import saved_config  # also when config.json is damaged: the checkpoint's
@@ -315,6 +315,29 @@ def _finetune_flow_share(args: argparse.Namespace, values: dict) -> list[str]:
     values.setdefault("meanflow", {})["flow_share"] = FINETUNE_FLOW_SHARE
     return [f"mf-flow-share {FINETUNE_FLOW_SHARE:g}: a MeanFlow fine-tune of a {source} model, which knows its "
             f"instantaneous velocity (r = t): more of each batch on intervals (from scratch: {MeanFlowObjective().flow_share:g})"]
+
+
+def _distillation_settings(args: argparse.Namespace, values: dict) -> list[str]:
+    """A fresh unguided distillation (MeanFlow's --mf-velocity teacher, neither --train-cfg nor
+    --train-cfg-max) draws its times wider and weighs its errors plainly (DISTIL_TIME_STD,
+    DISTIL_WEIGHT_P: `meanflow/init.py` says why and what was measured), each unless its flag is
+    given. One line per value set."""
+    from ditforge.meanflow import MeanFlowObjective
+    from ditforge.meanflow.init import DISTIL_TIME_STD, DISTIL_WEIGHT_P
+
+    section = values.get("meanflow", {})
+    paper = MeanFlowObjective()
+    guided = section.get("train_cfg", paper.train_cfg) != 1.0 or section.get("train_cfg_max", paper.train_cfg_max) > 0
+    if values.get("objective") != "meanflow" or section.get("velocity") != "teacher" or guided:
+        return []
+    lines = []
+    for key, flag, value, why in (("time_std", "mf-time-std", DISTIL_TIME_STD, "more long intervals, the one-step jump"),
+                                  ("weight_p", "mf-weight-p", DISTIL_WEIGHT_P, "the plain squared error")):
+        if getattr(args, f"meanflow.{key}", None) is None and section.get(key, getattr(paper, key)) != value:
+            values.setdefault("meanflow", {})[key] = value
+            lines.append(f"{flag} {value:g}: an unguided distillation of the teacher, {why} (the paper, from the data: "
+                         f"{getattr(paper, key):g})")
+    return lines
 
 
 def _preview_sampler_of_objective(args: argparse.Namespace, values: dict) -> dict:
