@@ -22,7 +22,7 @@
 #      (`benchmarks/bench_sampling.py`): images/s and the ratios, also in $OUT/sampling.jsonl;
 #   5. as 3: LightningDiT's blocks (RMSNorm, SwiGLU, RoPE, qk-norm) eager and compiled,
 #      `--grad-checkpoint ops` at twice the batch, diffusers' DiTTransformer2DModel;
-#   6. MeanFlow: `bench --objective meanflow` (and with `--train-cfg 1.5`) beside flow at the
+#   6. MeanFlow: `bench --objective meanflow` (with `--train-cfg 1.5`, and a distillation step, `--mf-velocity teacher`) beside flow at the
 #      same size (issue 25's step-cost ratio on a GPU), and the digits' flow run distilled into a
 #      guided one-step model (`--mf-velocity teacher`), sampled with `--steps 1`.
 # PART=suite: the whole test suite (pytest -n 12, -v: every result by name as it ends): the
@@ -140,6 +140,7 @@ log "## 6. MeanFlow on the GPU: a step's cost at size against flow's, and a dist
 bench --objective flow
 bench --objective meanflow                              # the written-out JVP on a quarter of the rows
 bench --objective meanflow --train-cfg 1.5              # + the unconditional velocity's forward
+bench --objective meanflow --mf-flow-share 0.25 --mf-velocity teacher  # a distillation step: + the teacher's forward
 run timeout 60 $PY -m ditforge train --objective flow --steps "$TRAIN_STEPS" --run-dir "$R-flow" --no-progress
 run timeout 90 $PY -m ditforge train --objective meanflow --init-from "$R-flow" --mf-velocity teacher --train-cfg 1.5 \
     --steps "$TRAIN_STEPS" --run-dir "$R-distil" --no-progress
