@@ -335,8 +335,8 @@ def _distillation_settings(args: argparse.Namespace, values: dict) -> list[str]:
                                   ("weight_p", "mf-weight-p", DISTIL_WEIGHT_P, "the plain squared error")):
         if getattr(args, f"meanflow.{key}", None) is None and section.get(key, getattr(paper, key)) != value:
             values.setdefault("meanflow", {})[key] = value
-            lines.append(f"{flag} {value:g}: an unguided distillation of the teacher, {why} (the paper, from the data: "
-                         f"{getattr(paper, key):g})")
+            lines.append(f"{flag} {value:g}: an unguided distillation of the teacher, {why} (the paper's, which "
+                         f"learns from the data's velocity: {getattr(paper, key):g})")
     return lines
 
 

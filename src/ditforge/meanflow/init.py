@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from ditforge.errors import UserError
 
-__all__ = ["FINETUNE_FLOW_SHARE", "DISTIL_TIME_STD", "DISTIL_WEIGHT_P", "INTERVAL_PREFIX", "GUIDANCE_PREFIX", "interval_keys", "interval_embedder_state", "added_embedders",
-           "flow_state_for_meanflow", "load_flow_weights", "check_flow_source"]
+__all__ = ["FINETUNE_FLOW_SHARE", "DISTIL_TIME_STD", "DISTIL_WEIGHT_P", "INTERVAL_PREFIX", "GUIDANCE_PREFIX", "interval_keys",
+           "interval_embedder_state", "added_embedders", "flow_state_for_meanflow", "load_flow_weights", "check_flow_source"]
 
 #: The share of each batch at r = t for a fine-tune from a model that is not MeanFlow's, unless
 #: --mf-flow-share is given (cli.py `_finetune_flow_share`): its instantaneous velocity is learned,
@@ -35,9 +35,10 @@ FINETUNE_FLOW_SHARE = 0.25
 #: (cli.py `_distillation_settings`): the teacher's target has no sample noise to discount, so the
 #: plain squared error (p = 0) keeps the long intervals' large errors in the loss, and a wider
 #: logit-normal draws more of them (t near 1 with r near 0, the one-step jump). Measured on the
-#: digits (benchmarks/README, "One-seed screens of the unguided distillation"): 1-evaluation distance
-#: 0.90 at the paper's (1.0, 1), 0.64 at (1.6, 0), 0.62 at (2.2, 0). A guided distillation keeps the
-#: paper's: (1.6, 0) read 0.99 there against 0.85.
+#: digits, 200 steps from the demo's flow run (benchmarks/README, "Training seeds"): 1-evaluation
+#: distance 0.93 at the paper's (1.0, 1), 0.64 at (2.2, 0), each the mean of four training seeds
+#: (the flow model's 20 steps: 0.50). A guided distillation keeps the paper's: (1.6, 0) read 0.99
+#: there against 0.85.
 DISTIL_TIME_STD = 2.2
 DISTIL_WEIGHT_P = 0.0
 #: State-dict prefix of the interval embedder: its keys are the only ones a flow model lacks.
