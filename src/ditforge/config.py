@@ -149,6 +149,8 @@ class DiffusionConfig:
 
 
 OPTIMIZERS = ("adamw", "sgd")
+#: --lr-schedule: the rate over a run (train/lr_schedule.py)
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -158,6 +160,12 @@ class OptimConfig:
     optimizer: str = field(default="adamw", metadata=flag(
         "--optimizer", "AdamW, or SGD (plain unless --momentum)", choices=OPTIMIZERS))
     lr: float = field(default=1e-4, metadata=flag("--lr", "learning rate"))
+    # train/lr_schedule.py: the rate of each step, a function of the step alone
+    lr_schedule: str = field(default="constant", metadata=flag(
+        "--lr-schedule", "the learning rate over the run: constant (the paper's), or decayed to 0 at --steps in a "
+        "straight line (linear) or a half cosine (cosine)", choices=LR_SCHEDULES))
+    lr_warmup: int = field(default=0, metadata=flag(
+        "--lr-warmup", "steps of linear warm-up to --lr before the schedule, 0 = none", metavar="STEPS"))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=flag("--betas", "AdamW betas", metavar=("BETA1", "BETA2")))
     # AdamW: decoupled decay; SGD: added to the gradient (torch.optim.SGD)
     weight_decay: float = field(default=0.0, metadata=flag("--weight-decay", "weight decay"))
@@ -175,6 +183,10 @@ class OptimConfig:
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists back
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"unknown lr schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
+        if not (isinstance(self.lr_warmup, int) and self.lr_warmup >= 0):
+            raise UserError(f"lr_warmup must be a whole number of steps >= 0 (0 = none), got {self.lr_warmup!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise UserError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.weight_decay < 0:
@@ -325,6 +337,9 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         for name in ("keep_last", "sample_every", "seed", "eval_every"):
             _non_negative_int(name, getattr(self, name))
+        if self.optim.lr_warmup >= self.steps and self.optim.lr_schedule != "constant":
+            raise UserError(f"lr_warmup {self.optim.lr_warmup} leaves none of the {self.steps} steps to the "
+                            f"{self.optim.lr_schedule} decay; give --lr-warmup below --steps")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay!r} (the paper uses 0.9999)")
         if self.precision not in PRECISIONS:

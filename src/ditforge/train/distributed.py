@@ -265,8 +265,16 @@ def load_full_state(module: nn.Module, state: dict[str, torch.Tensor], optimizer
 
     options = _options(load=True, broadcast=d is not None and d.enabled)
     set_model_state_dict(module, state, options=options)
-    if optimizer is not None:
+    if optimizer is not None and keeps_state(optimizer):
         set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
+
+
+def keeps_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` keeps tensors between steps (AdamW's moments, SGD's momentum), known
+    alike on every rank from its settings. Plain SGD keeps none: torch's loader of a full state
+    finds no tensor to take a device from and fails, and there is nothing to load (its settings
+    are the run's config, its rate set before each step)."""
+    return not (isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0)
 
 
 def no_sync(module: nn.Module, d: Dist, skip: bool):

@@ -60,8 +60,9 @@ class Reporter:
             error = NonFiniteLossError.stopped(f"the loss became NaN or Inf before step {step}", last_good)
             raise on_every_rank(error, self.d.is_main)
 
-    def log(self, step: int) -> None:
-        """The mean loss across ranks since the last line, and the throughput."""
+    def log(self, step: int, lr: float | None = None) -> None:
+        """The mean loss across ranks since the last line, and the throughput; and `lr`, the rate
+        of the last step, where a schedule moves it (None: not shown)."""
         self.last_loss = (distributed.all_reduce_mean(self.running, self.d) / self.since).item()
         now = time.perf_counter()
         steps_per_s = self.since / (now - self.t_last)
@@ -69,9 +70,12 @@ class Reporter:
         terms = {k: (distributed.all_reduce_mean(v, self.d) / self.since).item() for k, v in sorted(self.terms.items())}
         if self.d.is_main:
             log.info(
-                "step %d/%d | loss %.4f%s | %.2f steps/s | %.0f images/s",
-                step, self.total, self.last_loss, "".join(f" | {k} {v:.4f}" for k, v in terms.items()), steps_per_s, imgs_per_s,
+                "step %d/%d | loss %.4f%s%s | %.2f steps/s | %.0f images/s",
+                step, self.total, self.last_loss, "".join(f" | {k} {v:.4f}" for k, v in terms.items()),
+                "" if lr is None else f" | lr {lr:.3g}", steps_per_s, imgs_per_s,
             )
+            if lr is not None:
+                self.writer.add_scalar("train/lr", lr, step)
             self.writer.add_scalar("train/loss", self.last_loss, step)
             for k, v in terms.items():
                 self.writer.add_scalar(f"train/{k}", v, step)

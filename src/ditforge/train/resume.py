@@ -104,6 +104,9 @@ def check_same_run(cfg: TrainConfig, run_dir: Path) -> None:
             f"run folder {str(run_dir)!r} holds a different run ({details}); "
             "rerun with the same settings to resume, or pass a new --run-dir"
         )
+    if cfg.steps != saved_cfg.steps and cfg.optim.lr_schedule != "constant":
+        log.warning("the %s learning rate decays to 0 at step %d now, not at %d: the steps left follow the new length",
+                    cfg.optim.lr_schedule, cfg.steps, saved_cfg.steps)
 
 
 def find_run(cfg: TrainConfig, d: distributed.Dist) -> Found:

@@ -25,6 +25,7 @@ from ditforge.repa import Aligner, HiddenTokens
 from ditforge.train import distributed
 from ditforge.train.device import autocast
 from ditforge.train.ema import EMA, ema_decay_at
+from ditforge.train.lr_schedule import lr_at, set_lr
 
 #: Per-sample terms an objective may return beside ``loss`` that the log line and TensorBoard show
 #: (the flow objective's cosine term of ``--cosine-loss``; MeanFlow's unweighted error ``u_mse``,
@@ -126,6 +127,9 @@ class TrainStep:
                 self.scaler.scale(loss if self.repa is None else loss + self.repa.weight * align).backward()
             total += loss.detach()
         optimizers = [self.opt] if self.repa is None else [self.opt, self.repa_opt]
+        lr = lr_at(step, cfg.optim.lr, cfg.steps, cfg.optim.lr_schedule, cfg.optim.lr_warmup)
+        for opt in optimizers:
+            set_lr(opt, lr)
         if cfg.optim.grad_clip > 0:
             for opt in optimizers:
                 self.scaler.unscale_(opt)

@@ -176,13 +176,14 @@ def _train(cfg: TrainConfig, d: distributed.Dist, progress: bool, stop: StopRequ
     reporter = Reporter(run_dir, d, start.step, cfg.steps, cfg.global_batch, progress)
 
     step = start.step
+    scheduled = cfg.optim.lr_schedule != "constant" or cfg.optim.lr_warmup > 0  # the log lines show the rate
     try:
         while step < cfg.steps:
             reporter.add(stepper(step, loader.next_step(), loader.offsets()), stepper.terms)
             step += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
                 reporter.check_finite(step, checkpointer.last)
-                reporter.log(step)
+                reporter.log(step, stepper.opt.param_groups[0]["lr"] if scheduled else None)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 reporter.check_finite(step, checkpointer.last)
                 checkpointer.save(step, loader.position)  # refuses weights that the last update made NaN
