@@ -13,7 +13,7 @@ import torch
 from conftest import run_cli
 from test_distributed import torchrun
 from test_meanflow import F64, MU, S, ExactNet, _weights, _worst, average_velocity, gaussian_batch, velocity
-from ditforge.config import TrainConfig
+from ditforge.config import TrainConfig, preset
 from ditforge.errors import UserError
 from ditforge.meanflow import MeanFlowObjective
 from ditforge.objectives import objective_from_config, uses_teacher
@@ -231,35 +231,38 @@ def test_a_fine_tune_of_a_distilled_model_takes_its_settings_but_not_its_teacher
 
 @pytest.mark.slow
 def test_an_unguided_distillation_draws_wider_times_with_the_plain_error_unless_told(distilled, tmp_path):
-    """A fresh unguided distillation takes DISTIL_TIME_STD and DISTIL_WEIGHT_P and says so; a flag
-    wins over each; a guided one (the fixture's, --train-cfg 2) keeps the paper's; the command that
-    started it resumes it with them."""
+    """A fresh unguided distillation takes DISTIL_TIME_STD and DISTIL_WEIGHT_P, and a rate of at
+    most DISTIL_MAX_LR, and says so; a flag wins over each; a guided one (the fixture's, --train-cfg
+    2, --lr 0.05) keeps the paper's; the command that started it resumes it with them."""
     import json
 
-    from ditforge.meanflow.init import DISTIL_TIME_STD, DISTIL_WEIGHT_P
+    from ditforge.meanflow.init import DISTIL_MAX_LR, DISTIL_TIME_STD, DISTIL_WEIGHT_P
 
     source, guided = distilled
     paper = MeanFlowObjective()
     assert (DISTIL_TIME_STD, DISTIL_WEIGHT_P) != (paper.time_std, paper.weight_p)
-    at = DISTIL.index("--train-cfg")
-    unguided = DISTIL[:at] + DISTIL[at + 2:]
+    at, lr = DISTIL.index("--train-cfg"), DISTIL.index("--lr")
+    unguided = [a for i, a in enumerate(DISTIL) if i not in (at, at + 1, lr, lr + 1)]  # the tiny preset's rate, 1e-3
+    assert preset("tiny")["optim"]["lr"] > DISTIL_MAX_LR
 
-    def settings(run) -> tuple[float, float]:
-        section = json.loads((run / "config.json").read_text())["meanflow"]
-        return section["time_std"], section["weight_p"]
+    def settings(run) -> tuple[float, float, float]:
+        config = json.loads((run / "config.json").read_text())
+        return config["meanflow"]["time_std"], config["meanflow"]["weight_p"], config["optim"]["lr"]
 
-    assert settings(guided) == (paper.time_std, paper.weight_p)
+    assert settings(guided) == (paper.time_std, paper.weight_p, 0.05)
     run = tmp_path / "unguided"
     command = ["train", "--run-dir", str(run), "--init-from", str(source), *unguided]
     out = run_cli(*command, "--steps", "2").stdout
-    assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P)
+    assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, DISTIL_MAX_LR)
     assert f"mf-time-std {DISTIL_TIME_STD:g}: an unguided distillation" in out and f"mf-weight-p {DISTIL_WEIGHT_P:g}:" in out
-    run_cli(*command, "--steps", "3")  # resumes: the settings kept from its config, not "a different run"
-    assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P) and (run / "checkpoints" / "step-0000003").is_dir()
+    assert f"lr {DISTIL_MAX_LR:g}: an unguided distillation takes at most" in out
+    out = run_cli(*command, "--steps", "3").stdout  # resumes: the settings kept from its config, not "a different run"
+    assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, DISTIL_MAX_LR) and (run / "checkpoints" / "step-0000003").is_dir()
+    assert f"lr {DISTIL_MAX_LR:g}: kept from" in out
     told = tmp_path / "told"
     out = run_cli("train", "--run-dir", str(told), "--init-from", str(source), *unguided, "--steps", "1",
-                  "--mf-weight-p", "0.5").stdout
-    assert settings(told) == (DISTIL_TIME_STD, 0.5) and "mf-weight-p" not in out
+                  "--mf-weight-p", "0.5", "--lr", "0.05").stdout
+    assert settings(told) == (DISTIL_TIME_STD, 0.5, 0.05) and "mf-weight-p" not in out and "lr 0" not in out
 
 
 @pytest.mark.slow

@@ -187,7 +187,7 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     if cfg.init_from and saved_path.is_file():  # a resume keeps what its fresh start took from the source
         adopted = _keep_adopted(args, values, given, Path(cfg.run_dir))
     elif cfg.init_from:
-        adopted = _adopt_init_source(args, values, given) + _finetune_flow_share(args, values) + _distillation_settings(args, values)
+        adopted = _adopt_init_source(args, values, given) + _finetune_flow_share(args, values) + _distillation_settings(args, values, given)
     else:
         adopted = []
     if adopted:
@@ -272,14 +272,15 @@ def _adopt_init_source(args: argparse.Namespace, values: dict, given: dict) -> l
 
 def _keep_adopted(args: argparse.Namespace, values: dict, given: dict, run_dir: Path) -> list[str]:
     """A resumed `--init-from` run: the settings a fresh start takes from the source
-    (`_adopt_init_source`, `_finetune_flow_share`, `_distillation_settings`: the network, the objective and its section)
+    (`_adopt_init_source`, `_finetune_flow_share`, `_distillation_settings`: the network, the objective and its section,
+    the learning rate)
     from the run's saved config where no flag names them, so the command that started the run
     resumes it (the source is not read again). One line per value that differs from the flags'."""
     from ditforge.train.resume import saved_config  # also when config.json is damaged: the checkpoint's
 
     saved = saved_config(run_dir)[0].to_dict()
     objective = getattr(args, "objective", None) or saved["objective"]
-    paths = list(_FROM_SOURCE) + [f"{objective}.{k}" for k in saved.get(objective, {})] if objective == saved["objective"] else []
+    paths = list(_FROM_SOURCE) + [f"{objective}.{k}" for k in saved.get(objective, {})] + ["optim.lr"] if objective == saved["objective"] else []
     lines = []
     for path in paths:
         if getattr(args, path, None) is not None:
@@ -288,7 +289,7 @@ def _keep_adopted(args: argparse.Namespace, values: dict, given: dict, run_dir: 
         theirs, leaf = _node(saved, path)
         if mine.get(key) != theirs[leaf]:
             mine[key] = theirs[leaf]
-            lines.append(f"{path.removeprefix('model.')} {theirs[leaf]}: kept from {run_dir / 'config.json'}")
+            lines.append(f"{path.removeprefix('model.').removeprefix('optim.')} {theirs[leaf]}: kept from {run_dir / 'config.json'}")
         for k, p in _AUTO_FIELDS.items():
             if p == path:
                 given[k] = theirs[leaf]
@@ -317,13 +318,14 @@ def _finetune_flow_share(args: argparse.Namespace, values: dict) -> list[str]:
             f"instantaneous velocity (r = t): more of each batch on intervals (from scratch: {MeanFlowObjective().flow_share:g})"]
 
 
-def _distillation_settings(args: argparse.Namespace, values: dict) -> list[str]:
+def _distillation_settings(args: argparse.Namespace, values: dict, given: dict) -> list[str]:
     """A fresh unguided distillation (MeanFlow's --mf-velocity teacher, neither --train-cfg nor
     --train-cfg-max) draws its times wider and weighs its errors plainly (DISTIL_TIME_STD,
-    DISTIL_WEIGHT_P: `meanflow/init.py` says why and what was measured), each unless its flag is
-    given. One line per value set."""
+    DISTIL_WEIGHT_P), and takes a learning rate of at most DISTIL_MAX_LR (into `given`, so that
+    the device's choice does not raise it again): `meanflow/init.py` says why and what was
+    measured; each unless its flag is given. One line per value set."""
     from ditforge.meanflow import MeanFlowObjective
-    from ditforge.meanflow.init import DISTIL_TIME_STD, DISTIL_WEIGHT_P
+    from ditforge.meanflow.init import DISTIL_MAX_LR, DISTIL_TIME_STD, DISTIL_WEIGHT_P
 
     section = values.get("meanflow", {})
     paper = MeanFlowObjective()
@@ -337,6 +339,11 @@ def _distillation_settings(args: argparse.Namespace, values: dict) -> list[str]:
             values.setdefault("meanflow", {})[key] = value
             lines.append(f"{flag} {value:g}: an unguided distillation of the teacher, {why} (the paper's, which "
                          f"learns from the data's velocity: {getattr(paper, key):g})")
+    optim = values.setdefault("optim", {})
+    if getattr(args, "optim.lr", None) is None and optim.get("lr", DISTIL_MAX_LR) > DISTIL_MAX_LR:
+        lines.append(f"lr {DISTIL_MAX_LR:g}: an unguided distillation takes at most {DISTIL_MAX_LR:g}, not the preset's "
+                     f"{optim['lr']:g} (against 1e-3 on the digits: the same one-step figure, a better two-step one)")
+        optim["lr"] = given["lr"] = DISTIL_MAX_LR
     return lines
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ditforge.errors import UserError
 
-__all__ = ["FINETUNE_FLOW_SHARE", "DISTIL_TIME_STD", "DISTIL_WEIGHT_P", "INTERVAL_PREFIX", "GUIDANCE_PREFIX", "interval_keys",
+__all__ = ["FINETUNE_FLOW_SHARE", "DISTIL_TIME_STD", "DISTIL_WEIGHT_P", "DISTIL_MAX_LR", "INTERVAL_PREFIX", "GUIDANCE_PREFIX", "interval_keys",
            "interval_embedder_state", "added_embedders", "flow_state_for_meanflow", "load_flow_weights", "check_flow_source"]
 
 #: The share of each batch at r = t for a fine-tune from a model that is not MeanFlow's, unless
@@ -42,6 +42,13 @@ FINETUNE_FLOW_SHARE = 0.25
 #: keeps the paper's: (1.6, 0) read 0.99 there against 0.85.
 DISTIL_TIME_STD = 2.2
 DISTIL_WEIGHT_P = 0.0
+#: The highest learning rate an unguided distillation takes unless --lr is given (cli.py
+#: `_distillation_settings`; a lower preset rate, the paper's 1e-4, stays): from the demo's flow
+#: run, 200 steps with the tiny preset's 1e-3 and with 2e-4 read the same at 1 evaluation on the
+#: digits (0.64 and 0.64, four training seeds each), and 2e-4 read better at 2 (0.527 -> 0.511,
+#: 1.05x -> 1.02x of the flow model's 20 steps); on MNIST (two seeds) better at both, 1.36x ->
+#: 1.27x and 1.27x -> 1.13x (benchmarks/README, "Learning rate and length").
+DISTIL_MAX_LR = 2e-4
 #: State-dict prefix of the interval embedder: its keys are the only ones a flow model lacks.
 INTERVAL_PREFIX = "h_embedder."
 #: State-dict prefix of iMF's guidance-scale embedder (a MeanFlow model trained with --train-cfg-max).
