@@ -364,6 +364,22 @@ def test_unknown_model_name():
         create_model("DiT-XXL/2")
 
 
+def test_a_model_option_this_version_lacks_is_a_one_line_error_naming_it():
+    """model_args of a checkpoint or hub folder written by a newer version (sample, eval, export and
+    --init-from build the model from them): a UserError naming the key and what this DiT takes, not
+    DiT's TypeError (an internal error); every option it does take still builds."""
+    from ditforge.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        create_model("DiT-Ti/2", input_size=8, in_channels=1, num_classes=10, sink_tokens=4)
+    said = str(e.value)
+    assert said.startswith("model settings: 'sink_tokens' is not an option") and "newer version" in said
+    assert "qk_norm" in said and "depth" not in said and "\n" not in said
+    create_model("DiT-Ti/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False, mlp_ratio=4.0, norm="rms",
+                 mlp="swiglu", rope=True, qk_norm=True, class_dropout_prob=0.1, interval_embedding=True,
+                 guidance_embedding=True)
+
+
 def test_name_fixed_arguments_cannot_be_overridden():
     with pytest.raises(TypeError, match="depth"):
         create_model("DiT-Ti/2", depth=3)

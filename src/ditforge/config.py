@@ -34,7 +34,7 @@ from typing import Any
 
 from ditforge.errors import DamagedFileError, UserError
 from ditforge import flags
-from ditforge.flags import flag
+from ditforge.flags import flag, section_from_dict
 from ditforge.flow import FlowObjective
 from ditforge.write_failures import failing_write
 from ditforge.meanflow import MeanFlowObjective
@@ -308,25 +308,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
+            self.model = section_from_dict(ModelConfig, "model", self.model)
         if isinstance(self.diffusion, dict):
-            self.diffusion = DiffusionConfig(**self.diffusion)
+            self.diffusion = section_from_dict(DiffusionConfig, "diffusion", self.diffusion)
         if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
+            self.optim = section_from_dict(OptimConfig, "optim", self.optim)
         if isinstance(self.repa, dict):
-            self.repa = RepaConfig(**self.repa)
+            self.repa = section_from_dict(RepaConfig, "repa", self.repa)
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
         if isinstance(self.flow, dict):
-            try:
-                self.flow = FlowObjective(**self.flow)
-            except (TypeError, ValueError) as e:
-                raise UserError(f"flow settings: {e}") from None
+            self.flow = section_from_dict(FlowObjective, "flow", self.flow)
         if isinstance(self.meanflow, dict):
-            try:
-                self.meanflow = MeanFlowObjective(**self.meanflow)
-            except (TypeError, ValueError) as e:
-                raise UserError(f"meanflow settings: {e}") from None
+            self.meanflow = section_from_dict(MeanFlowObjective, "meanflow", self.meanflow)
         if not self.data:
             raise UserError("data must name a built-in data set (e.g. 'digits') or an image folder")
         if self.image_size is not None:

@@ -7,7 +7,8 @@ expanded in place, also the flow objective's fields, declared in ``flow/objectiv
 `sample`, `eval`, `extract`, `bench` from the option dataclasses of the modules that run them
 (``sampling.command.SampleOptions``, ``evaluation.command.EvalOptions``, ``data.store.extract.ExtractOptions``,
 ``bench.BenchOptions``). ``tests/test_cli_options.py`` fails if a field has no option or an
-option no field.
+option no field. A saved section of such fields (a run's config.json) is read back by
+`section_from_dict`, which names a key this version lacks in one line.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-__all__ = ["add_option", "add_options", "flag", "option_fields", "options_from_args"]
+from ditforge.errors import UserError
+
+__all__ = ["add_option", "add_options", "flag", "option_fields", "options_from_args", "section_from_dict"]
 
 
 def flag(name: str, help: str | Callable[[], str], *, shown: str | None = None, **argparse: Any) -> dict[str, Any]:
@@ -125,3 +128,22 @@ def options_from_args(cls: type, args: argparse.Namespace) -> Any:
             v = tuple(v)
         values[path] = v
     return cls(**values)
+
+
+def section_from_dict(cls: type, section: str, values: Mapping[str, Any]) -> Any:
+    """``cls(**values)``: a section of a run's saved config (``TrainConfig``'s model, optim, flow,
+    meanflow, ...) from its dict. A key that `cls` lacks (a run written by a newer version) or a
+    value it refuses with a ValueError is a one-line UserError naming it (its own UserErrors pass
+    as they are), not a TypeError from the constructor."""
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{section} settings: {', '.join(map(repr, unknown))} is not a setting of this version of "
+                        f"ditforge (it knows {', '.join(known)}); a run that records it was written by a newer "
+                        "version: read it with that version")
+    try:
+        return cls(**values)
+    except UserError:
+        raise  # the section's own message, as its flags get it
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{section} settings: {e}") from None

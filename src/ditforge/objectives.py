@@ -38,6 +38,7 @@ from ditforge.diffusion.objective import DiffusionObjective
 from ditforge.diffusion.sampling import SAMPLERS as DIFFUSION_SAMPLERS
 from ditforge.diffusion.sampling import DEFAULT_SPACING, Sampler
 from ditforge.errors import UserError
+from ditforge.flags import section_from_dict
 from ditforge.flow import FLOW_SAMPLERS, FlowObjective, FlowSampler
 from ditforge.meanflow import DEFAULT_STEPS as MEANFLOW_STEPS
 from ditforge.meanflow import MEANFLOW_SAMPLERS, MeanFlowObjective, MeanFlowSampler
@@ -79,9 +80,9 @@ def objective_from_config(config: dict[str, Any], learn_sigma: bool = True) -> O
     checkpoint) trains with."""
     kind = config.get("objective", "diffusion")
     if kind == "flow":
-        return FlowObjective(**config.get("flow", {}))
+        return section_from_dict(FlowObjective, "flow", config.get("flow", {}))
     if kind == "meanflow":
-        return MeanFlowObjective(**config.get("meanflow", {}))
+        return section_from_dict(MeanFlowObjective, "meanflow", config.get("meanflow", {}))
     if kind != "diffusion":
         raise UserError(f"unknown objective {kind!r}; choose one of: {', '.join(OBJECTIVES)}")
     d = config.get("diffusion", {})

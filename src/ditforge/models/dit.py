@@ -37,11 +37,13 @@ Notation used in the shape comments:
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ditforge.errors import UserError
 from ditforge.models.blocks import MLPS, BlockOptions, DiTBlock, FinalLayer
 from ditforge.models.layers import NORMS, LabelEmbedder, PatchEmbed, TimestepEmbedder
 from ditforge.models.positions import RotaryEmbedding2D, get_2d_sincos_pos_embed
@@ -448,6 +450,12 @@ def create_model(name: str, **kwargs) -> DiT:
     clash = sorted(set(config) & set(kwargs))
     if clash:
         raise TypeError(f"{', '.join(clash)} is fixed by the model name {name!r} and cannot be overridden")
+    takes = [p for p in inspect.signature(DiT.__init__).parameters if p != "self" and p not in config]
+    unknown = sorted(set(kwargs) - set(takes))
+    if unknown:  # model_args of a checkpoint or hub folder written by a newer version
+        raise UserError(f"model settings: {', '.join(map(repr, unknown))} is not an option of this version's DiT (it "
+                        f"takes {', '.join(takes)}); a model that records it was written by a newer version of "
+                        "ditforge: read it with that version")
     return DiT(**config, **kwargs)
 
 
