@@ -23,7 +23,8 @@
 #   5. as 3: LightningDiT's blocks (RMSNorm, SwiGLU, RoPE, qk-norm) eager and compiled,
 #      `--grad-checkpoint ops` at twice the batch, diffusers' DiTTransformer2DModel;
 #   6. MeanFlow: `bench --objective meanflow` (with `--train-cfg 1.5`, and a distillation step, `--mf-velocity teacher`) beside flow at the
-#      same size (issue 25's step-cost ratio on a GPU), and the digits' flow run distilled into a
+#      same size (issue 25's step-cost ratio on a GPU; the distillation with `--optimizer muon` too),
+#      and the digits' flow run distilled into a
 #      guided one-step model (`--mf-velocity teacher`), sampled with `--steps 1`.
 # PART=suite: the whole test suite (pytest -n 12, -v: every result by name as it ends): the
 #   CPU tests must pass on a GPU machine too. About 4 minutes on the H100 machine (estimated:
@@ -141,6 +142,7 @@ bench --objective flow
 bench --objective meanflow                              # the written-out JVP on a quarter of the rows
 bench --objective meanflow --train-cfg 1.5              # + the unconditional velocity's forward
 bench --objective meanflow --mf-flow-share 0.25 --mf-velocity teacher  # a distillation step: + the teacher's forward
+bench --objective meanflow --mf-flow-share 0.25 --mf-velocity teacher --optimizer muon  # + Newton-Schulz on the block matrices
 run timeout 60 $PY -m ditforge train --objective flow --steps "$TRAIN_STEPS" --run-dir "$R-flow" --no-progress
 run timeout 90 $PY -m ditforge train --objective meanflow --init-from "$R-flow" --mf-velocity teacher --train-cfg 1.5 \
     --steps "$TRAIN_STEPS" --run-dir "$R-distil" --no-progress

@@ -67,7 +67,7 @@ def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, pa
 # weights twice as far; AdamW's update barely depends on the gradient's scale, and a clipped one not at all.
 UNCLIPPED = ["--steps", "4", "--batch-size", "16", "--ckpt-every", "2", "--keep-last", "0", "--model", "DiT-Ti/4",
              "--log-every", "4", "--no-progress", "--sample-steps", "1"]
-OPTIMIZERS = {"adamw": [], "sgd": ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"]}
+OPTIMIZERS = {"adamw": [], "sgd": ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"], "muon": ["--optimizer", "muon"]}
 # how far from one process (README): SGD measured 3.0e-8 (momentum buffers; weights 7.5e-9), AdamW 2.0e-7 (its
 # step divides by the root of the second moment, large where a gradient is near 0)
 WITHIN = {"sgd": 1.2e-7, "adamw": 1e-6}
@@ -115,6 +115,23 @@ def test_sgd_resumes_to_the_same_weights_and_is_part_of_the_run(single_unclipped
         _assert_close(_weights(straight, 4, name), _weights(run, 4, name), atol=0.0)
     out = run_cli("train", "--run-dir", str(run), *UNCLIPPED, "--lr", "0.05", check=False)
     assert out.returncode == 2 and "'optimizer': 'sgd'" in out.stderr, out.stderr
+
+
+def test_muon_resumes_to_the_same_weights_and_is_part_of_the_run(single_unclipped, tmp_path):
+    """Muon's momentum buffers (the blocks' matrices) and AdamW's moments (the rest) round-trip
+    through one checkpoint: resumed at step 2, the run ends at step 4 bit for bit; AdamW's
+    command refuses the folder."""
+    straight = single_unclipped("muon")
+    state = _weights(straight, 2, "optimizer")
+    assert any(k.endswith("/momentum_buffer") for k in state) and any(k.endswith("/exp_avg_sq") for k in state)
+    run = tmp_path / "resumed"
+    shutil.copytree(straight, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000004")
+    assert "resumed from" in run_cli("train", "--run-dir", str(run), *UNCLIPPED, *OPTIMIZERS["muon"]).stdout
+    for name in ("model", "ema", "optimizer"):
+        _assert_close(_weights(straight, 4, name), _weights(run, 4, name), atol=0.0)
+    out = run_cli("train", "--run-dir", str(run), *UNCLIPPED, check=False)
+    assert out.returncode == 2 and "'optimizer': 'muon'" in out.stderr, out.stderr
 
 
 def test_gradient_accumulation_matches(single, tmp_path):

@@ -232,8 +232,9 @@ def test_a_fine_tune_of_a_distilled_model_takes_its_settings_but_not_its_teacher
 @pytest.mark.slow
 def test_an_unguided_distillation_draws_wider_times_with_the_plain_error_unless_told(distilled, tmp_path):
     """A fresh unguided distillation takes DISTIL_TIME_STD and DISTIL_WEIGHT_P, and a rate of at
-    most DISTIL_MAX_LR, and says so; a flag wins over each; a guided one (the fixture's, --train-cfg
-    2, --lr 0.05) keeps the paper's; the command that started it resumes it with them."""
+    most DISTIL_MAX_LR (not with --optimizer muon), and says so; a flag wins over each; a guided
+    one (the fixture's, --train-cfg 2, --lr 0.05) keeps the paper's; the command that started it
+    resumes it with them."""
     import json
 
     from ditforge.meanflow.init import DISTIL_MAX_LR, DISTIL_TIME_STD, DISTIL_WEIGHT_P
@@ -263,6 +264,11 @@ def test_an_unguided_distillation_draws_wider_times_with_the_plain_error_unless_
     out = run_cli("train", "--run-dir", str(told), "--init-from", str(source), *unguided, "--steps", "1",
                   "--mf-weight-p", "0.5", "--lr", "0.05").stdout
     assert settings(told) == (DISTIL_TIME_STD, 0.5, 0.05) and "mf-weight-p" not in out and "lr 0" not in out
+    at = unguided.index("--optimizer")
+    muon = tmp_path / "muon"  # the cap is AdamW's (and SGD's): Muon keeps the preset's rate
+    out = run_cli("train", "--run-dir", str(muon), "--init-from", str(source), "--steps", "1", "--optimizer", "muon",
+                  *[a for i, a in enumerate(unguided) if not at <= i < at + 4]).stdout
+    assert settings(muon) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, preset("tiny")["optim"]["lr"]) and "lr 0" not in out
 
 
 @pytest.mark.slow

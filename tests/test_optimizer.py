@@ -1,5 +1,6 @@
-"""`--optimizer adamw|sgd` (train/step.py's `make_optimizer`): each optimizer as configured, and the
-settings that do not fit it refused. Across processes and through checkpoints: tests/test_distributed.py."""
+"""`--optimizer adamw|sgd|muon` (train/step.py's `make_optimizer`, train/muon.py): each optimizer as
+configured, Muon against torch's own Muon and AdamW, and the settings that do not fit refused.
+Across processes and through checkpoints: tests/test_distributed.py."""
 
 import pytest
 import torch
@@ -42,10 +43,89 @@ def test_adamw_is_the_default_and_keeps_its_settings():
 
 
 @pytest.mark.parametrize("optim, message", [
-    (dict(optimizer="adam"), "unknown optimizer 'adam'; choose one of: adamw, sgd"),
+    (dict(optimizer="adam"), "unknown optimizer 'adam'; choose one of: adamw, sgd, muon"),
+    (dict(optimizer="muon", momentum=0.9), "momentum 0.9 applies to --optimizer sgd only"),
     (dict(momentum=0.9), "momentum 0.9 applies to --optimizer sgd only"),
     (dict(optimizer="sgd", momentum=1.0), r"momentum must be in \[0, 1\), got 1.0"),
 ])
 def test_settings_that_do_not_fit_the_optimizer_are_refused(optim, message):
     with pytest.raises(UserError, match=message):
         TrainConfig(optim=optim)
+
+
+def _with_grads(seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_model("DiT-Ti/4", input_size=8, in_channels=1, num_classes=10)
+    return model
+
+
+def _set_grads(models, step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    for ps in zip(*(m.parameters() for m in models)):
+        if not ps[0].requires_grad:  # the fixed sin-cos pos_embed
+            continue
+        grad = torch.randn(ps[0].shape, generator=g)
+        for p in ps:
+            p.grad = grad.clone()
+
+
+def test_muon_steps_the_blocks_matrices_as_torch_muon_and_the_rest_as_torch_adamw():
+    """One optimizer, two updates: the blocks' 2-D weights step as torch.optim.Muon with
+    adjust_lr_fn="match_rms_adamw" (Nesterov momentum 0.95, five Newton-Schulz steps in bfloat16,
+    lr 0.2 sqrt(max(A, B))), everything else (embedders, final layer, biases, 4-D patch
+    projection) as torch.optim.AdamW, over three steps with weight decay; the fixed pos_embed not at all."""
+    import copy
+
+    from ditforge.train.muon import Muon, muon_groups
+
+    mine = _with_grads()
+    theirs = copy.deepcopy(mine)
+    cfg = OptimConfig(optimizer="muon", lr=0.02, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = make_optimizer(mine, cfg, torch.device("cpu"))
+    assert isinstance(opt, Muon) and [g["muon"] for g in opt.param_groups] == [True, False]
+    names = dict((id(p), n) for n, p in mine.named_parameters())
+    matrices = [names[id(p)] for p in opt.param_groups[0]["params"]]
+    assert len(matrices) == 5 * len(mine.blocks) and all(n.startswith("blocks.") for n in matrices)
+    assert "x_embedder.proj.weight" not in matrices and "t_embedder.mlp.0.weight" not in matrices
+    named = dict(theirs.named_parameters())
+    reference = [torch.optim.Muon([named[n] for n in matrices], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+                                  adjust_lr_fn="match_rms_adamw"),
+                 torch.optim.AdamW([p for n, p in named.items() if n not in matrices and p.requires_grad], lr=0.02, betas=(0.9, 0.95),
+                                   weight_decay=0.1)]
+    for k in range(3):
+        _set_grads([mine, theirs], k)
+        opt.step()
+        for r in reference:
+            r.step()
+    moved = 0
+    for (n, a), b, start in zip(mine.named_parameters(), theirs.parameters(), _with_grads().parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7, msg=n)
+        moved += not torch.equal(a.detach(), start.detach())
+    assert moved == sum(p.requires_grad for p in mine.parameters())
+
+
+def test_newton_schulz_orthogonalises_into_the_band_and_commutes_with_transposing():
+    """NS5 of a matrix with singular values spread over 1e-1..1e1 returns every one in about
+    [0.7, 1.2] with the same singular vectors; a tall matrix is the wide one transposed."""
+    from ditforge.train.muon import orthogonalise
+
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    s = torch.logspace(-1, 1, 32, dtype=torch.float64)
+    d = (u[:, :32] * s) @ v.T  # (48, 32), singular values s
+    o = orthogonalise(d).double()
+    sv = torch.linalg.svdvals(o)
+    assert 0.6 < sv.min() and sv.max() < 1.25, sv
+    assert (u[:, :32].T @ o @ v).diagonal().abs().min() > 0.6 and torch.linalg.matrix_rank(o) == 32
+    torch.testing.assert_close(orthogonalise(d.T.contiguous()), orthogonalise(d).T)
+
+
+def test_muon_is_refused_under_fsdp_and_taken_by_the_step():
+    with pytest.raises(UserError, match="--optimizer muon orthogonalises whole weight matrices.*--parallel ddp"):
+        TrainConfig(optim=dict(optimizer="muon"), parallel="fsdp")
+    cfg = TrainConfig(optim=dict(optimizer="muon", lr=1e-3))
+    step = TrainStep(cfg, create_model("DiT-Ti/4", input_size=8, in_channels=1, num_classes=10), Dist(), "fp32")
+    from ditforge.train.muon import Muon
+
+    assert isinstance(step.opt, Muon) and step.opt.defaults["lr"] == 1e-3

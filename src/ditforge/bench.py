@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ditforge.config import PRECISIONS, ModelConfig, TrainConfig
+from ditforge.config import PRECISIONS, ModelConfig, OptimConfig, TrainConfig
 from ditforge.errors import UserError
 from ditforge.flags import flag
 from ditforge.models import DiT, create_model
@@ -138,6 +138,7 @@ class BenchOptions:
     compile: bool = field(default=False, metadata=flag("--compile", "torch.compile the model", action="store_true"))
     grad_checkpoint: str = _same_option(TrainConfig, "grad_checkpoint")
     objective: str = _same_option(TrainConfig, "objective")  # the step of train's objective (its defaults)
+    optimizer: str = _same_option(OptimConfig, "optimizer")  # its update is part of the step
     # MeanFlow's options that change its step's work: the share of rows with a JVP, the forward of
     # guidance (the unconditional velocity), of the model tangent and of a distillation's teacher
     flow_share: float = _same_option(MeanFlowObjective, "flow_share")
@@ -176,12 +177,14 @@ class BenchResult:
     blocks: dict = field(default_factory=dict)  # block options that differ from the paper's (norm, mlp, rope, qk_norm)
     objective: str = "diffusion"  # whose training step was timed
     meanflow: dict = field(default_factory=dict)  # MeanFlow's options that differ from the defaults (objective meanflow)
+    optimizer: str = "adamw"
 
     def line(self) -> str:
         mem = f"{self.peak_memory_gb:.1f} GiB" if self.peak_memory_gb is not None else "n/a"
         mfu = f"{100 * self.mfu:.1f}%" if self.mfu is not None else "n/a (no known peak)"
         opts = [f"{k}={v}" if v is not True else k for k, v in self.blocks.items()]
         opts += ["compile"] if self.compile else []
+        opts += [self.optimizer] if self.optimizer != "adamw" else []
         opts += [f"{k.replace('_', '-')}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.meanflow.items()]
         compiled = f", compile {self.compile_s:.1f} s" if self.compile_s is not None else ""
         return (
@@ -254,12 +257,14 @@ def run_benchmark(
     block_options: dict | None = None,
     objective: str = "diffusion",
     meanflow: dict | None = None,
+    optimizer: str = "adamw",
 ) -> BenchResult:
     """Time `steps` training steps (after `warmup`) of random latents through `TrainStep`;
     `block_options`: ModelConfig's norm / mlp / rope / qk_norm (default: the paper's blocks);
     `objective`: train's objective, with its default settings but `meanflow`'s (MeanFlowObjective
     fields: flow_share, train_cfg, tangent, velocity change what a MeanFlow step computes; with
-    velocity 'teacher' the step distils a frozen copy of the model, as train's with --init-from)."""
+    velocity 'teacher' the step distils a frozen copy of the model, as train's with --init-from);
+    `optimizer`: train's --optimizer, whose update the step includes."""
     if steps <= 0 or warmup < 0:
         raise ValueError(f"steps must be positive and warmup non-negative, got {steps} and {warmup}")
     device = pick_device()
@@ -269,7 +274,7 @@ def run_benchmark(
     distils = (meanflow or {}).get("velocity") == "teacher"
     cfg = TrainConfig.from_dict(
         dict(model=dict(name=model_name, **(block_options or {})), global_batch=batch, precision=precision, compile=compile,
-             grad_checkpoint=grad_checkpoint, objective=objective, meanflow=dict(meanflow or {}),
+             grad_checkpoint=grad_checkpoint, objective=objective, meanflow=dict(meanflow or {}), optim=dict(optimizer=optimizer),
              init_from="bench: a frozen copy of the model" if distils else "")  # (never read: the teacher is made here)
     )
     torch.manual_seed(0)
@@ -295,6 +300,7 @@ def run_benchmark(
         cfg.model.block_options(),
         objective,
         {k: v for k, v in asdict(cfg.meanflow).items() if objective == "meanflow" and v != getattr(MeanFlowObjective, k)},
+        optimizer,
     )
 
 
@@ -315,4 +321,5 @@ def benchmark(opts: BenchOptions) -> BenchResult:
         opts.compile, opts.grad_checkpoint, opts.steps, opts.warmup,
         ModelConfig(norm=opts.norm, mlp=opts.mlp, rope=opts.rope, qk_norm=opts.qk_norm).block_options(), opts.objective,
         meanflow,
+        opts.optimizer,
     )

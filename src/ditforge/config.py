@@ -148,7 +148,7 @@ class DiffusionConfig:
             )
 
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "muon")
 #: --lr-schedule: the rate over a run (train/lr_schedule.py)
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -158,7 +158,8 @@ class OptimConfig:
     # AdamW (the paper's), or SGD: its update is linear in the gradient, so a gradient of the wrong
     # scale shows in the weights (AdamW's barely depends on the scale; tests/test_distributed.py)
     optimizer: str = field(default="adamw", metadata=flag(
-        "--optimizer", "AdamW, or SGD (plain unless --momentum)", choices=OPTIMIZERS))
+        "--optimizer", "AdamW, SGD (plain unless --momentum), or Muon on the blocks' weight matrices with AdamW on the "
+        "rest (train/muon.py; --lr as AdamW's)", choices=OPTIMIZERS))
     lr: float = field(default=1e-4, metadata=flag("--lr", "learning rate"))
     # train/lr_schedule.py: the rate of each step, a function of the step alone
     lr_schedule: str = field(default="constant", metadata=flag(
@@ -179,7 +180,8 @@ class OptimConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise UserError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.momentum and self.optimizer != "sgd":
-            raise UserError(f"momentum {self.momentum!r} applies to --optimizer sgd only (AdamW's is its first beta, --betas)")
+            raise UserError(f"momentum {self.momentum!r} applies to --optimizer sgd only (AdamW's is its first beta, --betas; "
+                            "Muon's is fixed at 0.95)")
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists back
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"lr must be a positive finite number, got {self.lr!r}")
@@ -342,6 +344,9 @@ class TrainConfig:
             raise UserError(f"unknown prefetch setting {self.prefetch!r}; choose one of: {', '.join(PREFETCH)}")
         if self.parallel not in PARALLEL:
             raise UserError(f"unknown parallel strategy {self.parallel!r}; choose one of: {', '.join(PARALLEL)}")
+        if self.parallel == "fsdp" and self.optim.optimizer == "muon":
+            raise UserError("--optimizer muon orthogonalises whole weight matrices, and --parallel fsdp leaves each rank a "
+                            "shard of them: use --parallel ddp, or another --optimizer")
         from ditforge.objectives import default_cfg, objective_of_run
 
         top = self.diffusion.diffusion_steps if self.objective == "diffusion" else None

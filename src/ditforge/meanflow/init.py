@@ -48,7 +48,8 @@ DISTIL_WEIGHT_P = 0.0
 #: digits (0.64 and 0.64, four training seeds each), and 2e-4 read better at 2 (0.527 -> 0.511,
 #: 1.05x -> 1.02x of the flow model's 20 steps); on MNIST (two seeds) better at both, 1.36x ->
 #: 1.27x and 1.27x -> 1.13x (benchmarks/README, "Learning rate and length"). A guided distillation
-#: keeps the preset's: at cfg 1.5 its one jump read 0.85 at 1e-3 and 1.00 at 2e-4.
+#: keeps the preset's: at cfg 1.5 its one jump read 0.85 at 1e-3 and 1.00 at 2e-4. So does one
+#: with --optimizer muon, measured at the preset's 1e-3 (2e-4 read worse there, 2e-3 alike).
 DISTIL_MAX_LR = 2e-4
 #: State-dict prefix of the interval embedder: its keys are the only ones a flow model lacks.
 INTERVAL_PREFIX = "h_embedder."

@@ -15,8 +15,10 @@ and needs no RNG state to resume. No host sync here.
 from __future__ import annotations
 
 import contextlib
+from typing import Iterable
 
 import torch
+from torch import nn
 
 from ditforge.config import OptimConfig, TrainConfig
 from ditforge.models import DiT
@@ -26,6 +28,7 @@ from ditforge.train import distributed
 from ditforge.train.device import autocast
 from ditforge.train.ema import EMA, ema_decay_at
 from ditforge.train.lr_schedule import lr_at, set_lr
+from ditforge.train.muon import Muon, muon_groups
 
 #: Per-sample terms an objective may return beside ``loss`` that the log line and TensorBoard show
 #: (the flow objective's cosine term of ``--cosine-loss``; MeanFlow's unweighted error ``u_mse``,
@@ -56,12 +59,19 @@ def step_randomness(cfg: TrainConfig, step: int, shape: tuple[int, ...], objecti
     return t, noise, drop
 
 
-def make_optimizer(params, cfg: OptimConfig, device: torch.device, sharded: bool = False) -> torch.optim.Optimizer:
-    """The run's optimizer over `params`: AdamW (decoupled weight decay) or SGD (plain, or with
-    `momentum`; weight decay added to the gradient). Fused, one kernel for all parameters that also
+def make_optimizer(module: nn.Module | Iterable[nn.Parameter], cfg: OptimConfig, device: torch.device,
+                   sharded: bool = False) -> torch.optim.Optimizer:
+    """The run's optimizer over `module`'s parameters (or the parameters given): AdamW (decoupled
+    weight decay), SGD (plain, or with `momentum`; weight decay added to the gradient), or Muon on
+    the blocks' matrices with AdamW on the rest (``train/muon.py``; a module's names pick them,
+    given parameters all take AdamW's update). AdamW and SGD fused, one kernel for all parameters that also
     reads the fp16 GradScaler's inf check on the device, on GPU and CPU; not on the meta device (no
     fused kernels), nor SGD over FSDP2's `sharded` parameters (its fused kernel has no DTensor form;
     with fp16 that step reads the inf check on the host)."""
+    if cfg.optimizer == "muon":
+        groups = muon_groups(module) if isinstance(module, nn.Module) else [dict(params=list(module))]
+        return Muon(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    params = module.parameters() if isinstance(module, nn.Module) else module
     fused = device.type != "meta" and not (sharded and cfg.optimizer == "sgd")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
@@ -79,12 +89,12 @@ class TrainStep:
         self.wrapped = distributed.wrap(model, d, cfg.parallel, precision)
         if self.fsdp:
             distributed.wrap(self.ema.module, d, "fsdp")  # shard the EMA alike: each rank averages its shard
-        self.opt = make_optimizer(model.parameters(), cfg.optim, d.device, sharded=self.fsdp)
+        self.opt = make_optimizer(model, cfg.optim, d.device, sharded=self.fsdp)
         self.repa, self.repa_opt, self.terms = repa, None, {}  # terms: 0-d losses logged beside the loss
         if repa is not None:
             # DDP even under FSDP: the projector is small, every rank keeps it whole
             self.repa_wrapped = distributed.wrap(repa.projector.to(d.device).train(), d, "ddp")
-            self.repa_opt = make_optimizer(repa.projector.parameters(), cfg.optim, d.device)
+            self.repa_opt = make_optimizer(repa.projector, cfg.optim, d.device)
         # what --grad-clip clips with one norm: the model (sharded under FSDP), and REPA's projector (never sharded)
         self.clip_groups = [list(model.parameters())] + ([list(repa.projector.parameters())] if repa is not None else [])
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=precision == "fp16")
