@@ -134,7 +134,7 @@ def section_from_dict(cls: type, section: str, values: Mapping[str, Any]) -> Any
     """``cls(**values)``: a section of a run's saved config (``TrainConfig``'s model, optim, flow,
     meanflow, ...) from its dict. A key that `cls` lacks (a run written by a newer version) or a
     value it refuses with a ValueError is a one-line UserError naming it (its own UserErrors pass
-    as they are), not a TypeError from the constructor."""
+    as they are); an unknown key was a TypeError from the constructor, an internal error."""
     known = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -145,5 +145,5 @@ def section_from_dict(cls: type, section: str, values: Mapping[str, Any]) -> Any
         return cls(**values)
     except UserError:
         raise  # the section's own message, as its flags get it
-    except (TypeError, ValueError) as e:
+    except ValueError as e:  # a value the section refuses; a TypeError stays ours
         raise UserError(f"{section} settings: {e}") from None
