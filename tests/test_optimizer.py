@@ -76,7 +76,10 @@ def test_muon_steps_the_blocks_matrices_as_torch_muon_and_the_rest_as_torch_adam
     projection) as torch.optim.AdamW, over three steps with weight decay; the fixed pos_embed not at all."""
     import copy
 
-    from ditforge.train.muon import Muon, muon_groups
+    from ditforge.train.muon import Muon
+
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("the reference, torch.optim.Muon, is in torch >= 2.9 (ours runs on any torch)")
 
     mine = _with_grads()
     theirs = copy.deepcopy(mine)
