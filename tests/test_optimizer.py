@@ -132,3 +132,32 @@ def test_muon_is_refused_under_fsdp_and_taken_by_the_step():
     from ditforge.train.muon import Muon
 
     assert isinstance(step.opt, Muon) and step.opt.defaults["lr"] == 1e-3
+
+
+def test_muon_under_the_fp16_grad_scaler_steps_as_without_it_and_skips_an_overflow():
+    """The fp16 path on a GPU (train/step.py: scaler.step(opt) after a scaled backward), run with
+    the CPU's GradScaler: the scaled step runs the plain one's update (Muon and AdamW barely depend
+    on the gradient's scale, so this checks the path, not the unscaling), and a step whose
+    gradients overflowed leaves every weight as it was (without the scaler: NaN weights)."""
+    import copy
+
+    model = _with_grads()
+    plain, scaled = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = OptimConfig(optimizer="muon", lr=1e-3)
+    opts = [make_optimizer(m, cfg, torch.device("cpu")) for m in (plain, scaled)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2, 3, 4])
+    t = torch.full((4,), 10)
+    plain(x, t, y).square().mean().backward()
+    opts[0].step()
+    scaler.scale(scaled(x, t, y).square().mean()).backward()
+    scaler.step(opts[1])
+    scaler.update()
+    for (n, a), b in zip(plain.named_parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    before = [p.detach().clone() for p in scaled.parameters()]
+    for p in scaled.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, float("inf"))
+    scaler.step(opts[1])
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, scaled.parameters()))
