@@ -73,7 +73,8 @@ def test_muon_steps_the_blocks_matrices_as_torch_muon_and_the_rest_as_torch_adam
     """One optimizer, two updates: the blocks' 2-D weights step as torch.optim.Muon with
     adjust_lr_fn="match_rms_adamw" (Nesterov momentum 0.95, five Newton-Schulz steps in bfloat16,
     lr 0.2 sqrt(max(A, B))), everything else (embedders, final layer, biases, 4-D patch
-    projection) as torch.optim.AdamW, over three steps with weight decay; the fixed pos_embed not at all."""
+    projection) as torch.optim.AdamW (ours through its fused kernel), over three steps with weight
+    decay; the fixed pos_embed not at all."""
     import copy
 
     from ditforge.train.muon import Muon
@@ -86,6 +87,7 @@ def test_muon_steps_the_blocks_matrices_as_torch_muon_and_the_rest_as_torch_adam
     cfg = OptimConfig(optimizer="muon", lr=0.02, betas=(0.9, 0.95), weight_decay=0.1)
     opt = make_optimizer(mine, cfg, torch.device("cpu"))
     assert isinstance(opt, Muon) and [g["muon"] for g in opt.param_groups] == [True, False]
+    assert opt.fused  # the AdamW part in torch's fused kernel, as --optimizer adamw
     names = dict((id(p), n) for n, p in mine.named_parameters())
     matrices = [names[id(p)] for p in opt.param_groups[0]["params"]]
     assert len(matrices) == 5 * len(mine.blocks) and all(n.startswith("blocks.") for n in matrices)

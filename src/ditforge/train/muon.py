@@ -14,7 +14,8 @@ The factor 0.2 sqrt(max(A, B)) gives the update the root-mean-square of an AdamW
 2025, "Muon is scalable for LLM training", arXiv 2502.16982, Sec. 2.2), so --lr means what it means
 for AdamW. This is torch.optim.Muon's update with adjust_lr_fn="match_rms_adamw" (tests check it
 against torch's), which takes matrices only; the embedders, the final layer, biases and the
-normalisation gains take AdamW's update (torch.optim.AdamW's, also checked), as Muon's authors do.
+normalisation gains take AdamW's update (torch.optim.AdamW's, through its functional form and fused
+kernel; also checked), as Muon's authors do.
 
 NS5 runs in bfloat16, as in both references: it only needs the singular vectors, and its
 quintic x -> a x + b x^3 + c x^5 (a, b, c) = (3.4445, -4.7750, 2.0315) maps every singular value
@@ -31,6 +32,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adamw import adamw
 
 __all__ = ["MOMENTUM", "NS_COEFFICIENTS", "NS_STEPS", "Muon", "muon_groups", "orthogonalise"]
 
@@ -72,8 +74,9 @@ class Muon(torch.optim.Optimizer):
     and `weight_decay` shared, `betas` and `eps` AdamW's (module docstring)."""
 
     def __init__(self, params: Iterable[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 0.0, eps: float = 1e-8):
+                 weight_decay: float = 0.0, eps: float = 1e-8, fused: bool = False):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, muon=False))
+        self.fused = fused  # the AdamW part in torch's fused kernel (not on the meta device); not in the state dict
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -82,9 +85,12 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    (self._muon if group["muon"] else self._adamw)(p, group)
+            if group["muon"]:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._muon(p, group)
+            else:
+                self._adamw(group)
         return loss
 
     def _muon(self, p: Tensor, group: dict[str, Any]) -> None:
@@ -98,17 +104,21 @@ class Muon(torch.optim.Optimizer):
         p.mul_(1 - lr * group["weight_decay"])
         p.add_(o, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
 
-    def _adamw(self, p: Tensor, group: dict[str, Any]) -> None:
-        g, lr, (b1, b2) = p.grad, float(group["lr"]), group["betas"]
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        k = float(state["step"])
-        state["exp_avg"].lerp_(g, 1 - b1)
-        state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - b2**k)).add_(group["eps"])
-        p.mul_(1 - lr * group["weight_decay"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**k))
+    def _adamw(self, group: dict[str, Any]) -> None:
+        """torch.optim.AdamW's update of the group's parameters that have a gradient, through its
+        functional form: fused (one kernel for all of them) where the optimizer was made so,
+        otherwise its per-tensor loop. The state is AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            if self.fused and state["step"].device != p.device:  # the fused kernel reads it on the device
+                state["step"] = state["step"].to(p.device)
+        states = [self.state[p] for p in params]
+        b1, b2 = group["betas"]
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+              [s["step"] for s in states], foreach=False if self.fused else None, fused=self.fused, amsgrad=False, beta1=b1, beta2=b2,
+              lr=float(group["lr"]), weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

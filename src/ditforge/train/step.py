@@ -67,10 +67,11 @@ def make_optimizer(module: nn.Module | Iterable[nn.Parameter], cfg: OptimConfig,
     given parameters all take AdamW's update). AdamW and SGD fused, one kernel for all parameters that also
     reads the fp16 GradScaler's inf check on the device, on GPU and CPU; not on the meta device (no
     fused kernels), nor SGD over FSDP2's `sharded` parameters (its fused kernel has no DTensor form;
-    with fp16 that step reads the inf check on the host)."""
+    with fp16 that step reads the inf check on the host). Muon's AdamW part takes the same fused
+    kernel (the scaler unscales, and checks on the host, before a Muon step)."""
     if cfg.optimizer == "muon":
         groups = muon_groups(module) if isinstance(module, nn.Module) else [dict(params=list(module))]
-        return Muon(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return Muon(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type != "meta")
     params = module.parameters() if isinstance(module, nn.Module) else module
     fused = device.type != "meta" and not (sharded and cfg.optimizer == "sgd")
     if cfg.optimizer == "sgd":
