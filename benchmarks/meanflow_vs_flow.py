@@ -10,7 +10,8 @@ Runs, in one sitting, each into OUT/<name>:
                a forward without gradient, the model's unconditional velocity);
 - finetune:    `--objective meanflow --init-from OUT/flow`, STEPS / 2 steps;
 - distil:      the same fine-tune with `--mf-velocity teacher` (the flow run's velocity in the
-               target instead of eps - x), STEPS / 2 steps;
+               target instead of eps - x), STEPS / 2 steps, with train's settings for it (since
+               2026-12-07 Muon at 1e-3: `meanflow/init.py`);
 - distil-g:    the same with `--train-cfg OMEGA` (the teacher guided at OMEGA), STEPS / 2 steps.
 --mf-args adds train options to the three MeanFlow runs (and to their bench), --ft-args to the
 fine-tune alone (e.g. `--ft-args "--mf-flow-share 0.25"`).
@@ -33,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from ditforge.meanflow.init import FINETUNE_FLOW_SHARE
+from ditforge.meanflow.init import DISTIL_OPTIMIZER, FINETUNE_FLOW_SHARE
 
 BLOCKS = ["--norm", "rms", "--mlp", "swiglu", "--rope", "--qk-norm"]
 
@@ -60,7 +61,7 @@ def train(out: Path, name: str, base: list[str], *extra: str) -> float:
 
 RUNS = ("meanflow", "meanflow-g", "finetune", "distil", "distil-g")
 #: The MeanFlow options that change a step's work, which `ditforge bench` takes too
-COST_OPTIONS = ("--mf-flow-share", "--mf-tangent")
+COST_OPTIONS = ("--mf-flow-share", "--mf-tangent", "--optimizer")
 
 
 def step_ratios(out: Path, model: str, data_shape: tuple[int, int], batch: int, omega: float,
@@ -74,9 +75,10 @@ def step_ratios(out: Path, model: str, data_shape: tuple[int, int], batch: int, 
     ft_cost = [x for i in range(0, len(ft) - 1) if ft[i] in COST_OPTIONS for x in ft[i:i + 2]]
     ft_cost = [*cost, *ft_cost] if "--mf-flow-share" in cost + ft_cost else [*cost, "--mf-flow-share", str(FINETUNE_FLOW_SHARE)]
     teacher = [*ft_cost, "--mf-velocity", "teacher"]
+    unguided = teacher if "--optimizer" in teacher else [*teacher, "--optimizer", DISTIL_OPTIMIZER]  # train's for it
     times = {}
     cases = [("flow", []), ("meanflow", cost), ("meanflow-g", [*cost, "--train-cfg", str(omega)]), ("finetune", ft_cost),
-             ("distil", teacher), ("distil-g", [*teacher, "--train-cfg", str(omega)]), ("flow-again", [])]
+             ("distil", unguided), ("distil-g", [*teacher, "--train-cfg", str(omega)]), ("flow-again", [])]
     for name, extra in cases:
         report = out / f"bench-{name}.json"
         objective = "flow" if name.startswith("flow") else "meanflow"

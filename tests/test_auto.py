@@ -61,8 +61,8 @@ def test_cpu_without_native_bf16_stays_fp32_and_trains_fewer_steps():
 def test_a_cpu_run_takes_its_steps_from_the_measured_step_time():
     seen = []
 
-    def measure(model, precision, blocks, objective, batch):
-        seen.append((model, precision, blocks, objective, batch))
+    def measure(model, precision, blocks, objective, batch, optimizer):
+        seen.append((model, precision, blocks, objective, batch, optimizer))
         return 2.0
 
     ch = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {"rope": False}, "tiny", False, lambda *a: 0.5)
@@ -70,7 +70,7 @@ def test_a_cpu_run_takes_its_steps_from_the_measured_step_time():
     assert any(r.startswith(f"steps {ch.steps}: 0.50 s a step of batch {CPU_BATCH} measured on 2 CPU cores") for r in ch.reasons)
     ch = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {"rope": False}, "tiny", False, measure)
     # 2 s a step of 64 affords 350 steps, fewer than SLOW_CPU_STEPS: half the batch, measured again
-    assert seen == [("DiT-Ti/4", "fp32", {**MODERN_BLOCKS, "rope": False}, "flow", b) for b in (CPU_BATCH, SLOW_CPU_BATCH)]
+    assert seen == [("DiT-Ti/4", "fp32", {**MODERN_BLOCKS, "rope": False}, "flow", b, "adamw") for b in (CPU_BATCH, SLOW_CPU_BATCH)]
     assert ch.batch == SLOW_CPU_BATCH and ch.as_overrides()["global_batch"] == SLOW_CPU_BATCH
     assert ch.seconds_per_step == 2.0 and ch.steps == int(BUDGET_S / 2.0) // 50 * 50
     assert [r for r in ch.reasons if r.startswith("batch ")] == [
@@ -78,8 +78,9 @@ def test_a_cpu_run_takes_its_steps_from_the_measured_step_time():
     assert sum(r.startswith(f"lr {CPU_LR:g}:") for r in ch.reasons) == 1 and len(ch.reasons) == 6  # one line a choice (no precision line: fp32)
     assert any(r.startswith(f"steps {ch.steps}: 2.00 s a step of batch {SLOW_CPU_BATCH} measured on 2 CPU cores") for r in ch.reasons)
     seen.clear()
-    mine = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 96, {"batch": 96}, "tiny", False, measure)
-    assert mine.batch is None and [b[-1] for b in seen] == [96] and "global_batch" not in mine.as_overrides()  # --batch-size wins
+    mine = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 96, {"batch": 96, "optimizer": "muon"}, "tiny", False, measure)
+    # flags win; the step is measured with the optimizer given: Muon's Newton-Schulz steps are part of its time
+    assert mine.batch is None and [b[-2:] for b in seen] == [(96, "muon")] and "global_batch" not in mine.as_overrides()
     seen.pop()
     assert f"for a run of about {ch.steps * 2.0 / 60 + 1:.0f} minutes" in ch.reasons[-1]
     capped = choose_defaults(CPU_PLAIN, (1, 28, 28), 10, 128, {}, "tiny", False, lambda *a: 0.3)
@@ -102,6 +103,7 @@ def test_measured_step_time_is_real_and_leaves_the_seed_alone():
     torch.manual_seed(3)
     seconds = measure_step_seconds("DiT-Ti/4", (1, 8, 8), 2, 4, "auto", dict(MODERN_BLOCKS), "flow", steps=1)
     assert 0 < seconds < 60 and torch.equal(torch.rand(4), expected)
+    assert 0 < measure_step_seconds("DiT-Ti/4", (1, 8, 8), 2, 4, "auto", dict(MODERN_BLOCKS), "flow", "muon", steps=1) < 60
 
 
 def test_steps_are_clamped_and_gpu_gets_the_most():
@@ -116,8 +118,8 @@ def test_steps_are_clamped_and_gpu_gets_the_most():
 
 
 def test_flags_given_win_and_recipes_are_kept():
-    given = {"model": "DiT-Ti/2", "precision": "fp32", "steps": 50, "batch": 32, "lr": 2e-4, "objective": "diffusion",
-             **MODERN_BLOCKS}
+    given = {"model": "DiT-Ti/2", "precision": "fp32", "steps": 50, "batch": 32, "lr": 2e-4, "optimizer": "adamw",
+             "objective": "diffusion", **MODERN_BLOCKS}
     ch = _choose(CPU_BF16, (1, 28, 28), given=given)
     assert (ch.model, ch.precision, ch.steps, ch.batch, ch.objective) == (None,) * 5 and ch.as_overrides() == {}
     no_rope = _choose(CPU_BF16, (1, 28, 28), given={"rope": False, "norm": "layer"})  # each block flag wins alone
@@ -154,13 +156,14 @@ def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(t
     cfg, lines = choose()
     assert cfg.global_batch == 8 and any(line.startswith("steps ") and "measured on" in line for line in lines)
     assert cfg.optim.lr == CPU_LR and any(line.startswith(f"lr {CPU_LR:g}:") for line in lines)
+    assert cfg.optim.optimizer == "adamw" and not any(line.startswith("optimizer") for line in lines)  # not chosen
     assert (cfg.model.name, cfg.objective, cfg.flow.time_distribution) == ("DiT-Ti/4", "flow", "logit-normal")
     assert (cfg.model.norm, cfg.model.mlp, cfg.model.rope, cfg.model.qk_norm) == ("rms", "swiglu", True, True)
     assert any(line.startswith("objective flow with logit-normal times") for line in lines)
     recorded = cfg.to_dict()
     mine, _ = choose("--no-rope", "--norm", "layer")  # block flags win, one by one
     assert (mine.model.norm, mine.model.mlp, mine.model.rope, mine.model.qk_norm) == ("layer", "swiglu", False, True)
-    recorded.update(objective="diffusion", steps=123, sample_sampler="")
+    recorded.update(objective="diffusion", steps=123, sample_sampler="", optim=dict(recorded["optim"], optimizer="muon"))
     run.mkdir()
     TrainConfig.from_dict(recorded).save(run / "config.json")
     cfg, lines = choose("--steps", "7")  # the rerun of that run: its recorded choices, the flag given wins
@@ -170,6 +173,7 @@ def test_train_command_applies_the_choices_and_a_rerun_keeps_the_recorded_ones(t
     cfg, lines = choose(batch=())  # no --batch-size: the recorded batch, not the CPU's choice
     assert cfg.global_batch == 8 and f"batch 8: kept from {run / 'config.json'}" in lines
     assert cfg.optim.lr == CPU_LR and f"lr {CPU_LR}: kept from {run / 'config.json'}" in lines
+    assert cfg.optim.optimizer == "muon" and f"optimizer muon: kept from {run / 'config.json'}" in lines  # --optimizer was left out
     cfg, _ = choose("--lr", "3e-4")
     assert cfg.optim.lr == 3e-4  # the flag wins over the recorded choice
 

@@ -231,44 +231,63 @@ def test_a_fine_tune_of_a_distilled_model_takes_its_settings_but_not_its_teacher
 
 @pytest.mark.slow
 def test_an_unguided_distillation_draws_wider_times_with_the_plain_error_unless_told(distilled, tmp_path):
-    """A fresh unguided distillation takes DISTIL_TIME_STD and DISTIL_WEIGHT_P, and a rate of at
-    most DISTIL_MAX_LR (not with --optimizer muon), and says so; a flag wins over each; a guided
-    one (the fixture's, --train-cfg 2, --lr 0.05) keeps the paper's; the command that started it
-    resumes it with them."""
+    """A fresh unguided distillation takes DISTIL_TIME_STD and DISTIL_WEIGHT_P, Muon
+    (DISTIL_OPTIMIZER; AdamW under --parallel fsdp) and at most its optimizer's DISTIL_MAX_LR, and
+    says so; a flag wins over each; a guided one (the fixture's, --train-cfg 2, --lr 0.05) keeps the paper's; the command
+    that started it resumes it with them."""
     import json
 
-    from ditforge.meanflow.init import DISTIL_MAX_LR, DISTIL_TIME_STD, DISTIL_WEIGHT_P
+    from ditforge.meanflow.init import DISTIL_MAX_LR, DISTIL_OPTIMIZER, DISTIL_TIME_STD, DISTIL_WEIGHT_P
 
     source, guided = distilled
     paper = MeanFlowObjective()
     assert (DISTIL_TIME_STD, DISTIL_WEIGHT_P) != (paper.time_std, paper.weight_p)
     at, lr = DISTIL.index("--train-cfg"), DISTIL.index("--lr")
     unguided = [a for i, a in enumerate(DISTIL) if i not in (at, at + 1, lr, lr + 1)]  # the tiny preset's rate, 1e-3
-    assert preset("tiny")["optim"]["lr"] > DISTIL_MAX_LR
+    assert preset("tiny")["optim"]["lr"] > DISTIL_MAX_LR["sgd"] and DISTIL_OPTIMIZER == "muon"
 
-    def settings(run) -> tuple[float, float, float]:
+    def settings(run) -> tuple[float, float, str, float]:
         config = json.loads((run / "config.json").read_text())
-        return config["meanflow"]["time_std"], config["meanflow"]["weight_p"], config["optim"]["lr"]
+        return config["meanflow"]["time_std"], config["meanflow"]["weight_p"], config["optim"]["optimizer"], config["optim"]["lr"]
 
-    assert settings(guided) == (paper.time_std, paper.weight_p, 0.05)
-    run = tmp_path / "unguided"
+    assert settings(guided) == (paper.time_std, paper.weight_p, "sgd", 0.05)
+    run = tmp_path / "unguided"  # --optimizer sgd given: its cap
     command = ["train", "--run-dir", str(run), "--init-from", str(source), *unguided]
     out = run_cli(*command, "--steps", "2").stdout
-    assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, DISTIL_MAX_LR)
+    assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, "sgd", DISTIL_MAX_LR["sgd"])
     assert f"mf-time-std {DISTIL_TIME_STD:g}: an unguided distillation" in out and f"mf-weight-p {DISTIL_WEIGHT_P:g}:" in out
-    assert f"lr {DISTIL_MAX_LR:g}: an unguided distillation takes at most" in out
+    assert f"lr {DISTIL_MAX_LR['sgd']:g}: an unguided distillation with sgd takes at most" in out and "optimizer muon" not in out
     out = run_cli(*command, "--steps", "3").stdout  # resumes: the settings kept from its config, not "a different run"
-    assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, DISTIL_MAX_LR) and (run / "checkpoints" / "step-0000003").is_dir()
-    assert f"lr {DISTIL_MAX_LR:g}: kept from" in out
+    assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, "sgd", DISTIL_MAX_LR["sgd"])
+    assert (run / "checkpoints" / "step-0000003").is_dir() and f"lr {DISTIL_MAX_LR['sgd']:g}: kept from" in out
     told = tmp_path / "told"
     out = run_cli("train", "--run-dir", str(told), "--init-from", str(source), *unguided, "--steps", "1",
                   "--mf-weight-p", "0.5", "--lr", "0.05").stdout
-    assert settings(told) == (DISTIL_TIME_STD, 0.5, 0.05) and "mf-weight-p" not in out and "lr 0" not in out
+    assert settings(told) == (DISTIL_TIME_STD, 0.5, "sgd", 0.05) and "mf-weight-p" not in out and "lr 0" not in out
     at = unguided.index("--optimizer")
-    muon = tmp_path / "muon"  # the cap is AdamW's (and SGD's): Muon keeps the preset's rate
-    out = run_cli("train", "--run-dir", str(muon), "--init-from", str(source), "--steps", "1", "--optimizer", "muon",
-                  *[a for i, a in enumerate(unguided) if not at <= i < at + 4]).stdout
-    assert settings(muon) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, preset("tiny")["optim"]["lr"]) and "lr 0" not in out
+    muon = tmp_path / "muon"  # no --optimizer: Muon, at its own cap
+    command = ["train", "--run-dir", str(muon), "--init-from", str(source), *[a for i, a in enumerate(unguided) if not at <= i < at + 4]]
+    out = run_cli(*command, "--steps", "1").stdout
+    assert settings(muon) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, "muon", DISTIL_MAX_LR["muon"])
+    assert "optimizer muon: an unguided distillation" in out
+    out = run_cli(*command, "--steps", "2").stdout  # the same command resumes it with Muon
+    assert settings(muon)[2:] == ("muon", DISTIL_MAX_LR["muon"]) and (muon / "checkpoints" / "step-0000002").is_dir()
+    assert "optimizer muon: kept from" in out
+    sharded = tmp_path / "fsdp"  # Muon needs whole matrices: under --parallel fsdp AdamW, at its cap
+    run_cli(*command[:2], str(sharded), *command[3:], "--steps", "1", "--parallel", "fsdp")
+    assert settings(sharded)[2:] == ("adamw", DISTIL_MAX_LR["adamw"])
+
+    from ditforge.cli import auto_defaults, build_parser, config_from_args
+    from ditforge.train.auto import CPU_LR
+
+    def chosen(*flags: str) -> tuple[str, float]:  # MNIST, where train chooses a CPU's rate (2e-3) for a plain run
+        args = build_parser().parse_args([*command[:2], str(tmp_path / "mnist"), *command[3:], "--data", "mnist", "--steps", "1", *flags])
+        cfg, _ = auto_defaults(args, config_from_args(args))
+        return cfg.optim.optimizer, cfg.optim.lr
+
+    assert CPU_LR > max(DISTIL_MAX_LR.values())  # the cap holds against the device's choice too
+    assert chosen() == ("muon", DISTIL_MAX_LR["muon"]) and chosen("--optimizer", "adamw") == ("adamw", DISTIL_MAX_LR["adamw"])
+    assert chosen("--lr", "3e-3") == ("muon", 3e-3)
 
 
 @pytest.mark.slow

@@ -56,6 +56,15 @@ one without AVX-512; README "Train on your own images"):
    CPU's) judge ratio 0.918 -> 0.962 and 1,500 of 32 (the slow CPU's) 0.71 -> 0.84, and on
    fashion at 1,500 of 32, 1.00 -> 1.02 (one seed each, 2026-12-03). On a GPU the preset's
    1e-3 stays (not compared there). `--lr` wins.
+8. optimizer: AdamW, the preset's, unless `--optimizer` is given; the measured step of rule 6 is
+   the given optimizer's (Muon's Newton-Schulz steps add 50-140 ms a step of DiT-Ti/4 here: a
+   Muon run whose steps were fitted to AdamW's step took 862 s of training, not the 11 minutes
+   planned, a few of them beside tests). Muon was measured as a default on this CPU and not
+   taken (benchmarks/README, "Muon from scratch at equal time"): at equal time it learned MNIST
+   far sooner (flow, fp32, batch 128: a 20-step distance of 4.47 against 6.88) and the letters
+   folder after 600 steps of 64 (judge ratio 0.81 against 0.62), but the whole no-flag letters
+   run (2,000 steps of 64 in bf16) read the same 0.962 as AdamW's in 862 s against 545 s, and its
+   bfloat16 Newton-Schulz steps were not timed on a CPU without native bf16.
 """
 
 from __future__ import annotations
@@ -156,10 +165,10 @@ def pick_patch(side: int, kind: str, patches: tuple[int, ...]) -> int:
 
 
 def measure_step_seconds(model_name: str, shape: tuple[int, int, int], num_classes: int, batch: int, precision: str,
-                         block_options: dict[str, object], objective: str, steps: int = 2) -> float:
+                         block_options: dict[str, object], objective: str, optimizer: str = "adamw", steps: int = 2) -> float:
     """Seconds per optimizer step measured on this machine (rule 6 on a CPU): `steps` training
-    steps of random inputs of the run's shape, batch, precision, blocks and objective through
-    `TrainStep` (forward, backward, optimizer), after one untimed warm-up. The global RNG is left
+    steps of random inputs of the run's shape, batch, precision, blocks, objective and optimizer
+    through `TrainStep` (forward, backward, optimizer), after one untimed warm-up. The global RNG is left
     as it was, so the run's seeding is unchanged."""
     import torch
 
@@ -175,7 +184,7 @@ def measure_step_seconds(model_name: str, shape: tuple[int, int, int], num_class
     device = pick_device()
     precision = resolve_precision(precision, device)
     cfg = TrainConfig.from_dict(dict(model=dict(name=model_name, **block_options), global_batch=batch, precision=precision,
-                                     objective=objective))
+                                     objective=objective, optim=dict(optimizer=optimizer)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = create_model(model_name, input_size=h, in_channels=c, num_classes=num_classes,
@@ -209,13 +218,14 @@ def choose_defaults(
     given: dict[str, object],
     preset: str,
     builtin: bool,
-    measure: Callable[[str, str, dict[str, object], str, int], float] | None = None,
+    measure: Callable[[str, str, dict[str, object], str, int, str], float] | None = None,
 ) -> Choices:
     """The model, precision, objective, blocks, batch, learning rate and steps for the fields
-    absent from `given` (flag -> value; flags: model, precision, steps, batch, lr, objective,
-    time_dist and those of MODERN_BLOCKS). `batch` is the configured batch, used where the batch is not chosen.
+    absent from `given` (flag -> value; flags: model, precision, steps, batch, lr, optimizer,
+    objective, time_dist and those of MODERN_BLOCKS). `batch` is the configured batch, used where the
+    batch is not chosen; the optimizer, measured with the step, is AdamW (the preset's) unless given.
 
-    `measure(model, precision, block options, objective, batch)` -> seconds per step on this machine
+    `measure(model, precision, block options, objective, batch, optimizer)` -> seconds per step on this machine
     (`measure_step_seconds`; `train` passes it on a CPU): the step count then follows the
     measured time, else the analytic estimate of `step_seconds`."""
     from ditforge.models.dit import MODEL_PATCH_SIZES
@@ -263,12 +273,13 @@ def choose_defaults(
         ch.lr = CPU_LR
         ch.reasons.append(f"lr {CPU_LR:g}: twice the tiny preset's; on a CPU's step budget it drew the letters folder's "
                           "classes sooner, fashion's as well (README: Train on your own images)")
+    optimizer = str(given.get("optimizer", "adamw"))  # rule 8: not chosen, but its step is measured
     objective = str(given.get("objective", ch.objective))
     blocks = {k: given.get(k, ch.blocks.get(k)) for k in MODERN_BLOCKS}
     if "steps" in given:
         return ch
     if measure is not None and device.kind == "cpu":
-        ch.seconds_per_step = measure(model, precision, blocks, objective, batch)
+        ch.seconds_per_step = measure(model, precision, blocks, objective, batch, optimizer)
         how = f"{ch.seconds_per_step:.2f} s a step of batch {batch} measured on {device.cores} CPU cores"
     else:
         ch.seconds_per_step = step_seconds(model, shape, num_classes, batch, precision, device)
@@ -280,7 +291,7 @@ def choose_defaults(
         ch.reasons[batch_reason] = (f"batch {batch}: a step of {CPU_BATCH} took {ch.seconds_per_step:.2f} s here, {fit} steps in "
                           f"{BUDGET_S / 60:.0f} minutes; twice the steps of half the batch learned the classes sooner "
                           "(README: Train on your own images)")
-        ch.seconds_per_step = measure(model, precision, blocks, objective, batch)
+        ch.seconds_per_step = measure(model, precision, blocks, objective, batch, optimizer)
         how = f"{ch.seconds_per_step:.2f} s a step of batch {batch} measured on {device.cores} CPU cores"
         fit = int(BUDGET_S / ch.seconds_per_step) // 50 * 50
     ch.steps = min(MAX_STEPS, max(MIN_STEPS, fit))
