@@ -62,9 +62,10 @@ one without AVX-512; README "Train on your own images"):
    planned, a few of them beside tests). Muon was measured as a default on this CPU and not
    taken (benchmarks/README, "Muon from scratch at equal time"): at equal time it learned MNIST
    far sooner (flow, fp32, batch 128: a 20-step distance of 4.47 against 6.88) and the letters
-   folder after 600 steps of 64 (judge ratio 0.81 against 0.62), but the whole no-flag letters
-   run (2,000 steps of 64 in bf16) read the same 0.962 as AdamW's in 862 s against 545 s, and its
-   bfloat16 Newton-Schulz steps were not timed on a CPU without native bf16.
+   folder after 600 steps of 64 (judge ratio 0.81 against 0.62) and at the slow CPU's budget
+   (one thread, fp32: 0.91 against 0.87), but the whole no-flag letters run (2,000 steps of 64 in
+   bf16) read the same 0.962 as AdamW's in 862 s against 545 s, and its bfloat16 Newton-Schulz
+   steps were not timed on a CPU without native bf16.
 """
 
 from __future__ import annotations
