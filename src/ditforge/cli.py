@@ -215,6 +215,7 @@ def auto_defaults(args: argparse.Namespace, cfg: TrainConfig) -> tuple[TrainConf
     def measure(model: str, precision: str, blocks: dict, objective: str, batch: int, optimizer: str) -> float:  # a CPU's steps follow its speed
         return measure_step_seconds(model, shape, num_classes, batch, precision, blocks, objective, optimizer)
 
+    given.setdefault("optimizer", values["optim"]["optimizer"])  # not chosen (train/auto.py rule 8): the step is the run's own
     ch = choose_defaults(describe_device(pick_device()), shape, num_classes, cfg.global_batch, given, args.preset, False, measure)
     for path, v in ch.as_overrides().items():
         node, leaf = _node(values, path)
