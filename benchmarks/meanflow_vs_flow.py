@@ -21,6 +21,11 @@ flow at 20 Euler and 20 AB2 evaluations, cfg 1 and cfg 1.5; MeanFlow at 1 and 2 
 (the guided runs at their OMEGA).
 
     .venv/bin/python benchmarks/meanflow_vs_flow.py --data digits --out runs/meanflow-digits
+With --curve each run is also judged at more evaluations (flow at 1, 2, 4, 8 and 20 Euler and AB2
+steps, MeanFlow at 1, 2, 4 and 8 jumps), and --plot PNG draws the Frechet distance and the class
+accuracy against the evaluations, with the goal's line at 1.15x the flow's 20 AB2 steps. With
+--eval-only nothing is trained or timed: the runs already under OUT (flow and any of the others,
+e.g. links to runs trained elsewhere) are judged, printed and drawn.
 Results are appended to OUT/results.jsonl as they finish (a rerun resumes: trained runs resume
 from their checkpoint, finished evaluations are skipped); the table is printed at the end.
 """
@@ -111,6 +116,54 @@ def evaluate(out: Path, results: Path, name: str, steps: int, cfg: float, sample
     return row
 
 
+#: The goal's ratio at 1 evaluation against the flow's 20-evaluation distance (issue 25)
+GOAL = 1.15
+#: Evaluations of each run with --curve: flow's steps, MeanFlow's jumps
+FLOW_CURVE, MEANFLOW_CURVE = (1, 2, 4, 8, 20), (1, 2, 4, 8)
+
+
+def plot(rows: list[dict], png: Path, title: str) -> None:
+    """Frechet distance and class accuracy against model evaluations per sample (log axis), one
+    line per run and sampler at cfg 1; the line of the one-step goal, GOAL x the flow's 20 AB2
+    steps; the flow's 20-step accuracy as a reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = [r for r in rows if r["cfg"] == 1.0]
+    labels = {"flow": "flow", "meanflow": "MeanFlow from scratch (equal time)", "finetune": "MeanFlow fine-tune",
+              "distil": "MeanFlow distilled from the flow run"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    reference = next((r for r in rows if r["run"] == "flow" and r["sampler"] == "ab2" and r["steps"] == 20), None)
+    for ax, metric, ylabel in ((axes[0], "fd", "Frechet distance (judge features, held-out split)"),
+                               (axes[1], "accuracy", "class accuracy (judge)")):
+        for (run, sampler) in sorted({(r["run"], r["sampler"]) for r in rows}):
+            pts = sorted((r["steps"], r[metric]) for r in rows if (r["run"], r["sampler"]) == (run, sampler))
+            label = labels.get(run, run) + (f", {sampler.upper()}" if run == "flow" else "")
+            ax.plot(*zip(*pts), marker="o" if run != "flow" else "s", ls="-" if run != "flow" else ":", label=label)
+        if reference is not None and metric == "fd":
+            ax.axhline(GOAL * reference["fd"], color="k", ls="--", lw=1, label=f"goal at 1 evaluation: {GOAL}x flow's 20 AB2")
+        if reference is not None and metric == "accuracy":
+            ax.axhline(reference["accuracy"] - 0.02, color="k", ls="--", lw=1, label="goal: flow's 20 AB2 - 0.02")
+        if metric == "fd":
+            ax.set_yscale("log")
+            for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({r["steps"] for r in rows}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("model evaluations per sample (NFE)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="digits", choices=("digits", "mnist"))
@@ -123,6 +176,9 @@ def main() -> None:
     ap.add_argument("--mf-args", default="", help="train options of the MeanFlow runs, e.g. '--mf-tangent model'")
     ap.add_argument("--ft-args", default="", help="train options of the fine-tune alone, e.g. '--mf-flow-share 0.25'")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS, help="which runs besides flow (default: all)")
+    ap.add_argument("--curve", action="store_true", help="also judge flow at 1-20 steps and MeanFlow at 1-8 jumps")
+    ap.add_argument("--eval-only", action="store_true", help="train and time nothing: judge the runs already under OUT")
+    ap.add_argument("--plot", default=None, help="draw distance and accuracy against evaluations (cfg 1) into this PNG")
     a = ap.parse_args()
     model = a.model or ("DiT-Ti/2" if a.data == "digits" else "DiT-Ti/4")
     shape = (1, 8) if a.data == "digits" else (1, 28)
@@ -134,9 +190,9 @@ def main() -> None:
 
     mf, ft = a.mf_args.split(), a.ft_args.split()
     ratio_file = out / "step_ratios.json"
-    if not ratio_file.is_file() or set(RUNS) - set(json.loads(ratio_file.read_text())):  # (older files: no fine-tunes)
-        ratio_file.write_text(json.dumps(step_ratios(out, model, shape, a.batch, a.omega, mf, ft)) + "\n")
-    ratios = json.loads(ratio_file.read_text())
+    if not a.eval_only and (not ratio_file.is_file() or set(RUNS) - set(json.loads(ratio_file.read_text()))):
+        ratio_file.write_text(json.dumps(step_ratios(out, model, shape, a.batch, a.omega, mf, ft)) + "\n")  # (older files: no fine-tunes)
+    ratios = json.loads(ratio_file.read_text()) if ratio_file.is_file() else dict.fromkeys(RUNS, 1.0)  # (--eval-only: unused)
     mf_steps = {name: max(1, round(a.steps / r)) for name, r in ratios.items()}
     flow_run = ["--objective", "flow", "--time-dist", "logit-normal", "--steps", str(a.steps)]
     from_flow = ["--objective", "meanflow", *mf, *ft, "--init-from", str(out / "flow"), "--steps", str(a.steps // 2)]
@@ -149,18 +205,32 @@ def main() -> None:
         "distil-g": [*from_flow, "--mf-velocity", "teacher", "--train-cfg", str(a.omega)],
     }
     names = ["flow", *[n for n in recipes if n != "flow" and n in a.runs]]
-    seconds = {name: train(out, name, base, *recipes[name]) for name in names}
-    rows = [evaluate(out, results, "flow", 20, cfg, s, a.seeds) for cfg in (1.0, a.omega) for s in ("euler", "ab2")]
+    if a.eval_only:
+        names = [n for n in names if (out / n).is_dir()]
+        flow_config = json.loads((out / "flow" / "config.json").read_text())
+        model, a.batch = flow_config["model"]["name"], flow_config["global_batch"]  # as the flow run was trained
+        seconds = {n: float((out / f"{n}.seconds").read_text()) for n in names if (out / f"{n}.seconds").is_file()}
+    else:
+        seconds = {name: train(out, name, base, *recipes[name]) for name in names}
+    flow_steps, jumps = (FLOW_CURVE, MEANFLOW_CURVE) if a.curve else ((20,), (1, 2))
+    rows = [evaluate(out, results, "flow", k, cfg, s, a.seeds) for cfg in (1.0, a.omega) for s in ("euler", "ab2")
+            for k in (flow_steps if cfg == 1.0 else (20,))]
     rows += [evaluate(out, results, n, k, 1.0, None, a.seeds) for n in ("meanflow", "finetune", "distil") if n in names
-             for k in (1, 2)]
+             for k in jumps]
     rows += [evaluate(out, results, n, k, a.omega, None, a.seeds) for n in ("meanflow-g", "distil-g") if n in names
              for k in (1, 2)]
+    if a.plot:
+        plot(rows, Path(a.plot), f"{a.data}, {model}, batch {a.batch}, cfg 1")
 
-    print(f"{a.data}, {model}, batch {a.batch}; step cost over flow's: meanflow {ratios['meanflow']:.2f}, guided "
-          f"{ratios['meanflow-g']:.2f}, finetune {ratios['finetune']:.2f}, distil {ratios['distil']:.2f}, distil-g "
-          f"{ratios['distil-g']:.2f}; flow {a.steps} steps, meanflow {mf_steps['meanflow']} and guided "
-          f"{mf_steps['meanflow-g']} steps (same time), finetune, distil and distil-g {a.steps // 2} steps from the flow run; "
-          f"meanflow options {a.mf_args or 'the defaults'}, fine-tune {a.ft_args or 'the same'}")
+    if a.eval_only:
+        print(f"{a.data}, {model}, batch {a.batch}; --eval-only: the runs under {out} as they were trained (their "
+              f"config.json), nothing timed here")
+    else:
+        print(f"{a.data}, {model}, batch {a.batch}; step cost over flow's: meanflow {ratios['meanflow']:.2f}, guided "
+              f"{ratios['meanflow-g']:.2f}, finetune {ratios['finetune']:.2f}, distil {ratios['distil']:.2f}, distil-g "
+              f"{ratios['distil-g']:.2f}; flow {a.steps} steps, meanflow {mf_steps['meanflow']} and guided "
+              f"{mf_steps['meanflow-g']} steps (same time), finetune, distil and distil-g {a.steps // 2} steps from the flow run; "
+              f"meanflow options {a.mf_args or 'the defaults'}, fine-tune {a.ft_args or 'the same'}")
     print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"{'run':<12} {'sampler':<9} {'NFE':>4} {'cfg':>4} {'FD':>8} {'acc':>6}")
     for r in rows:
