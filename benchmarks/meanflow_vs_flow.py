@@ -123,9 +123,9 @@ FLOW_CURVE, MEANFLOW_CURVE = (1, 2, 4, 8, 20), (1, 2, 4, 8)
 
 
 def plot(rows: list[dict], png: Path, title: str) -> None:
-    """Frechet distance and class accuracy against model evaluations per sample (log axis), one
-    line per run and sampler at cfg 1; the line of the one-step goal, GOAL x the flow's 20 AB2
-    steps; the flow's 20-step accuracy as a reference."""
+    """Frechet distance and class accuracy against model evaluations per sample (log axes), one
+    line per run and sampler at cfg 1, with the one-step goal's lines: GOAL x the flow's distance
+    at 20 AB2 steps, and its class accuracy there less 0.02."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,6 +206,9 @@ def main() -> None:
     }
     names = ["flow", *[n for n in recipes if n != "flow" and n in a.runs]]
     if a.eval_only:
+        if not (out / "flow" / "config.json").is_file():
+            raise SystemExit(f"--eval-only judges the runs already under {out}, and {out / 'flow'} holds no run: train it "
+                             f"(drop --eval-only), or link a flow run there")
         names = [n for n in names if (out / n).is_dir()]
         flow_config = json.loads((out / "flow" / "config.json").read_text())
         model, a.batch = flow_config["model"]["name"], flow_config["global_batch"]  # as the flow run was trained
