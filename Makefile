@@ -1,4 +1,6 @@
-# ditforge: `make demo` (train the tiny DiT on built-in digits, sample, measure) and `make test`.
+# ditforge: `make demo` (train the tiny DiT on built-in digits, sample, measure), `make demo-onestep`
+# (distil the demo's model into a MeanFlow model that samples in one evaluation, sample, measure)
+# and `make test`.
 # The demo trains with the recipe that won on the digits (README "Measured": flow matching with
 # logit-normal times and the modern blocks reach DiT's 800-step FID in 400 steps); `ditforge
 # train` with no arguments keeps the paper's DiT recipe (RUN=runs/digits, DEMO_TRAIN="" for it).
@@ -12,8 +14,12 @@ BIN := $(VENV)/bin
 RUN ?= runs/demo
 DEMO_CFG ?= 4.0
 DEMO_TRAIN ?= --objective flow --time-dist logit-normal --norm rms --mlp swiglu --rope --qk-norm --steps 400
+# The one-step demo: half the flow run's steps of guided distillation (README "Measured", MeanFlow),
+# its guidance built in at the demo's scale, so one evaluation draws a guided sample
+ONESTEP_RUN ?= $(RUN)-onestep
+ONESTEP_TRAIN ?= --objective meanflow --init-from $(RUN) --mf-velocity teacher --train-cfg $(DEMO_CFG) --steps 200
 
-.PHONY: install install-test demo test clean
+.PHONY: install install-test demo demo-onestep test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +43,13 @@ demo: install
 	$(BIN)/ditforge sample $(RUN) --cfg $(DEMO_CFG) --out $(RUN)/demo_grid.png
 	$(BIN)/ditforge eval $(RUN) --cfg $(DEMO_CFG) --json $(RUN)/demo_eval.json
 	@echo "pictures: $(RUN)/demo_grid.png (one row per class); training previews: $(RUN)/samples/"
+
+demo-onestep: install
+	@test -f $(RUN)/demo_eval.json || $(MAKE) demo
+	$(BIN)/ditforge train --run-dir $(ONESTEP_RUN) $(ONESTEP_TRAIN)
+	$(BIN)/ditforge sample $(ONESTEP_RUN) --steps 1 --out $(ONESTEP_RUN)/demo_grid.png
+	$(BIN)/ditforge eval $(ONESTEP_RUN) --steps 1 --json $(ONESTEP_RUN)/demo_eval.json
+	@echo "pictures in one model evaluation: $(ONESTEP_RUN)/demo_grid.png; the flow model's 20: $(RUN)/demo_grid.png"
 
 test: install-test
 	$(BIN)/python -m pytest -q
