@@ -230,11 +230,12 @@ def test_a_fine_tune_of_a_distilled_model_takes_its_settings_but_not_its_teacher
 
 
 @pytest.mark.slow
-def test_an_unguided_distillation_draws_wider_times_with_the_plain_error_unless_told(distilled, tmp_path):
-    """A fresh unguided distillation takes DISTIL_TIME_STD and DISTIL_WEIGHT_P, Muon
-    (DISTIL_OPTIMIZER; AdamW under --parallel fsdp) and at most its optimizer's DISTIL_MAX_LR, and
-    says so; a flag wins over each; a guided one (the fixture's, --train-cfg 2, --lr 0.05) keeps the paper's; the command
-    that started it resumes it with them."""
+def test_a_distillation_draws_wider_times_with_the_plain_error_unless_told(distilled, tmp_path):
+    """A fresh distillation, unguided or with one scale built in (the fixture's --train-cfg 2),
+    takes DISTIL_TIME_STD and DISTIL_WEIGHT_P, Muon (DISTIL_OPTIMIZER; AdamW under --parallel fsdp)
+    and at most its optimizer's DISTIL_MAX_LR, and says so; a flag wins over each (the fixture's
+    --optimizer sgd --lr 0.05); one with the scale as an input (--train-cfg-max, not measured) keeps
+    the paper's; the command that started it resumes it with them."""
     import json
 
     from ditforge.meanflow.init import DISTIL_MAX_LR, DISTIL_OPTIMIZER, DISTIL_TIME_STD, DISTIL_WEIGHT_P
@@ -250,13 +251,18 @@ def test_an_unguided_distillation_draws_wider_times_with_the_plain_error_unless_
         config = json.loads((run / "config.json").read_text())
         return config["meanflow"]["time_std"], config["meanflow"]["weight_p"], config["optim"]["optimizer"], config["optim"]["lr"]
 
-    assert settings(guided) == (paper.time_std, paper.weight_p, "sgd", 0.05)
+    assert settings(guided) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, "sgd", 0.05)
+    scale_input = tmp_path / "scale-input"
+    unguided_cmd = [a for i, a in enumerate(DISTIL) if i not in (at, at + 1)]
+    out = run_cli("train", "--run-dir", str(scale_input), "--init-from", str(source), *unguided_cmd, "--train-cfg-max", "3",
+                  "--steps", "1").stdout
+    assert settings(scale_input) == (paper.time_std, paper.weight_p, "sgd", 0.05) and "mf-time-std" not in out
     run = tmp_path / "unguided"  # --optimizer sgd given: its cap
     command = ["train", "--run-dir", str(run), "--init-from", str(source), *unguided]
     out = run_cli(*command, "--steps", "2").stdout
     assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, "sgd", DISTIL_MAX_LR["sgd"])
-    assert f"mf-time-std {DISTIL_TIME_STD:g}: an unguided distillation" in out and f"mf-weight-p {DISTIL_WEIGHT_P:g}:" in out
-    assert f"lr {DISTIL_MAX_LR['sgd']:g}: an unguided distillation with sgd takes at most" in out and "optimizer muon" not in out
+    assert f"mf-time-std {DISTIL_TIME_STD:g}: a distillation" in out and f"mf-weight-p {DISTIL_WEIGHT_P:g}:" in out
+    assert f"lr {DISTIL_MAX_LR['sgd']:g}: a distillation with sgd takes at most" in out and "optimizer muon" not in out
     out = run_cli(*command, "--steps", "3").stdout  # resumes: the settings kept from its config, not "a different run"
     assert settings(run) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, "sgd", DISTIL_MAX_LR["sgd"])
     assert (run / "checkpoints" / "step-0000003").is_dir() and f"lr {DISTIL_MAX_LR['sgd']:g}: kept from" in out
@@ -269,7 +275,7 @@ def test_an_unguided_distillation_draws_wider_times_with_the_plain_error_unless_
     command = ["train", "--run-dir", str(muon), "--init-from", str(source), *[a for i, a in enumerate(unguided) if not at <= i < at + 4]]
     out = run_cli(*command, "--steps", "1").stdout
     assert settings(muon) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, "muon", DISTIL_MAX_LR["muon"])
-    assert "optimizer muon: an unguided distillation" in out
+    assert "optimizer muon: a distillation" in out
     out = run_cli(*command, "--steps", "2").stdout  # the same command resumes it with Muon
     assert settings(muon)[2:] == ("muon", DISTIL_MAX_LR["muon"]) and (muon / "checkpoints" / "step-0000002").is_dir()
     assert "optimizer muon: kept from" in out

@@ -320,37 +320,38 @@ def _finetune_flow_share(args: argparse.Namespace, values: dict) -> list[str]:
 
 
 def _distillation_settings(args: argparse.Namespace, values: dict, given: dict) -> list[str]:
-    """A fresh unguided distillation (MeanFlow's --mf-velocity teacher, neither --train-cfg nor
-    --train-cfg-max) draws its times wider and weighs its errors plainly (DISTIL_TIME_STD,
-    DISTIL_WEIGHT_P), steps with Muon (DISTIL_OPTIMIZER; AdamW under --parallel fsdp, which Muon
-    does not fit), and takes its optimizer's rate cap (DISTIL_MAX_LR) or less, into `given` so that
-    the device's choice does not raise it again: `meanflow/init.py` says why and what was measured;
-    each unless its flag is given. One line per value set."""
+    """A fresh distillation (MeanFlow's --mf-velocity teacher, unguided or with one scale built in
+    by --train-cfg; not with the scale as an input, --train-cfg-max, which was not measured) draws
+    its times wider and weighs its errors plainly (DISTIL_TIME_STD, DISTIL_WEIGHT_P), steps with
+    Muon (DISTIL_OPTIMIZER; AdamW under --parallel fsdp, which Muon does not fit), and takes its
+    optimizer's rate cap (DISTIL_MAX_LR) or less, into `given` so that the device's choice does not
+    raise it again: `meanflow/init.py` says why and what was measured; each unless its flag is
+    given. One line per value set."""
     from ditforge.meanflow import MeanFlowObjective
     from ditforge.meanflow.init import DISTIL_MAX_LR, DISTIL_OPTIMIZER, DISTIL_TIME_STD, DISTIL_WEIGHT_P
 
     section = values.get("meanflow", {})
     paper = MeanFlowObjective()
-    guided = section.get("train_cfg", paper.train_cfg) != 1.0 or section.get("train_cfg_max", paper.train_cfg_max) > 0
-    if values.get("objective") != "meanflow" or section.get("velocity") != "teacher" or guided:
+    scale_input = section.get("train_cfg_max", paper.train_cfg_max) > 0
+    if values.get("objective") != "meanflow" or section.get("velocity") != "teacher" or scale_input:
         return []
     lines = []
     for key, flag, value, why in (("time_std", "mf-time-std", DISTIL_TIME_STD, "more long intervals, the one-step jump"),
                                   ("weight_p", "mf-weight-p", DISTIL_WEIGHT_P, "the plain squared error")):
         if getattr(args, f"meanflow.{key}", None) is None and section.get(key, getattr(paper, key)) != value:
             values.setdefault("meanflow", {})[key] = value
-            lines.append(f"{flag} {value:g}: an unguided distillation of the teacher, {why} (the paper's, which "
+            lines.append(f"{flag} {value:g}: a distillation of the teacher, {why} (the paper's, which "
                          f"learns from the data's velocity: {getattr(paper, key):g})")
     optim = values.setdefault("optim", {})
     if getattr(args, "optim.optimizer", None) is None and values.get("parallel") != "fsdp" and optim.get("optimizer") != DISTIL_OPTIMIZER:
-        lines.append(f"optimizer {DISTIL_OPTIMIZER}: an unguided distillation learns the teacher's one-step map in fewer "
-                     f"steps with it (the digits: 1.13x the teacher's 20-step distance at 1 evaluation, AdamW 1.26x)")
+        lines.append(f"optimizer {DISTIL_OPTIMIZER}: a distillation learns the teacher's one-step map in fewer steps "
+                     f"with it (the digits, unguided: 1.13x the teacher's 20-step distance at 1 evaluation, AdamW 1.26x)")
         optim["optimizer"] = DISTIL_OPTIMIZER
     given["optimizer"] = optim.get("optimizer", "adamw")  # the step that train/auto.py measures is its own
     cap = DISTIL_MAX_LR.get(optim.get("optimizer", "adamw"), max(DISTIL_MAX_LR.values()))
     if getattr(args, "optim.lr", None) is None:
         if optim["lr"] > cap:
-            lines.append(f"lr {cap:g}: an unguided distillation with {optim['optimizer']} takes at most {cap:g}, not the "
+            lines.append(f"lr {cap:g}: a distillation with {optim['optimizer']} takes at most {cap:g}, not the "
                          f"preset's {optim['lr']:g} (meanflow/init.py: measured on the digits and MNIST)")
             optim["lr"] = cap
         given["lr"] = optim["lr"]  # the device's choice (train/auto.py) does not raise it
