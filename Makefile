@@ -15,7 +15,8 @@ RUN ?= runs/demo
 DEMO_CFG ?= 4.0
 DEMO_TRAIN ?= --objective flow --time-dist logit-normal --norm rms --mlp swiglu --rope --qk-norm --steps 400
 # The one-step demo: half the flow run's steps of guided distillation (README "Measured", MeanFlow),
-# its guidance built in at the demo's scale, so one evaluation draws a guided sample
+# its guidance built in at the demo's scale, so one evaluation draws a guided sample; it needs the
+# flow demo (a diffusion run, DEMO_TRAIN="", cannot be distilled into MeanFlow: train says so)
 ONESTEP_RUN ?= $(RUN)-onestep
 ONESTEP_TRAIN ?= --objective meanflow --init-from $(RUN) --mf-velocity teacher --train-cfg $(DEMO_CFG) --steps 200
 

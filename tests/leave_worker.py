@@ -5,7 +5,9 @@ the mark was there, i.e. whether it waited for rank 1 in a barrier.
 
 - `returned`: both ranks returned;
 - `every-rank`: both raised the error of one collective verdict (`errors.on_every_rank`);
-- `one-rank`: each raised an error of its own (a bug's), which no other rank is known to share.
+- `one-rank`: each raised an error of its own (a bug's), which no other rank is known to share;
+- `late-out`: both returned, and rank 1 comes out of the barrier half a second after rank 0 (its
+  mark written then): rank 0 must not tear the group down before every rank's barrier returned.
 """
 
 import json
@@ -19,10 +21,19 @@ from ditforge.train import distributed
 out, case = Path(sys.argv[1]), sys.argv[2]
 d = distributed.init()
 mark = out.with_suffix(".rank1-came")
-error = {"returned": None,
+error = {"returned": None, "late-out": None,
          "every-rank": on_every_rank(UserError("the verdict of a collective"), d.is_main),
          "one-rank": RuntimeError(f"rank {d.rank}'s own bug")}[case]
-if d.rank == 1:
+if d.rank == 1 and case == "late-out":
+    barrier = distributed.dist.barrier
+
+    def late_barrier(*args, **kwargs):
+        barrier(*args, **kwargs)
+        time.sleep(0.5)
+        mark.touch()
+
+    distributed.dist.barrier = late_barrier
+elif d.rank == 1:
     time.sleep(0.5)
     mark.touch()
 distributed.leave(d, error)

@@ -131,8 +131,32 @@ def leave(d: Dist, error: BaseException | None = None) -> None:
             except Exception:
                 if error is None:
                     raise
+            else:
+                _all_past_the_barrier(d)
     finally:
         shutdown()
+
+
+#: How long a rank waits at the end for the others to say that their last barrier returned.
+LEAVE_WAIT_S = 60
+
+
+def _all_past_the_barrier(d: Dist) -> None:
+    """Each rank says through the group's store (TCP to torchrun's agent, not the gloo pairs) that
+    its last barrier returned, then waits until every rank has said so. A gloo barrier can return
+    on one rank while its last message to another is still in flight; a group torn down then still
+    aborted that rank (the same "terminate called without an active exception", 2026-12-07, in
+    the suite, after the barrier above was added). A rank that never says so (it died after the
+    barrier) is not waited for longer than LEAVE_WAIT_S."""
+    from datetime import timedelta
+
+    store = dist.distributed_c10d._get_default_store()
+    tag = f"ditforge/left/{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}"  # a restarted group's own keys
+    store.set(f"{tag}/{d.rank}", "1")
+    try:
+        store.wait([f"{tag}/{r}" for r in range(d.world_size)], timedelta(seconds=LEAVE_WAIT_S))
+    except Exception:  # noqa: BLE001 - a rank gone after the barrier: leave all the same
+        pass
 
 
 def barrier(d: Dist) -> None:
