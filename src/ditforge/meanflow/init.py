@@ -40,10 +40,10 @@ FINETUNE_FLOW_SHARE = 0.25
 #: (the flow model's 20 steps: 0.50). They serve the one jump: on MNIST (two seeds) 1 evaluation
 #: 10.3 -> 9.3, but 2 evaluations 7.6 -> 8.7 (README, "Measured", MeanFlow). Guided at --train-cfg
 #: 1.5 (with Muon at 1e-3, below; sampling seeds 0 and 1; benchmarks/README, "Guided distillation
-#: with the unguided settings"): on MNIST 1 evaluation 8.58 at the paper's -> 7.33 (1.45x -> 1.24x
-#: of the flow model's 20 steps at cfg 1.5), 2 evaluations 6.32 -> 6.73; on the digits 0.91 (one
-#: training seed) -> 1.04 (two) and 1.07 -> 1.14 against the flow model's 1.12, inside both goals
-#: either way. Until 2026-12-07 a guided distillation kept the paper's settings and AdamW.
+#: with the unguided settings"): on MNIST 1 evaluation 8.58 at the paper's -> 7.23 (1.45x -> 1.22x
+#: of the flow model's 20 steps at cfg 1.5; two training seeds against one), 2 evaluations 6.32 ->
+#: 6.58; on the digits 0.91 (one training seed) -> 1.04 (two) and 1.07 -> 1.14 against the flow
+#: model's 1.12, inside both goals either way. Until 2026-12-07 a guided distillation kept the paper's settings and AdamW.
 DISTIL_TIME_STD = 2.2
 DISTIL_WEIGHT_P = 0.0
 #: The optimizer of a distillation unless --optimizer is given (cli.py
@@ -69,7 +69,8 @@ DISTIL_OPTIMIZER = "muon"
 #: Muon: 1e-3. On the digits (1 evaluation) 2e-4 read 0.651, 5e-4 0.587 (two seeds), 1e-3 0.572
 #: (four), 2e-3 0.589; on MNIST (training seed 0) 2e-3 9.16, 1e-3 8.78, 5e-4 8.52 (5e-4 over two
 #: seeds 8.58): the digits' goal decides (benchmarks/README, "Muon for the distillation").
-#: Guided at cfg 1.5 on MNIST, Muon at 5e-4 read 7.57 at 1 evaluation against 7.33 at 1e-3; on the
+#: Guided at cfg 1.5 on MNIST, Muon at 5e-4 read 7.57 at 1 evaluation against 7.33 at 1e-3 (training
+#: seed 0 each); on the
 #: digits AdamW's one jump read 0.85 at 1e-3 and 1.00 at 2e-4 (the cap binds only under FSDP there).
 DISTIL_MAX_LR = {"adamw": 2e-4, "sgd": 2e-4, "muon": 1e-3}
 #: State-dict prefix of the interval embedder: its keys are the only ones a flow model lacks.
