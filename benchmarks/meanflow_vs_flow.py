@@ -80,10 +80,11 @@ def step_ratios(out: Path, model: str, data_shape: tuple[int, int], batch: int, 
     ft_cost = [x for i in range(0, len(ft) - 1) if ft[i] in COST_OPTIONS for x in ft[i:i + 2]]
     ft_cost = [*cost, *ft_cost] if "--mf-flow-share" in cost + ft_cost else [*cost, "--mf-flow-share", str(FINETUNE_FLOW_SHARE)]
     teacher = [*ft_cost, "--mf-velocity", "teacher"]
-    unguided = teacher if "--optimizer" in teacher else [*teacher, "--optimizer", DISTIL_OPTIMIZER]  # train's for it
+    # train's optimizer for a distillation, guided or not (since 2026-12-07 a guided one takes it too)
+    distil = teacher if "--optimizer" in teacher else [*teacher, "--optimizer", DISTIL_OPTIMIZER]
     times = {}
     cases = [("flow", []), ("meanflow", cost), ("meanflow-g", [*cost, "--train-cfg", str(omega)]), ("finetune", ft_cost),
-             ("distil", unguided), ("distil-g", [*teacher, "--train-cfg", str(omega)]), ("flow-again", [])]
+             ("distil", distil), ("distil-g", [*distil, "--train-cfg", str(omega)]), ("flow-again", [])]
     for name, extra in cases:
         report = out / f"bench-{name}.json"
         objective = "flow" if name.startswith("flow") else "meanflow"

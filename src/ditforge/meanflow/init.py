@@ -71,7 +71,8 @@ DISTIL_OPTIMIZER = "muon"
 #: seeds 8.58): the digits' goal decides (benchmarks/README, "Muon for the distillation").
 #: Guided at cfg 1.5 on MNIST, Muon at 5e-4 read 7.57 at 1 evaluation against 7.33 at 1e-3 (training
 #: seed 0 each); on the
-#: digits AdamW's one jump read 0.85 at 1e-3 and 1.00 at 2e-4 (the cap binds only under FSDP there).
+#: digits AdamW's one jump read 0.85 at 1e-3 and 1.00 at 2e-4 (the cap binds where AdamW runs: under
+#: --parallel fsdp, or with --optimizer adamw).
 DISTIL_MAX_LR = {"adamw": 2e-4, "sgd": 2e-4, "muon": 1e-3}
 #: State-dict prefix of the interval embedder: its keys are the only ones a flow model lacks.
 INTERVAL_PREFIX = "h_embedder."
