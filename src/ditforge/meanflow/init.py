@@ -40,9 +40,9 @@ FINETUNE_FLOW_SHARE = 0.25
 #: (the flow model's 20 steps: 0.50). They serve the one jump: on MNIST (two seeds) 1 evaluation
 #: 10.3 -> 9.3, but 2 evaluations 7.6 -> 8.7 (README, "Measured", MeanFlow). Guided at --train-cfg
 #: 1.5 (with Muon at 1e-3, below; sampling seeds 0 and 1; benchmarks/README, "Guided distillation
-#: with the unguided settings"): on MNIST 1 evaluation 8.58 at the paper's -> 7.23 (1.45x -> 1.22x
-#: of the flow model's 20 steps at cfg 1.5; two training seeds against one), 2 evaluations 6.32 ->
-#: 6.58; on the digits 0.91 (one training seed) -> 1.04 (two) and 1.07 -> 1.14 against the flow
+#: with the unguided settings"): on MNIST 1 evaluation 8.58 at the paper's -> 7.46 (1.45x -> 1.26x
+#: of the flow model's 20 steps at cfg 1.5; three training seeds against one), 2 evaluations 6.32 ->
+#: 6.71; on the digits 0.91 (one training seed) -> 1.04 (two) and 1.07 -> 1.14 against the flow
 #: model's 1.12, inside both goals either way. Until 2026-12-07 a guided distillation kept the paper's settings and AdamW.
 DISTIL_TIME_STD = 2.2
 DISTIL_WEIGHT_P = 0.0
