@@ -22,7 +22,7 @@
 #      (`benchmarks/bench_sampling.py`): images/s and the ratios, also in $OUT/sampling.jsonl;
 #   5. as 3: LightningDiT's blocks (RMSNorm, SwiGLU, RoPE, qk-norm) eager and compiled,
 #      `--grad-checkpoint ops` at twice the batch, diffusers' DiTTransformer2DModel;
-#   6. MeanFlow: `bench --objective meanflow` (with `--train-cfg 1.5`, and a distillation step, `--mf-velocity teacher`) beside flow at the
+#   6. MeanFlow: `bench --objective meanflow` (with `--train-cfg 1.5`, the paper's kappa, and a distillation step, `--mf-velocity teacher`) beside flow at the
 #      same size (issue 25's step-cost ratio on a GPU; the distillation with `--optimizer muon` too),
 #      and the digits' flow run distilled into a
 #      guided one-step model (`--mf-velocity teacher`), sampled with `--steps 1`.
@@ -141,6 +141,7 @@ log "## 6. MeanFlow on the GPU: a step's cost at size against flow's, and a dist
 bench --objective flow
 bench --objective meanflow                              # the written-out JVP on a quarter of the rows
 bench --objective meanflow --train-cfg 1.5              # + the unconditional velocity's forward
+bench --objective meanflow --train-cfg 0.75 --train-cfg-kappa 0.5  # the paper's kappa: + the conditional one too (scale 1.5)
 bench --objective meanflow --mf-flow-share 0.25 --mf-velocity teacher  # a distillation step: + the teacher's forward
 bench --objective meanflow --mf-flow-share 0.25 --mf-velocity teacher --optimizer muon  # + Newton-Schulz on the block matrices
 run timeout 60 $PY -m ditforge train --objective flow --steps "$TRAIN_STEPS" --run-dir "$R-flow" --no-progress

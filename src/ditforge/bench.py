@@ -143,6 +143,7 @@ class BenchOptions:
     # guidance (the unconditional velocity), of the model tangent and of a distillation's teacher
     flow_share: float = _same_option(MeanFlowObjective, "flow_share")
     train_cfg: float = _same_option(MeanFlowObjective, "train_cfg")
+    train_cfg_kappa: float = _same_option(MeanFlowObjective, "train_cfg_kappa")  # the conditional velocity's forward too
     tangent: str = _same_option(MeanFlowObjective, "tangent")
     velocity: str = _same_option(MeanFlowObjective, "velocity")  # teacher: the step calls a frozen copy of the model
     # The block options of LightningDiT, train's own options (default: the paper's blocks)
@@ -262,7 +263,7 @@ def run_benchmark(
     """Time `steps` training steps (after `warmup`) of random latents through `TrainStep`;
     `block_options`: ModelConfig's norm / mlp / rope / qk_norm (default: the paper's blocks);
     `objective`: train's objective, with its default settings but `meanflow`'s (MeanFlowObjective
-    fields: flow_share, train_cfg, tangent, velocity change what a MeanFlow step computes; with
+    fields: flow_share, train_cfg, train_cfg_kappa, tangent, velocity change what a MeanFlow step computes; with
     velocity 'teacher' the step distils a frozen copy of the model, as train's with --init-from);
     `optimizer`: train's --optimizer, whose update the step includes."""
     if steps <= 0 or warmup < 0:
@@ -311,7 +312,7 @@ def _flag_of(name: str) -> str:
 
 def benchmark(opts: BenchOptions) -> BenchResult:
     """`run_benchmark` with the options of `ditforge bench`."""
-    meanflow = {k: getattr(opts, k) for k in ("flow_share", "train_cfg", "tangent", "velocity")
+    meanflow = {k: getattr(opts, k) for k in ("flow_share", "train_cfg", "train_cfg_kappa", "tangent", "velocity")
                 if getattr(opts, k) != getattr(MeanFlowObjective, k)}
     if meanflow and opts.objective != "meanflow":
         given = " ".join(f"{_flag_of(k)} {v:g}" if isinstance(v, float) else f"{_flag_of(k)} {v}" for k, v in meanflow.items())

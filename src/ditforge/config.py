@@ -294,7 +294,7 @@ class TrainConfig:
         shown=f"{default_steps('diffusion')}; meanflow: {default_steps('meanflow')}"))
     # None = 4, or the guidance a MeanFlow model has built in (--train-cfg); recorded resolved
     sample_cfg: float | None = field(default=None, metadata=flag(
-        "--sample-cfg", "guidance scale of the previews", shown=f"{PREVIEW_CFG}; meanflow: its --train-cfg when not 1"))
+        "--sample-cfg", "guidance scale of the previews", shown=f"{PREVIEW_CFG}; meanflow: its built-in scale, --train-cfg / (1 - --train-cfg-kappa), when not 1"))
     # "" = the objective's default sampler (objectives.default_sampler); recorded resolved
     sample_sampler: str = field(default="", metadata=flag(
         "--sample-sampler", "sampler of the previews and --eval-every", choices=_sampler_names, shown=f"{default_sampler('diffusion')}; flow: {default_sampler('flow')}"))
@@ -388,8 +388,10 @@ class TrainConfig:
             raise UserError("REPA (--repa-encoder) does not run with --objective meanflow yet: its hidden tokens would need "
                             "their own JVP; train without --repa-encoder")
         if self.meanflow.guided and not self.model.class_dropout_prob > 0:
-            raise UserError(f"--train-cfg {self.meanflow.train_cfg:g} needs the model's unconditional velocity, which needs "
-                            "label dropout; set --class-dropout 0.1 (or --train-cfg 1)")
+            given = f"--train-cfg {self.meanflow.train_cfg:g}" + (
+                f" --train-cfg-kappa {self.meanflow.train_cfg_kappa:g}" if self.meanflow.train_cfg_kappa else "")
+            raise UserError(f"{given} needs the model's unconditional velocity, which needs label dropout; set "
+                            "--class-dropout 0.1 (or train without guidance built in)")
         if self.meanflow.guidance_input and not self.model.class_dropout_prob > 0:
             raise UserError(f"--train-cfg-max {self.meanflow.train_cfg_max:g} needs the model's unconditional velocity, which "
                             "needs label dropout; set --class-dropout 0.1 (or --train-cfg-max 0)")

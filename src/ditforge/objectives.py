@@ -131,7 +131,7 @@ def default_cfg(objective: Objective, usual: float) -> float:
     """The guidance scale when none is given: the one built into a model trained with guidance
     (MeanFlow's ``--train-cfg``), else the command's `usual` one (sample 4.0, eval 1.5)."""
     if isinstance(objective, MeanFlowObjective) and objective.guided:
-        return objective.train_cfg
+        return objective.built_in_scale
     if isinstance(objective, MeanFlowObjective) and objective.guidance_input:
         return min(usual, objective.train_cfg_max)  # the largest scale it was trained on, at most
     return usual
@@ -139,11 +139,13 @@ def default_cfg(objective: Objective, usual: float) -> float:
 
 def check_cfg(objective: Objective, cfg: float) -> None:
     """UserError when `cfg` is a scale a model cannot sample at: a model trained with its guidance
-    built in (MeanFlow, omega != 1) samples at that omega only."""
-    if isinstance(objective, MeanFlowObjective) and objective.guided and cfg != objective.train_cfg:
-        raise UserError(f"this MeanFlow model has guidance scale {objective.train_cfg:g} built in (trained with --train-cfg "
-                        f"{objective.train_cfg:g}) and samples at that scale only; use --cfg {objective.train_cfg:g} "
-                        f"(the default), not {cfg:g}")
+    built in (MeanFlow, omega != 1 or kappa != 0) samples at that scale, omega / (1 - kappa), only."""
+    scale = objective.built_in_scale if isinstance(objective, MeanFlowObjective) and objective.guided else None
+    if scale is not None and abs(cfg - scale) > 1e-5 * scale:  # the scale as printed (6 digits) passes
+        trained = f"--train-cfg {objective.train_cfg:g}" + (
+            f" --train-cfg-kappa {objective.train_cfg_kappa:g}" if objective.train_cfg_kappa else "")
+        raise UserError(f"this MeanFlow model has guidance scale {scale:g} built in (trained with {trained}) and samples "
+                        f"at that scale only; use --cfg {scale:g} (the default), not {cfg:g}")
     if isinstance(objective, MeanFlowObjective) and objective.guidance_input and not 1 <= cfg <= objective.train_cfg_max:
         raise UserError(f"this MeanFlow model takes the guidance scale as an input, trained on [1, {objective.train_cfg_max:g}] "
                         f"(--train-cfg-max {objective.train_cfg_max:g}); use a --cfg in that range, not {cfg:g}")

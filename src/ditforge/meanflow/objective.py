@@ -40,7 +40,17 @@ built from the guided velocity
 (the model's own unconditional instantaneous velocity, no gradient) in place of v, both in
 u_tgt and as the JVP's tangent, so that one evaluation of the trained model gives a sample guided
 at scale omega. Samples whose label the step dropped to the null class keep v (they train the
-unconditional model). omega = 1 is no guidance and costs nothing extra.
+unconditional model). omega = 1 is no guidance and costs nothing extra. The paper's improved form
+(its appendix; the authors' code, ``guidance_fn``: kappa 0.5 and omega 1 in its ImageNet config)
+mixes in the model's own conditional velocity as well (``--train-cfg-kappa``),
+
+    v~ = omega v + kappa u_theta(z_t, t, t | y) + (1 - omega - kappa) u_theta(z_t, t, t | null),
+
+whose fixed point u(y) = u(null) + omega / (1 - kappa) (E[v | z_t, y] - u(null)) is guidance at
+the scale S = omega / (1 - kappa) (``built_in_scale``): the model samples at --cfg S; kappa = 0 is
+the form above. Both apply only at the noise levels t in ``train_cfg_interval`` (the code's
+t_start, t_end; elsewhere omega = 1, kappa = 0: the target is v), so the built-in guidance has an
+interval as sampling-time guidance can (Kynkaanniemi et al. 2024).
 
 The guidance scale as a network input (improved MeanFlow, iMF: Geng, Lu, Wu, Shechtman, Kolter,
 He 2025, arXiv 2512.02012, Sec. 5; ``--train-cfg-max S``): omega is drawn per sample, log-uniform
@@ -67,9 +77,11 @@ matching", arXiv 2406.07507, their Lagrangian / Eulerian losses; Sabour, Fidler,
 "Align Your Flow", arXiv 2506.14603, with the MeanFlow identity as their Eulerian loss). With
 guidance built in (omega != 1, or iMF's scale input) the teacher is guided too:
 
-    v~ = v_T(z_t, t | null) + omega (v_T(z_t, t | y) - v_T(z_t, t | null)),
+    v~ = v_T(z_t, t | null) + S (v_T(z_t, t | y) - v_T(z_t, t | null)),
 
-from one forward of the doubled batch; a row whose label the step dropped gets v_T(z_t, t | null).
+S = omega / (1 - kappa) (the fixed point of the mix above, since the teacher's velocities are the
+exact ones; S = 1 outside the guidance interval), from one forward of the doubled batch; a row
+whose label the step dropped gets v_T(z_t, t | null).
 The teacher's own 20-step samples are then what a one-step student can at best reproduce.
 
 The JVP's tangent (``--mf-tangent``): the velocity the target's total derivative is taken along.
@@ -157,6 +169,15 @@ class MeanFlowObjective:
         "--train-cfg", "meanflow: guidance scale omega built into the model at training (the target velocity mixed "
         "with the model's own unconditional one; 1 = none); such a model samples at --cfg omega in one evaluation",
         metavar="OMEGA"))
+    train_cfg_kappa: float = field(default=0.0, metadata=flag(
+        "--train-cfg-kappa", "meanflow: the paper's mixing scale kappa in [0, 1) of training-time guidance: the target "
+        "velocity omega v + kappa u(y) + (1 - omega - kappa) u(null), the model's own conditional and unconditional "
+        "velocities; the scale built in is omega / (1 - kappa) (the authors' ImageNet setting: --train-cfg 1 "
+        "--train-cfg-kappa 0.5, scale 2)", metavar="KAPPA"))
+    train_cfg_interval: tuple[float, float] = field(default=(0.0, 1.0), metadata=flag(
+        "--train-cfg-interval", "meanflow: the noise levels t (0 = data, 1 = noise) where training-time guidance "
+        "(--train-cfg, --train-cfg-kappa) applies; elsewhere the target is the unguided velocity (the paper: 0 1)",
+        metavar=("LO", "HI")))
     train_cfg_max: float = field(default=0.0, metadata=flag(
         "--train-cfg-max", "meanflow, improved MeanFlow (iMF): the guidance scale as a network input, drawn log-uniform in "
         "[1, S] for each sample at training; such a model samples at any --cfg in [1, S] in one evaluation (0 = off)",
@@ -173,7 +194,8 @@ class MeanFlowObjective:
     name: ClassVar[str] = "meanflow"
 
     def __post_init__(self) -> None:
-        for key in ("time_mean", "time_std", "flow_share", "weight_p", "weight_c", "train_cfg", "train_cfg_max"):
+        for key in ("time_mean", "time_std", "flow_share", "weight_p", "weight_c", "train_cfg", "train_cfg_kappa",
+                    "train_cfg_max"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
                 raise ValueError(f"meanflow {key} must be a finite number, got {value!r}")
@@ -198,9 +220,27 @@ class MeanFlowObjective:
             raise ValueError("meanflow velocity 'teacher' runs the JVP along the teacher's velocity, the trajectory's own "
                              "direction; tangent 'model' (the network's own estimate of it) does not combine with it: "
                              "drop --mf-tangent model")
+        if not 0.0 <= self.train_cfg_kappa < 1.0:
+            raise ValueError(f"meanflow train_cfg_kappa must be in [0, 1) (0 = the plain guided target; the scale built in "
+                             f"is omega / (1 - kappa)), got {self.train_cfg_kappa!r}")
+        interval = self.train_cfg_interval
+        if isinstance(interval, list):  # a run's config.json gives lists back
+            object.__setattr__(self, "train_cfg_interval", interval := tuple(interval))
+        if (not isinstance(interval, tuple) or len(interval) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in interval)
+                or not 0.0 <= interval[0] < interval[1] <= 1.0):
+            raise ValueError(f"meanflow train_cfg_interval must be two noise levels 0 <= LO < HI <= 1 (0 = data, 1 = noise), "
+                             f"got {interval!r}")
+        if self.train_cfg_interval != (0.0, 1.0) and self.train_cfg_max:
+            raise ValueError(f"meanflow train_cfg_interval {list(interval)} limits a scale built in (--train-cfg, "
+                             "--train-cfg-kappa), not the scale as an input (--train-cfg-max); drop --train-cfg-interval")
+        if self.train_cfg_interval != (0.0, 1.0) and not self.guided:
+            raise ValueError(f"meanflow train_cfg_interval {list(interval)} limits training-time guidance, and there is none: "
+                             "give --train-cfg OMEGA (not 1) or --train-cfg-kappa, or drop --train-cfg-interval")
         if self.train_cfg_max and self.guided:
-            raise ValueError(f"meanflow train_cfg {self.train_cfg:g} (one scale built in) and train_cfg_max "
-                             f"{self.train_cfg_max:g} (the scale as an input) exclude each other; give one of them")
+            raise ValueError(f"meanflow train_cfg {self.train_cfg:g} with train_cfg_kappa {self.train_cfg_kappa:g} (one "
+                             f"scale built in, {self.built_in_scale:g}) and train_cfg_max {self.train_cfg_max:g} (the scale "
+                             "as an input) exclude each other; give one of them")
 
     def with_teacher(self, teacher: Callable[..., Tensor]) -> "MeanFlowObjective":
         """A copy of these settings that distils `teacher` (``--mf-velocity teacher``): the frozen
@@ -216,8 +256,22 @@ class MeanFlowObjective:
 
     @property
     def guided(self) -> bool:
-        """Whether the model has guidance built in (trained with omega != 1)."""
-        return self.train_cfg != 1.0
+        """Whether the model has guidance built in (trained with omega != 1, or with kappa)."""
+        return self.train_cfg != 1.0 or self.train_cfg_kappa != 0.0
+
+    @property
+    def built_in_scale(self) -> float:
+        """The guidance scale a guided model samples at: omega / (1 - kappa) (module docstring)."""
+        return self.train_cfg / (1.0 - self.train_cfg_kappa)
+
+    def guidance_weights(self, t: Tensor, like: Tensor) -> tuple[float | Tensor, float | Tensor]:
+        """(omega, kappa) of the target's mix at noise levels `t` (N,): the settings' floats when
+        their interval is all of [0, 1], else (N, 1, ..., 1) tensors with 1 and 0 outside it."""
+        if self.train_cfg_interval == (0.0, 1.0):
+            return self.train_cfg, self.train_cfg_kappa
+        lo, hi = self.train_cfg_interval
+        inside = _like((t >= lo) & (t <= hi), like)  # (N, 1, ..., 1) 1.0 inside, 0.0 outside
+        return 1 + inside * (self.train_cfg - 1), inside * self.train_cfg_kappa
 
     @property
     def guidance_input(self) -> bool:
@@ -242,22 +296,33 @@ class MeanFlowObjective:
     def guided_velocity(
         self, model: Callable[..., Tensor], z: Tensor, t: Tensor, y: Tensor, v: Tensor, drop: Tensor | None
     ) -> Tensor:
-        """v~ = omega v + (1 - omega) u_theta(z_t, t, t | null) (module docstring), v itself where
-        `drop` (N,) is set and for omega = 1. No gradient: it is a target and a tangent."""
+        """v~ = omega v + kappa u_theta(z_t, t, t | y) + (1 - omega - kappa) u_theta(z_t, t, t | null)
+        (module docstring), v itself where `drop` (N,) is set, outside the guidance interval and
+        without guidance. No gradient: it is a target and a tangent. One forward of the batch
+        (the null class's), of the doubled batch with kappa (the labels' too)."""
         if not self.guided:
             return v
         n, channels = z.shape[0], z.shape[1]
+        omega, kappa = self.guidance_weights(t, v)
+        s, h = self.network_time(t), torch.zeros_like(t)  # the instantaneous velocity: h = 0
         with torch.no_grad():
             null = torch.ones(n, dtype=torch.long, device=z.device)  # force_drop_ids: every label to the null class
-            u_null = -model(z, self.network_time(t), y, interval=torch.zeros_like(t), force_drop_ids=null)[:, :channels]
-            v_guided = self.train_cfg * v + (1 - self.train_cfg) * u_null.to(v.dtype)  # (N, C, H, W)
+            if not self.train_cfg_kappa:
+                u_null = -model(z, s, y, interval=h, force_drop_ids=null)[:, :channels].to(v.dtype)  # (N, C, H, W)
+                v_guided = omega * v + (1 - omega) * u_null  # (N, C, H, W)
+            else:
+                out = model(torch.cat([z, z]), torch.cat([s, s]), torch.cat([y, y]), interval=torch.cat([h, h]),
+                            force_drop_ids=torch.cat([torch.zeros_like(null), null]))  # (2N, C', H, W)
+                u_cond, u_null = -out[:n, :channels].to(v.dtype), -out[n:, :channels].to(v.dtype)  # (N, C, H, W) each
+                v_guided = omega * v + kappa * u_cond + (1 - omega - kappa) * u_null  # (N, C, H, W)
         if drop is None:
             return v_guided
         return torch.where(_like(drop, v).bool(), v, v_guided)  # (N, C, H, W)
 
     def teacher_velocity(self, z: Tensor, t: Tensor, y: Tensor, drop: Tensor | None, w: Tensor | None) -> Tensor:
-        """(N, C, H, W) the frozen teacher's instantaneous velocity at (z_t, t), guided at omega
-        (``train_cfg``, or the per-sample scale `w` (N,) of an iMF network) with its own
+        """(N, C, H, W) the frozen teacher's instantaneous velocity at (z_t, t), guided at the built-in
+        scale (``built_in_scale`` inside ``train_cfg_interval``, 1 outside it; or the per-sample
+        scale `w` (N,) of an iMF network) with its own
         unconditional velocity (module docstring); the null class's where `drop` (N,) is set. No
         gradient: one forward of the batch, of the doubled batch when guided."""
         teacher = getattr(self, "_teacher", None)
@@ -273,7 +338,13 @@ class MeanFlowObjective:
             out = teacher(torch.cat([z, z]), torch.cat([s, s]), torch.cat([y, y]), interval=torch.cat([h, h]),
                           force_drop_ids=torch.cat([dropped, null]))  # (2N, C', H, W)
             v_c, v_u = -out[:n, :channels].to(z.dtype), -out[n:, :channels].to(z.dtype)  # (N, C, H, W): as asked, null
-            scale = self.train_cfg if w is None else _like(w, z)
+            if w is not None:
+                scale = _like(w, z)
+            elif self.train_cfg_interval == (0.0, 1.0) and not self.train_cfg_kappa:
+                scale = self.train_cfg  # the float itself: the guided distillation's figures were drawn with it
+            else:
+                lo, hi = self.train_cfg_interval
+                scale = 1 + _like((t >= lo) & (t <= hi), z) * (self.built_in_scale - 1)  # (N, 1, 1, 1)
             return v_u + scale * (v_c - v_u)  # a dropped row: v_c = v_u, so v_u
 
     def model_velocity(
