@@ -264,13 +264,18 @@ class MeanFlowObjective:
         """The guidance scale a guided model samples at: omega / (1 - kappa) (module docstring)."""
         return self.train_cfg / (1.0 - self.train_cfg_kappa)
 
+    def inside_interval(self, t: Tensor, like: Tensor) -> Tensor:
+        """(N, 1, ..., 1) in the dtype of `like`: 1 where the noise level `t` (N,) is in
+        ``train_cfg_interval`` (its ends included), 0 elsewhere."""
+        lo, hi = self.train_cfg_interval
+        return _like((t >= lo) & (t <= hi), like)
+
     def guidance_weights(self, t: Tensor, like: Tensor) -> tuple[float | Tensor, float | Tensor]:
         """(omega, kappa) of the target's mix at noise levels `t` (N,): the settings' floats when
         their interval is all of [0, 1], else (N, 1, ..., 1) tensors with 1 and 0 outside it."""
         if self.train_cfg_interval == (0.0, 1.0):
             return self.train_cfg, self.train_cfg_kappa
-        lo, hi = self.train_cfg_interval
-        inside = _like((t >= lo) & (t <= hi), like)  # (N, 1, ..., 1) 1.0 inside, 0.0 outside
+        inside = self.inside_interval(t, like)
         return 1 + inside * (self.train_cfg - 1), inside * self.train_cfg_kappa
 
     @property
@@ -343,8 +348,7 @@ class MeanFlowObjective:
             elif self.train_cfg_interval == (0.0, 1.0) and not self.train_cfg_kappa:
                 scale = self.train_cfg  # the float itself: the guided distillation's figures were drawn with it
             else:
-                lo, hi = self.train_cfg_interval
-                scale = 1 + _like((t >= lo) & (t <= hi), z) * (self.built_in_scale - 1)  # (N, 1, 1, 1)
+                scale = 1 + self.inside_interval(t, z) * (self.built_in_scale - 1)  # (N, 1, 1, 1)
             return v_u + scale * (v_c - v_u)  # a dropped row: v_c = v_u, so v_u
 
     def model_velocity(
