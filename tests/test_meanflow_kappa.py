@@ -99,6 +99,8 @@ def test_a_distillation_guides_its_teacher_at_the_built_in_scale_inside_the_inte
     inside = t <= 0.5
     assert torch.allclose(out[inside], (v_null + 2.0 * (v_cond - v_null))[inside], atol=1e-12)
     assert torch.allclose(out[~inside], v_cond[~inside], atol=1e-12)
+    everywhere = MeanFlowObjective(train_cfg=0.75, train_cfg_kappa=0.5, velocity="teacher").with_teacher(teacher)
+    assert torch.allclose(everywhere.teacher_velocity(z, t, y, None, None), v_null + 1.5 * (v_cond - v_null), atol=1e-12)
 
 
 def test_a_kappa_model_samples_at_its_built_in_scale_only():

@@ -388,10 +388,8 @@ class TrainConfig:
             raise UserError("REPA (--repa-encoder) does not run with --objective meanflow yet: its hidden tokens would need "
                             "their own JVP; train without --repa-encoder")
         if self.meanflow.guided and not self.model.class_dropout_prob > 0:
-            given = f"--train-cfg {self.meanflow.train_cfg:g}" + (
-                f" --train-cfg-kappa {self.meanflow.train_cfg_kappa:g}" if self.meanflow.train_cfg_kappa else "")
-            raise UserError(f"{given} needs the model's unconditional velocity, which needs label dropout; set "
-                            "--class-dropout 0.1 (or train without guidance built in)")
+            raise UserError(f"{self.meanflow.guidance_flags} needs the model's unconditional velocity, which needs label "
+                            "dropout; set --class-dropout 0.1 (or train without guidance built in)")
         if self.meanflow.guidance_input and not self.model.class_dropout_prob > 0:
             raise UserError(f"--train-cfg-max {self.meanflow.train_cfg_max:g} needs the model's unconditional velocity, which "
                             "needs label dropout; set --class-dropout 0.1 (or --train-cfg-max 0)")

@@ -142,10 +142,9 @@ def check_cfg(objective: Objective, cfg: float) -> None:
     built in (MeanFlow, omega != 1 or kappa != 0) samples at that scale, omega / (1 - kappa), only."""
     scale = objective.built_in_scale if isinstance(objective, MeanFlowObjective) and objective.guided else None
     if scale is not None and abs(cfg - scale) > 1e-5 * scale:  # the scale as printed (6 digits) passes
-        trained = f"--train-cfg {objective.train_cfg:g}" + (
-            f" --train-cfg-kappa {objective.train_cfg_kappa:g}" if objective.train_cfg_kappa else "")
-        raise UserError(f"this MeanFlow model has guidance scale {scale:g} built in (trained with {trained}) and samples "
-                        f"at that scale only; use --cfg {scale:g} (the default), not {cfg:g}")
+        raise UserError(f"this MeanFlow model has guidance scale {scale:g} built in (trained with "
+                        f"{objective.guidance_flags}) and samples at that scale only; use --cfg {scale:g} (the default), "
+                        f"not {cfg:g}")
     if isinstance(objective, MeanFlowObjective) and objective.guidance_input and not 1 <= cfg <= objective.train_cfg_max:
         raise UserError(f"this MeanFlow model takes the guidance scale as an input, trained on [1, {objective.train_cfg_max:g}] "
                         f"(--train-cfg-max {objective.train_cfg_max:g}); use a --cfg in that range, not {cfg:g}")

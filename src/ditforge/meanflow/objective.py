@@ -264,6 +264,13 @@ class MeanFlowObjective:
         """The guidance scale a guided model samples at: omega / (1 - kappa) (module docstring)."""
         return self.train_cfg / (1.0 - self.train_cfg_kappa)
 
+    @property
+    def guidance_flags(self) -> str:
+        """The options that built the guidance in, as a user gives them: ``--train-cfg 1.5``, with
+        `` --train-cfg-kappa 0.5`` when kappa is set (for messages)."""
+        kappa = f" --train-cfg-kappa {self.train_cfg_kappa:g}" if self.train_cfg_kappa else ""
+        return f"--train-cfg {self.train_cfg:g}{kappa}"
+
     def inside_interval(self, t: Tensor, like: Tensor) -> Tensor:
         """(N, 1, ..., 1) in the dtype of `like`: 1 where the noise level `t` (N,) is in
         ``train_cfg_interval`` (its ends included), 0 elsewhere."""
@@ -345,8 +352,8 @@ class MeanFlowObjective:
             v_c, v_u = -out[:n, :channels].to(z.dtype), -out[n:, :channels].to(z.dtype)  # (N, C, H, W): as asked, null
             if w is not None:
                 scale = _like(w, z)
-            elif self.train_cfg_interval == (0.0, 1.0) and not self.train_cfg_kappa:
-                scale = self.train_cfg  # the float itself: the guided distillation's figures were drawn with it
+            elif self.train_cfg_interval == (0.0, 1.0):
+                scale = self.built_in_scale  # a float (omega itself without kappa, as before kappa existed)
             else:
                 scale = 1 + self.inside_interval(t, z) * (self.built_in_scale - 1)  # (N, 1, 1, 1)
             return v_u + scale * (v_c - v_u)  # a dropped row: v_c = v_u, so v_u
