@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -498,3 +499,52 @@ def test_one_step_sample_of_a_guided_run_and_its_cfg_refusal(straight, tmp_path)
     bad = run_cli("sample", str(straight), "--cfg", "1.5", "--out", str(tmp_path / "b.png"), check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "guidance scale 2 built in" in bad.stderr and "use --cfg 2" in bad.stderr
+
+
+
+def _jumps(model, z, y, steps):
+    """`steps` equal MeanFlow jumps from noise z (N, C, H, W) at t = 1, written out: z_r = z_t - (t - r)
+    u(z_t, r, t), u = -F(z, s = 1 - t, h = t - r) (the guidance built in: one conditional call)."""
+    times = torch.linspace(1, 0, steps + 1)
+    with torch.no_grad():
+        for t, r in zip(times[:-1], times[1:]):
+            n = z.shape[0]
+            z = z + (t - r) * model(z, torch.full((n,), 1 - t), y, interval=torch.full((n,), t - r))[:, : z.shape[1]]
+    return z
+
+
+@pytest.mark.slow
+def test_bulk_npz_and_eval_draw_a_meanflow_model_with_its_jumps(straight, tmp_path):
+    """`sample RUN --out x.npz` draws a MeanFlow run as the grid does: sample i is the jumps from its
+    own starting noise (`start_noise`) at its label (`sample_labels`), at the trained scale, one
+    evaluation a jump; another --cfg is refused in bulk too; `eval --steps 2` records 2 evaluations.
+    The run's 4 steps leave its interval embedder near zero, so 2 jumps are also checked with
+    random weights in `sample_to_npz` itself, where a wrong interval or time shows."""
+    from ditforge.sampling.bulk import sample_labels, sample_to_npz, to_hwc_uint8
+    from ditforge.sampling.generate import start_noise
+    from ditforge.sampling.load import SamplingModel, load_for_sampling
+
+    one = tmp_path / "one.npz"
+    assert "6 samples, cfg 2, 1 MEANFLOW steps" in run_cli("sample", str(straight), "--num-samples", "6", "--out", str(one)).stdout
+    sm = load_for_sampling(straight)
+    y = sample_labels(6, sm.model.num_classes, 0, False)  # (6,)
+    z1 = start_noise(0, range(6), (1, 8, 8))  # (6, 1, 8, 8)
+    written = np.load(one)
+    assert np.array_equal(written["labels"], y.numpy())
+    assert np.abs(written["arr_0"].astype(int) - to_hwc_uint8(_jumps(sm.model.eval(), z1, y, 1)).astype(int)).max() <= 1
+    bad = run_cli("sample", str(straight), "--num-samples", "6", "--cfg", "1.5", "--out", str(tmp_path / "b.npz"), check=False)
+    assert bad.returncode == 2 and "use --cfg 2" in bad.stderr
+    report = tmp_path / "report.json"
+    run_cli("eval", str(straight), "--steps", "2", "--per-class", "2", "--no-fid", "--json", str(report))
+    assert [json.loads(report.read_text())[k] for k in ("nfe", "sampler", "cfg")] == [2, "meanflow", 2.0]
+
+    torch.manual_seed(0)
+    random = SamplingModel(_randomized(create_model("DiT-Ti/2", input_size=8, in_channels=1, num_classes=10,
+                                                    interval_embedding=True)).eval(), [str(k) for k in range(10)],
+                           MeanFlowObjective(train_cfg=2.0))
+    two = tmp_path / "two.npz"
+    sample_to_npz(random, two, 6, cfg_scale=2.0, steps=2, batch_size=3, shard_size=3, progress=False)
+    expected = to_hwc_uint8(_jumps(random.model, z1, y, 2)).astype(int)
+    assert ((expected > 5) & (expected < 250)).mean() > 0.5  # grey levels: a change shows
+    assert np.abs(np.load(two)["arr_0"].astype(int) - expected).max() <= 1
+    assert np.abs(expected - to_hwc_uint8(_jumps(random.model, z1, y, 1)).astype(int)).mean() > 2  # the check can fail
