@@ -501,7 +501,6 @@ def test_one_step_sample_of_a_guided_run_and_its_cfg_refusal(straight, tmp_path)
     assert "guidance scale 2 built in" in bad.stderr and "use --cfg 2" in bad.stderr
 
 
-
 def _jumps(model, z, y, steps):
     """`steps` equal MeanFlow jumps from noise z (N, C, H, W) at t = 1, written out: z_r = z_t - (t - r)
     u(z_t, r, t), u = -F(z, s = 1 - t, h = t - r) (the guidance built in: one conditional call)."""
