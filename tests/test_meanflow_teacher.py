@@ -234,8 +234,8 @@ def test_a_distillation_draws_wider_times_with_the_plain_error_unless_told(disti
     """A fresh distillation, unguided or with one scale built in (the fixture's --train-cfg 2),
     takes DISTIL_TIME_STD and DISTIL_WEIGHT_P, Muon (DISTIL_OPTIMIZER; AdamW under --parallel fsdp)
     and at most its optimizer's DISTIL_MAX_LR, and says so; a flag wins over each (the fixture's
-    --optimizer sgd --lr 0.05); one with the scale as an input (--train-cfg-max, not measured) keeps
-    the paper's; the command that started it resumes it with them."""
+    --optimizer sgd --lr 0.05), with the scale as an input (--train-cfg-max) too; the command that
+    started it resumes it with them."""
     import json
 
     from ditforge.meanflow.init import DISTIL_MAX_LR, DISTIL_OPTIMIZER, DISTIL_TIME_STD, DISTIL_WEIGHT_P
@@ -256,7 +256,8 @@ def test_a_distillation_draws_wider_times_with_the_plain_error_unless_told(disti
     unguided_cmd = [a for i, a in enumerate(DISTIL) if i not in (at, at + 1)]
     out = run_cli("train", "--run-dir", str(scale_input), "--init-from", str(source), *unguided_cmd, "--train-cfg-max", "3",
                   "--steps", "1").stdout
-    assert settings(scale_input) == (paper.time_std, paper.weight_p, "sgd", 0.05) and "mf-time-std" not in out
+    assert settings(scale_input) == (DISTIL_TIME_STD, DISTIL_WEIGHT_P, "sgd", 0.05)
+    assert f"mf-time-std {DISTIL_TIME_STD:g}: a distillation" in out
     run = tmp_path / "unguided"  # --optimizer sgd given: its cap
     command = ["train", "--run-dir", str(run), "--init-from", str(source), *unguided]
     out = run_cli(*command, "--steps", "2").stdout

@@ -320,9 +320,8 @@ def _finetune_flow_share(args: argparse.Namespace, values: dict) -> list[str]:
 
 
 def _distillation_settings(args: argparse.Namespace, values: dict, given: dict) -> list[str]:
-    """A fresh distillation (MeanFlow's --mf-velocity teacher, unguided or with one scale built in
-    by --train-cfg; not with the scale as an input, --train-cfg-max, which was not measured) draws
-    its times wider and weighs its errors plainly (DISTIL_TIME_STD, DISTIL_WEIGHT_P), steps with
+    """A fresh distillation (MeanFlow's --mf-velocity teacher: unguided, with one scale built in by
+    --train-cfg, or with the scale as an input, --train-cfg-max) draws its times wider and weighs its errors plainly (DISTIL_TIME_STD, DISTIL_WEIGHT_P), steps with
     Muon (DISTIL_OPTIMIZER; AdamW under --parallel fsdp, which Muon does not fit), and takes its
     optimizer's rate cap (DISTIL_MAX_LR) or less, into `given` so that the device's choice does not
     raise it again: `meanflow/init.py` says why and what was measured; each unless its flag is
@@ -332,8 +331,7 @@ def _distillation_settings(args: argparse.Namespace, values: dict, given: dict) 
 
     section = values.get("meanflow", {})
     paper = MeanFlowObjective()
-    scale_input = section.get("train_cfg_max", paper.train_cfg_max) > 0
-    if values.get("objective") != "meanflow" or section.get("velocity") != "teacher" or scale_input:
+    if values.get("objective") != "meanflow" or section.get("velocity") != "teacher":
         return []
     lines = []
     for key, flag, value, why in (("time_std", "mf-time-std", DISTIL_TIME_STD, "more long intervals, the one-step jump"),
