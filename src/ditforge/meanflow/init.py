@@ -31,7 +31,8 @@ __all__ = ["FINETUNE_FLOW_SHARE", "DISTIL_TIME_STD", "DISTIL_WEIGHT_P", "DISTIL_
 #: "MeanFlow against 20-step flow"): 1-evaluation distance 1.15 at 0.75, 0.85 at 0.25.
 FINETUNE_FLOW_SHARE = 0.25
 #: The logit-normal std of both times, and the adaptive weight's power, of a distillation of a flow
-#: model (--mf-velocity teacher: unguided, with --train-cfg or with --train-cfg-max), unless given (cli.py `_distillation_settings`): the teacher's target has no sample noise to discount, so the
+#: model (--mf-velocity teacher: unguided, with --train-cfg or with --train-cfg-max), unless given
+#: (cli.py `_distillation_settings`): the teacher's target has no sample noise to discount, so the
 #: plain squared error (p = 0) keeps the long intervals' large errors in the loss, and a wider
 #: logit-normal draws more of them (t near 1 with r near 0, the one-step jump). Measured on the
 #: digits, 200 steps from the demo's flow run (benchmarks/README, "Training seeds"): 1-evaluation
