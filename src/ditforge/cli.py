@@ -322,10 +322,11 @@ def _finetune_flow_share(args: argparse.Namespace, values: dict) -> list[str]:
 def _distillation_settings(args: argparse.Namespace, values: dict, given: dict) -> list[str]:
     """A fresh distillation (MeanFlow's --mf-velocity teacher: unguided, with one scale built in by
     --train-cfg, or with the scale as an input, --train-cfg-max) draws its times wider and weighs
-    its errors plainly (DISTIL_TIME_STD, DISTIL_WEIGHT_P), steps with Muon (DISTIL_OPTIMIZER; AdamW under --parallel fsdp, which Muon does not fit), and takes its
-    optimizer's rate cap (DISTIL_MAX_LR) or less, into `given` so that the device's choice does not
-    raise it again: `meanflow/init.py` says why and what was measured; each unless its flag is
-    given. One line per value set."""
+    its errors plainly (DISTIL_TIME_STD, DISTIL_WEIGHT_P), steps with Muon (DISTIL_OPTIMIZER;
+    AdamW under --parallel fsdp, which Muon does not fit), and takes its optimizer's rate cap
+    (DISTIL_MAX_LR) or less, into `given` so that the device's choice does not raise it again:
+    `meanflow/init.py` says why and what was measured; each unless its flag is given. One line per
+    value set."""
     from ditforge.meanflow import MeanFlowObjective
     from ditforge.meanflow.init import DISTIL_MAX_LR, DISTIL_OPTIMIZER, DISTIL_TIME_STD, DISTIL_WEIGHT_P
 
