@@ -35,7 +35,8 @@ def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 
 def cpu_env(**extra: str) -> dict[str, str]:
     """The environment of a subprocess that must run on the CPU, as the tests expect, also on a
     machine with a GPU (set `gpu=True` where a test means the GPU path)."""
-    return dict(os.environ, CUDA_VISIBLE_DEVICES="", **extra)
+    # PYTHONFAULTHANDLER: a process dying of a signal (a crash in native code) prints its Python stacks
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1", **extra)
 
 
 @pytest.fixture(autouse=True)

@@ -39,3 +39,4 @@ elif d.rank == 1:
 distributed.leave(d, error)
 if d.is_main:
     out.write_text(json.dumps(dict(waited=mark.exists(), initialized=distributed.dist.is_initialized())))
+distributed.end_process(0)

@@ -7,9 +7,7 @@ Each autoencoder is a small random-weight model of its diffusers class, saved wi
 closed forms of the autoencoder's own outputs.
 """
 
-import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np

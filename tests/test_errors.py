@@ -4,12 +4,15 @@ file is skipped, an error of ours in reading images is not."""
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_TRAIN, run_cli
+from conftest import TINY_TRAIN, cpu_env, run_cli
 from test_cli import _user_error
 from ditforge import cli
 from ditforge.data.sources import list_image_folder, load_image_folder, open_image
@@ -183,3 +186,18 @@ def test_an_error_of_ours_while_reading_images_is_not_taken_for_broken_files(tmp
         items.load(next(i for i in items.items if i.endswith("0.png")), 8, "center")
     with pytest.raises(ValueError, match="injected fault"):
         next(iter_folder_images(root, image_size=8))
+
+
+def test_a_crash_in_native_code_prints_where_the_command_was():
+    """A fatal signal in native code (a segfaulting gloo collective under torchrun, here a read of
+    address 0 where the command's work would run) kills the process before any handler of ours:
+    what it leaves is every thread's Python stack on stderr, down to the command's frame."""
+    crash = ("import ctypes, sys; from ditforge import cli\n"
+             "def work(args): ctypes.string_at(0)  # the command's work, crashing in C\n"
+             "cli.COMMANDS['bench'] = work\n"
+             "sys.exit(cli.main(['bench']))")
+    env = {k: v for k, v in cpu_env().items() if k != "PYTHONFAULTHANDLER"}  # as a user's shell has it
+    proc = subprocess.run([sys.executable, "-c", crash], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGSEGV, proc.returncode
+    assert "Segmentation fault" in proc.stderr, proc.stderr
+    assert 'line 2 in work' in proc.stderr and "in main" in proc.stderr, proc.stderr

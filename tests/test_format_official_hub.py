@@ -208,6 +208,7 @@ def front_matter(card: str) -> dict:
         import yaml
     except ImportError:  # the plain-line form write_hub uses
         meta: dict = {}
+        key = ""  # the list that "- " lines extend: the last "key:" line's
         for line in text.splitlines():
             if line.startswith("- "):
                 meta[key].append(json.loads(line[2:]) if line[2:].startswith('"') else line[2:])

@@ -108,5 +108,5 @@ def test_a_scheduled_run_logs_its_rates_and_resumes_bit_exactly(tmp_path):
 
     longer = run_cli("train", "--run-dir", str(resumed), "--steps", "6", *TRAIN)
     assert "the cosine learning rate decays to 0 at step 6 now, not at 4" in longer.stdout + longer.stderr
-    assert f"step 5/6 | loss" in longer.stdout + longer.stderr
+    assert "step 5/6 | loss" in longer.stdout + longer.stderr
     assert f"| lr {lr_at(4, 0.05, 6, 'cosine', 1):.3g} |" in longer.stdout + longer.stderr

@@ -500,6 +500,14 @@ def out_of_memory_message(command: str, error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status. A process that led a torchrun process group exits here
+    (`distributed.end_process`)."""
+    from ditforge.train import distributed
+
+    return distributed.end_process(_run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     from ditforge.errors import NonFiniteLossError, is_quiet
 
     parser = build_parser()
@@ -511,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     from ditforge.train.device import keep_freed_host_memory
 
     keep_freed_host_memory()  # every command allocates and frees the same tensors over and over
+    _python_stacks_on_a_crash()
     try:
         return COMMANDS[args.command](args)
     except Stopped as e:  # SIGTERM, SIGUSR1 or a first Ctrl-C, after the work in flight was saved
@@ -541,6 +550,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except Exception:
         return _report_bug(args.command)
+
+
+def _python_stacks_on_a_crash() -> None:
+    """Print every thread's Python stack to stderr if the process dies of a fatal signal (SIGSEGV,
+    SIGABRT, ...), as `python -X faulthandler` does. A crash in native code (a gloo collective
+    under torchrun, a kernel) otherwise leaves only torchrun's "Signal 11 received" and no line
+    saying which step of the command it was in. Unchanged where the handler is already on (pytest,
+    PYTHONFAULTHANDLER) or stderr has no file descriptor."""
+    import faulthandler
+    import io
+
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable()
+        except (AttributeError, ValueError, io.UnsupportedOperation):  # sys.stderr None, closed or not a file
+            pass
 
 
 def _report_bug(command: str) -> int:
