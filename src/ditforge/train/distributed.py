@@ -110,15 +110,16 @@ def shutdown() -> None:
 
 
 def end_process(code: int) -> int:
-    """Exit with `code` at the end of a command, past Python's finalization when this process led
+    """Exit with `code` at the end of a command, past Python's finalization, when this process led
     a process group; else return `code`. `destroy_process_group` does not free a gloo group that
-    FSDP2 used: its device mesh, which holds the group, stays in DTensor's sharding caches (torch
-    2.13), so the group and its worker threads were torn down in the interpreter's finalization,
-    where a gloo thread taking the GIL aborted a rank after the whole run had succeeded
-    ("terminate called without an active exception", rank 1 SIGABRT with no Python frame on its
-    stack; once in 80 FSDP runs of `tests/test_distributed.py`'s command here, 2026-12-07). Every rank has left the group
-    (`leave`) and every file written is closed, so nothing is lost: stdout, stderr and the
-    logging handlers are flushed, then `os._exit`."""
+    FSDP2 used: its device mesh holds the group and stays in DTensor's sharding caches (torch
+    2.13), so the group and its worker threads were torn down in the interpreter's finalization.
+    There a rank aborted after the whole run had succeeded: "terminate called without an active
+    exception", SIGABRT, no Python frame on its stack (once in 80 FSDP runs of
+    `tests/test_distributed.py`'s command here, 2026-12-07, after `leave`'s barrier and wait; the
+    aborts with that message that `leave` names were likely the same). Every rank has left the
+    group (`leave`) and every file written is closed, so nothing is lost: the logging handlers,
+    stdout and stderr are flushed, then `os._exit`."""
     if not _led_a_group:
         return code
     import logging
