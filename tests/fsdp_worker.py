@@ -88,7 +88,7 @@ def main(out: str) -> None:
         with open(out, "w") as f:
             json.dump(report, f)
     distributed.shutdown()
-    distributed.end_process(0)  # as `ditforge` ends: FSDP2 keeps the group past shutdown (its docstring)
+    distributed.end_process(0)  # as `ditforge` ends: FSDP2 keeps the group alive past shutdown (see its docstring)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ sys.exit(cli.main(sys.argv[2:]))
 
 def test_a_rank_that_led_a_group_exits_past_the_interpreters_teardown(tmp_path):
     """A rank ends with `os._exit` once every rank has left the group (distributed.end_process):
-    FSDP2 keeps the gloo group alive past destroy_process_group, and its teardown in Python's
+    DDP and FSDP2 keep the gloo group alive past destroy_process_group; its teardown in Python's
     finalization aborted a rank after a good run. No exit hook runs; the status is the command's."""
     (tmp_path / "entry.py").write_text(ENTRY)
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "entry.py"),

@@ -112,8 +112,9 @@ def shutdown() -> None:
 def end_process(code: int) -> int:
     """Exit with `code` at the end of a command, past Python's finalization, when this process led
     a process group; else return `code`. `destroy_process_group` does not free a gloo group that
-    FSDP2 used: its device mesh holds the group and stays in DTensor's sharding caches (torch
-    2.13), so the group and its worker threads were torn down in the interpreter's finalization.
+    DDP or FSDP2 used (a weak reference to it stays alive after it and `gc.collect()`, torch 2.13;
+    under FSDP2 the device mesh that holds it stays in DTensor's sharding caches), so the group
+    and its worker threads were torn down in the interpreter's finalization.
     There a rank aborted after the whole run had succeeded: "terminate called without an active
     exception", SIGABRT, no Python frame on its stack (once in 80 FSDP runs of
     `tests/test_distributed.py`'s command here, 2026-12-07, after `leave`'s barrier and wait; the
