@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import conftest
+from test_distributed import torchrun
 from ditforge.config import TrainConfig
 from ditforge.errors import UserError
 from ditforge.models import create_model
@@ -374,10 +375,7 @@ def test_two_processes_with_repa_match_one(dinov2_dir, tmp_path, parallel):
     scales every step, so a norm of one shard alone would show in the weights."""
     args = ["--steps", "2", "--ckpt-every", "2", "--grad-clip", "0.01", *TINY, *_repa_args(dinov2_dir)]
     run_cli("train", "--run-dir", str(tmp_path / "one"), *args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ditforge",
-           "train", "--run-dir", str(tmp_path / "two"), "--parallel", parallel, *args]
-    proc = subprocess.run(cmd, env=conftest.cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("train", "--run-dir", str(tmp_path / "two"), "--parallel", parallel, *args)
     for name in ("model", "projector", "projector_optimizer"):
         a = load_file(tmp_path / "one" / "checkpoints" / "step-0000002" / f"{name}.safetensors")
         b = load_file(tmp_path / "two" / "checkpoints" / "step-0000002" / f"{name}.safetensors")
