@@ -25,9 +25,9 @@ def torchrun(*args, nproc=2, check=True, popen=False):
     once more from nothing, with a warning that shows in the suite's summary. Seen in CI
     (2026-12-07, `--parallel fsdp`) and once in about 120 runs of this file's FSDP command here: a
     rank's SIGSEGV in a checkpoint's full-state gather, in `malloc` inside a gloo worker thread
-    (the heap corrupted before, by code not found; README, "One CPU, one GPU, many GPUs"). A second crash, a
-    rank's error or wrong weights fail as before; a resumed run (its folder already there) is
-    never run again."""
+    (the heap corrupted before, by code not found; README, "One CPU, one GPU, many GPUs"). A
+    second crash, a rank's error or wrong weights fail as before; a resumed run (its folder
+    already there) is never run again."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "ditforge", *args]
     env = cpu_env(OMP_NUM_THREADS="1")  # gloo on CPUs, also where GPUs are visible
     if popen:
