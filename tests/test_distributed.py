@@ -23,7 +23,7 @@ def torchrun(*args, nproc=2, check=True, popen=False):
     With `check`, a run into a new `--run-dir` whose first failing rank was killed by a signal
     (SIGSEGV, SIGABRT: native code, which ditforge's Python cannot cause by a wrong result) is run
     once more from nothing, with a warning that shows in the suite's summary. Seen in CI
-    (2026-12-07, `--parallel fsdp`) and once in about 120 runs of this file's FSDP command here: a
+    (2026-12-07, `--parallel fsdp`) and once in 400 runs of this file's FSDP command here: a
     rank's SIGSEGV in a checkpoint's full-state gather, in `malloc` inside a gloo worker thread
     (the heap corrupted before, by code not found; README, "One CPU, one GPU, many GPUs"). A
     second crash, a rank's error or wrong weights fail as before; a resumed run (its folder

@@ -116,7 +116,7 @@ def end_process(code: int) -> int:
     under FSDP2 the device mesh that holds it stays in DTensor's sharding caches), so the group
     and its worker threads were torn down in the interpreter's finalization.
     There a rank aborted after the whole run had succeeded: "terminate called without an active
-    exception", SIGABRT, no Python frame on its stack (once in 80 FSDP runs of
+    exception", SIGABRT, no Python frame on its stack (once in 280 FSDP runs of
     `tests/test_distributed.py`'s command here, 2026-12-07, after `leave`'s barrier and wait; the
     aborts with that message that `leave` names were likely the same). Every rank has left the
     group (`leave`) and every file written is closed, so nothing is lost: the logging handlers,
